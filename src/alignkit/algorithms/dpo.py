@@ -1,0 +1,155 @@
+"""DPO and its family on preference pairs: dpo, cdpo, ipo (reference-based), orpo, simpo (reference-free).
+
+The loss is picked by name from ``alignkit.losses.PREFERENCE_LOSSES``; this file only
+computes the log-probs each loss needs:
+- one concatenated forward of chosen and rejected (padded to one length, stacked) per batch;
+- reference log-probs precomputed once before training (``dpo.precompute_ref_logps``), or on the
+  fly from the adapter-disabled policy (LoRA) or a frozen copy;
+- summed token log-probs for dpo/cdpo/ipo (as the DPO reference repo), averaged for orpo/simpo.
+Metrics use the field's names: rewards/chosen, rewards/rejected, rewards/margins,
+rewards/accuracies, logps/chosen, logps/rejected.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from alignkit.config import DPOConfig, default_beta
+from alignkit.data.collate import collate_preference
+from alignkit.data.pipeline import prepare_data
+from alignkit.losses import PREFERENCE_LOSSES
+from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_reference, load_tokenizer, reference_context, save_model
+from alignkit.ops.logprobs import sequence_logprobs
+from alignkit.train.loop import StepOutput, train_loop
+from alignkit.train.run import batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, write_summary
+
+
+def collate_with_ref(examples: list[dict], pad_token_id: int) -> dict:
+    batch = collate_preference(examples, pad_token_id)
+    if "ref_chosen_logps" in examples[0]:
+        batch["ref_chosen_logps"] = torch.tensor([e["ref_chosen_logps"] for e in examples])  # [B]
+        batch["ref_rejected_logps"] = torch.tensor([e["ref_rejected_logps"] for e in examples])  # [B]
+    return batch
+
+
+def concatenated_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over [chosen; rejected] -> (chosen [B], rejected [B])."""
+    logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], average=average)
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:]
+
+
+@torch.no_grad()
+def precompute_reference_logps(ref_model, examples: list[dict], pad_token_id: int, batch_size: int, use_ref_context) -> None:
+    """Adds ref_chosen_logps / ref_rejected_logps to each example (in place)."""
+    device = model_device(ref_model)
+    was_training = ref_model.training
+    ref_model.eval()
+    for chunk in batches(examples, batch_size):
+        batch = to_device(collate_preference(chunk, pad_token_id), device)
+        with use_ref_context():
+            chosen, rejected = concatenated_logps(ref_model, batch, average=False)
+        for e, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
+    ref_model.train(was_training)
+
+
+def make_dpo_step(cfg: DPOConfig, ref_model=None):
+    spec = PREFERENCE_LOSSES[cfg.dpo.loss]
+    beta = cfg.dpo.beta if cfg.dpo.beta is not None else default_beta(cfg.dpo.loss)
+    uses_ref = spec.needs_reference and not cfg.dpo.reference_free
+
+    def loss_kwargs() -> dict:
+        name = cfg.dpo.loss
+        if name in ("dpo", "cdpo"):
+            return {"beta": beta, "label_smoothing": cfg.dpo.label_smoothing, "reference_free": cfg.dpo.reference_free}
+        if name == "ipo":
+            return {"beta": beta}
+        if name == "orpo":
+            return {"lam": cfg.dpo.orpo_lambda}
+        return {"beta": beta, "gamma_beta_ratio": cfg.dpo.simpo_gamma_beta_ratio, "label_smoothing": cfg.dpo.label_smoothing}
+
+    kwargs = loss_kwargs()
+
+    def reference_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        with torch.no_grad():
+            if ref_model is not None:
+                return concatenated_logps(ref_model, batch, average=False)
+            with reference_context(model):
+                return concatenated_logps(model, batch, average=False)
+
+    def dpo_step(model, batch: dict) -> StepOutput:
+        chosen_logps, rejected_logps = concatenated_logps(model, batch, average=spec.average_logps)  # [B], [B]
+        if spec.needs_reference:
+            if uses_ref:
+                ref_chosen, ref_rejected = reference_logps(model, batch)
+            else:
+                ref_chosen = ref_rejected = torch.zeros_like(chosen_logps)
+            out = spec.fn(chosen_logps, rejected_logps, ref_chosen, ref_rejected, **kwargs)
+        else:
+            out = spec.fn(chosen_logps, rejected_logps, **kwargs)
+        margins = out.chosen_rewards - out.rejected_rewards
+        return StepOutput(
+            loss=out.losses.mean(),
+            metrics={
+                "rewards/chosen": float(out.chosen_rewards.mean()),
+                "rewards/rejected": float(out.rejected_rewards.mean()),
+                "rewards/margins": float(margins.mean()),
+                "rewards/accuracies": float((margins > 0).float().mean()),
+                "logps/chosen": float(chosen_logps.detach().mean()),
+                "logps/rejected": float(rejected_logps.detach().mean()),
+            },
+            num_tokens=int(batch["attention_mask"].sum()),
+        )
+
+    return dpo_step, uses_ref
+
+
+def train(cfg: DPOConfig, resume: bool = False) -> dict:
+    run_dir = prepare_run_dir(cfg, cfg.train.output_dir, resume, f"{cfg.dpo.loss} preference optimisation")
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = prepare_data(cfg.data, "preference", tokenizer, cfg.train.seed, log)
+    model = load_policy(cfg.model, tokenizer)
+    pad = tokenizer.pad_token_id
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    spec = PREFERENCE_LOSSES[cfg.dpo.loss]
+    needs_ref = spec.needs_reference and not cfg.dpo.reference_free
+
+    ref_model = None
+    if needs_ref:
+        lora = is_peft(model)
+        if cfg.dpo.ref_model is not None:
+            ref_model = load_reference(cfg.model, tokenizer, cfg.dpo.ref_model)
+        elif not lora and not cfg.dpo.precompute_ref_logps:
+            ref_model = copy_frozen(model)  # the policy's initial weights, frozen
+        if cfg.dpo.precompute_ref_logps:
+            source = ref_model if ref_model is not None else model
+            ctx = (lambda: reference_context(model)) if ref_model is None else (lambda: torch.no_grad())
+            log(f"precomputing reference log-probs for {len(data.train) + len(data.eval)} pairs")
+            precompute_reference_logps(source, data.train + data.eval, pad, eval_bs, ctx)
+            ref_model = None  # freed: reference log-probs now live in the examples
+
+    step_fn, _ = make_dpo_step(cfg, ref_model)
+    collate = partial(collate_with_ref, pad_token_id=pad)
+
+    def eval_metrics(m, batch):
+        out = step_fn(m, batch)
+        return batch["input_ids"].shape[0] // 2, {"loss": float(out.loss), **out.metrics}
+
+    def eval_fn(m):
+        return evaluate(m, data.eval, collate, eval_metrics, eval_bs) if data.eval else None
+
+    result = train_loop(
+        cfg.train, model=model, train_examples=data.train, collate_fn=collate, step_fn=step_fn,
+        run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc=cfg.dpo.loss,
+    )
+    if cfg.train.save_model:
+        result["model_dir"] = str(save_model(model, tokenizer, run_dir / "model"))
+    result["data"] = data.report
+    write_summary(run_dir, result)
+    return result

@@ -1,0 +1,138 @@
+"""KTO on unpaired binary feedback ``{"prompt", "completion", "label": bool}`` (Ethayarajh et al. 2024).
+
+    r = log pi(y|x) - log pref(y|x);  z0 = max(0, mean_{mismatched (x, y')} r), detached
+    desirable:   lambda_D (1 - sigma(beta (r - z0)))
+    undesirable: lambda_U (1 - sigma(beta (z0 - r)))
+
+The mismatched pairs that estimate z0 are fixed once over the dataset: prompt i with the
+completion of example (i+1) mod N, so their reference log-probs can be precomputed too.
+Each batch runs ONE forward over [matched rows; mismatched rows].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.config import KTOConfig
+from alignkit.data.collate import pad_sequences
+from alignkit.data.pipeline import prepare_data
+from alignkit.losses import kto_loss
+from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_tokenizer, reference_context, save_model
+from alignkit.ops.logprobs import sequence_logprobs
+from alignkit.train.loop import StepOutput, train_loop
+from alignkit.train.run import batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, write_summary
+
+
+def add_mismatched_pairs(examples: list[dict], max_length: int) -> None:
+    """KL rows: prompt of i + completion of (i+1) mod N, right-truncated to ``max_length`` (in place)."""
+    n = len(examples)
+    for i, e in enumerate(examples):
+        other = examples[(i + 1) % n]["completion_input_ids"]
+        prompt = e["prompt_input_ids"]
+        ids = (prompt + other)[:max_length]
+        e["kl_input_ids"] = ids
+        e["kl_response_mask"] = [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+
+
+def collate_kto_rows(examples: list[dict], pad_token_id: int) -> dict:
+    """[matched B rows; mismatched B rows] padded to one length -> input_ids [2B, T]."""
+    seqs = [e["input_ids"] for e in examples] + [e["kl_input_ids"] for e in examples]
+    masks = [e["response_mask"] for e in examples] + [e["kl_response_mask"] for e in examples]
+    input_ids = pad_sequences(seqs, pad_token_id, side="right")  # [2B, T]
+    lengths = torch.tensor([len(s) for s in seqs])
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long(),
+        "response_mask": pad_sequences(masks, 0, side="right"),
+        "label": torch.tensor([bool(e["label"]) for e in examples]),  # [B]
+    }
+    if "ref_logps" in examples[0]:
+        batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples])
+        batch["ref_kl_logps"] = torch.tensor([e["ref_kl_logps"] for e in examples])
+    return batch
+
+
+def _split_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])  # [2B]
+    n = logps.shape[0] // 2
+    return logps[:n], logps[n:]
+
+
+@torch.no_grad()
+def precompute_reference(model, examples: list[dict], pad: int, batch_size: int, ctx) -> None:
+    device = model_device(model)
+    for chunk in batches(examples, batch_size):
+        batch = to_device(collate_kto_rows(chunk, pad), device)
+        with ctx():
+            ref, ref_kl = _split_logps(model, batch)
+        for e, a, b in zip(chunk, ref.tolist(), ref_kl.tolist()):
+            e["ref_logps"], e["ref_kl_logps"] = a, b
+
+
+def make_kto_step(cfg: KTOConfig, ref_model=None):
+    def kto_step(model, batch: dict) -> StepOutput:
+        policy_logps, policy_kl_logps = _split_logps(model, batch)  # [B], [B]
+        if "ref_logps" in batch:
+            ref_logps, ref_kl_logps = batch["ref_logps"], batch["ref_kl_logps"]
+        else:
+            with torch.no_grad():
+                if ref_model is not None:
+                    ref_logps, ref_kl_logps = _split_logps(ref_model, batch)
+                else:
+                    with reference_context(model):
+                        ref_logps, ref_kl_logps = _split_logps(model, batch)
+        out = kto_loss(policy_logps, ref_logps, batch["label"], policy_kl_logps, ref_kl_logps,
+                       beta=cfg.kto.beta, desirable_weight=cfg.kto.desirable_weight,
+                       undesirable_weight=cfg.kto.undesirable_weight)
+        labels = batch["label"]
+        metrics = {"kl": float(out.kl), "frac_desirable": float(labels.float().mean())}
+        if labels.any():
+            metrics["rewards/chosen"] = float(out.rewards[labels].mean())
+            metrics["logps/chosen"] = float(policy_logps.detach()[labels].mean())
+        if (~labels).any():
+            metrics["rewards/rejected"] = float(out.rewards[~labels].mean())
+            metrics["logps/rejected"] = float(policy_logps.detach()[~labels].mean())
+        return StepOutput(loss=out.losses.mean(), metrics=metrics, num_tokens=int(batch["attention_mask"].sum()))
+
+    return kto_step
+
+
+def train(cfg: KTOConfig, resume: bool = False) -> dict:
+    run_dir = prepare_run_dir(cfg, cfg.train.output_dir, resume, "kto")
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = prepare_data(cfg.data, "kto", tokenizer, cfg.train.seed, log)
+    for split in (data.train, data.eval):
+        if split:
+            add_mismatched_pairs(split, cfg.data.max_length)
+    labels = [bool(e["label"]) for e in data.train]
+    if all(labels) or not any(labels):
+        log("warning: every training label is the same; KTO then only pushes rewards one way")
+    model = load_policy(cfg.model, tokenizer)
+    pad = tokenizer.pad_token_id
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    ref_model = None
+    if cfg.kto.precompute_ref_logps:
+        log(f"precomputing reference log-probs for {len(data.train) + len(data.eval)} examples")
+        precompute_reference(model, data.train + data.eval, pad, eval_bs, lambda: reference_context(model))
+    elif not is_peft(model):
+        ref_model = copy_frozen(model)
+    step_fn = make_kto_step(cfg, ref_model)
+
+    def collate(examples):
+        return collate_kto_rows(examples, pad)
+
+    def eval_metrics(m, batch):
+        out = step_fn(m, batch)
+        return batch["label"].shape[0], {"loss": float(out.loss), **out.metrics}
+
+    def eval_fn(m):
+        return evaluate(m, data.eval, collate, eval_metrics, eval_bs) if data.eval else None
+
+    result = train_loop(cfg.train, model=model, train_examples=data.train, collate_fn=collate, step_fn=step_fn,
+                        run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc="kto")
+    if cfg.train.save_model:
+        result["model_dir"] = str(save_model(model, tokenizer, run_dir / "model"))
+    result["data"] = data.report
+    write_summary(run_dir, result)
+    return result

@@ -1,0 +1,58 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1).
+
+Loss: mean negative log-likelihood of the response tokens (EOS included); prompt tokens
+are masked out. Data: ``{"prompt", "completion"}`` or ``{"messages": [...]}``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from alignkit.config import SFTConfig
+from alignkit.data.collate import collate_sft
+from alignkit.data.pipeline import prepare_data
+from alignkit.losses import sft_loss
+from alignkit.models.loading import load_policy, load_tokenizer, save_model
+from alignkit.ops.logprobs import token_logprobs
+from alignkit.train.loop import StepOutput, train_loop
+from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed, write_summary
+
+
+def sft_step(model, batch: dict) -> StepOutput:
+    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+    losses = sft_loss(logps, batch["response_mask"])  # [B]
+    n_resp = batch["response_mask"].sum()
+    return StepOutput(
+        loss=losses.mean(),
+        metrics={"nll/token": float(-(logps * batch["response_mask"]).sum() / n_resp.clamp(min=1))},
+        num_tokens=int(batch["attention_mask"].sum()),
+    )
+
+
+def sft_eval_metrics(model, batch: dict) -> tuple[int, dict[str, float]]:
+    out = sft_step(model, batch)
+    return batch["input_ids"].shape[0], {"loss": float(out.loss), **out.metrics}
+
+
+def train(cfg: SFTConfig, resume: bool = False) -> dict:
+    run_dir = prepare_run_dir(cfg, cfg.train.output_dir, resume, "sft")
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = prepare_data(cfg.data, "sft", tokenizer, cfg.train.seed, log)
+    model = load_policy(cfg.model, tokenizer)
+    collate = partial(collate_sft, pad_token_id=tokenizer.pad_token_id)
+    eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+
+    def eval_fn(m):
+        return evaluate(m, data.eval, collate, sft_eval_metrics, eval_bs) if data.eval else None
+
+    result = train_loop(
+        cfg.train, model=model, train_examples=data.train, collate_fn=collate, step_fn=sft_step,
+        run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc="sft",
+    )
+    if cfg.train.save_model:
+        result["model_dir"] = str(save_model(model, tokenizer, run_dir / "model"))
+    result["data"] = data.report
+    write_summary(run_dir, result)
+    log(f"sft done: {result.get('model_dir', run_dir)}")
+    return result

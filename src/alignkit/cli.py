@@ -1,0 +1,160 @@
+"""Command line: ``alignkit <command> [config.yaml] [key=value ...] [--resume]``.
+
+Thin by design: parse, load + validate the config, call ``algorithms.<x>.train(cfg)``.
+``alignkit <command> --help`` lists every config key with its type, default and meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import typing
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from alignkit import config as C
+
+
+@dataclass(frozen=True)
+class Command:
+    config_cls: type[BaseModel]
+    target: str  # "module:function"
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "sft": Command(C.SFTConfig, "alignkit.algorithms.sft:train", "supervised fine-tuning on demonstrations"),
+    "rm": Command(C.RMConfig, "alignkit.algorithms.reward_model:train", "Bradley-Terry reward model on preference pairs"),
+    "dpo": Command(C.DPOConfig, "alignkit.algorithms.dpo:train",
+                   "DPO family on preference pairs (dpo.loss: dpo, cdpo, ipo, orpo, simpo)"),
+    "kto": Command(C.KTOConfig, "alignkit.algorithms.kto:train", "KTO on unpaired binary feedback"),
+    "ppo": Command(C.PPOConfig, "alignkit.algorithms.ppo:train",
+                   "PPO with a KL penalty against a reward model (InstructGPT step 3)"),
+    "grpo": Command(C.GRPOConfig, "alignkit.algorithms.grpo:train",
+                    "GRPO / Dr. GRPO / DAPO: critic-free RL with group-normalised advantages"),
+    "rloo": Command(C.RLOOConfig, "alignkit.algorithms.rloo:train", "RLOO: REINFORCE with a leave-one-out baseline"),
+    "bon": Command(C.BoNConfig, "alignkit.algorithms.best_of_n:run", "best-of-n sampling with a reward"),
+    "rs": Command(C.RejectionSamplingConfig, "alignkit.algorithms.rejection_sampling:train",
+                  "rejection-sampling fine-tuning: best-of-n outputs become SFT data, iterated"),
+    "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
+                          "online / iterative DPO: sample pairs from the current policy, label, update"),
+}
+
+
+def register(name: str, command: Command) -> None:
+    COMMANDS[name] = command
+
+
+def _type_name(annotation) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(annotation)) + "}"
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe_config(cls: type[BaseModel], prefix: str = "", default: BaseModel | None = None) -> list[str]:
+    """One line per leaf key: ``train.lr (float, default 5e-07): ...``."""
+    lines = []
+    inst = default if default is not None else cls()
+    for name, field in cls.model_fields.items():
+        value = getattr(inst, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            lines += describe_config(type(value), key + ".", value)
+            continue
+        doc = (field.description or _attribute_doc(cls, name) or "").strip().replace("\n", " ")
+        lines.append(f"  {key} ({_type_name(field.annotation)}, default {value!r}){': ' + doc if doc else ''}")
+    return lines
+
+
+def _attribute_doc(cls: type, name: str) -> str:
+    """Attribute docstrings (the string literal under a field) from the class source."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return ""
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        target = getattr(node, "target", None)
+        if isinstance(node, ast.AnnAssign) and isinstance(target, ast.Name) and target.id == name:
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                return str(nxt.value.value)
+    return ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignkit",
+        description="Align language models with preferences. Each command takes an optional YAML config and "
+        "dotted overrides, e.g. `alignkit dpo configs/dpo.yaml train.lr=1e-6 dpo.beta=0.2`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=cmd.help,
+            description=f"{cmd.help}.\n\nConfig keys (set in the YAML file or as key=value overrides):\n"
+            + "\n".join(describe_config(cmd.config_cls)),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("args", nargs="*", metavar="[config.yaml] [key=value ...]")
+        p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    path = None
+    overrides = []
+    for i, a in enumerate(args):
+        if i == 0 and "=" not in a:
+            path = a
+        elif "=" in a:
+            overrides.append(a)
+        else:
+            raise C.ConfigError(f"unexpected argument {a!r}: give at most one config file, then key=value overrides")
+    return path, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not ns.command:
+        parser.print_help()
+        return 2
+    cmd = COMMANDS[ns.command]
+    try:
+        path, overrides = split_args(ns.args)
+        cfg = C.load_config(cmd.config_cls, path, overrides)
+    except C.ConfigError as e:
+        print(f"alignkit {ns.command}: {e}", file=sys.stderr)
+        return 2
+    if ns.print_config:
+        print(C.config_to_yaml(cfg), end="")
+        return 0
+    module, fn = cmd.target.split(":")
+    train = getattr(importlib.import_module(module), fn)
+    from alignkit.data.io import DataError
+    from alignkit.models.loading import ModelLoadError
+    from alignkit.train.run import RunError
+
+    try:
+        train(cfg, resume=ns.resume)
+    except (DataError, ModelLoadError, RunError, C.ConfigError, ValueError) as e:
+        print(f"alignkit {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""Typed, validated configs: YAML file + dotted command-line overrides.
+
+Every algorithm has one top-level config class made of shared sections (``model``,
+``data``, ``train``) plus its own section (``dpo``, ``rm``, ...). Configs are frozen
+after validation; unknown keys and wrong types are errors that name the key.
+
+    cfg = load_config(DPOConfig, "configs/dpo.yaml", ["train.lr=1e-6", "dpo.beta=0.2"])
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+# ---------------------------------------------------------------- shared sections
+class LoraConfig(Section):
+    enabled: bool = False
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class ModelConfig(Section):
+    name_or_path: str = "smollm2-135m-instruct"
+    """A hub id, a local directory, or ``smollm2-135m-instruct`` (the embedded model)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig = LoraConfig()
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+
+
+class DataConfig(Section):
+    train: str = ""
+    """Path to .jsonl/.json/.parquet/.csv, a saved ``datasets`` directory, or ``builtin:<name>``."""
+    eval: str | None = None
+    """Held-out data; if unset, ``eval_fraction`` of train is held out (0 disables evaluation)."""
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    max_length: int = Field(512, gt=0)
+    """Prompt + response tokens; prompts are truncated from the left, responses from the right."""
+    max_prompt_length: int | None = Field(None, gt=0)
+    """If set, longer prompts are truncated from the left to this many tokens (counted in the log).
+    Unset: a prompt that leaves no room for a response within ``max_length`` is an error."""
+    on_error: Literal["raise", "skip"] = "raise"
+    """``raise``: the first malformed record stops the run. ``skip``: drop it and count it in the log."""
+    system_prompt: str | None = None
+    limit: int | None = Field(None, gt=0)
+    """Use only the first N records (after validation) — for smoke runs."""
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "DataConfig":
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be < data.max_length ({self.max_length})"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    output_dir: str = "runs/run"
+    seed: int = 0
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides ``epochs`` when set."""
+    batch_size: int = Field(8, gt=0)
+    """Examples per micro-batch (per device)."""
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every N optimizer steps (0: only at the end)."""
+    save_every: int = Field(0, ge=0)
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    log_every: int = Field(1, gt=0)
+    eval_batch_size: int | None = Field(None, gt=0)
+    save_model: bool = True
+    """Write the final model (merged LoRA) loadable with ``from_pretrained``."""
+    cpu: bool = False
+    """Force CPU even when an accelerator is present."""
+
+
+# ---------------------------------------------------------------- algorithm sections
+class SFTConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/sft", lr=2e-5)
+
+
+class RMSection(Section):
+    normalize: bool = False
+    """After training, shift/scale scores so reference samples have mean 0, std 1 (stored in the model config)."""
+    normalize_data: str | None = None
+    """Records whose (prompt, response) define the normalisation; default: the chosen+rejected responses of train."""
+    group_by_prompt: bool = True
+    """InstructGPT batching: all K-choose-2 pairs of one prompt in one batch, one forward per response."""
+    margin: bool = False
+    """Use a record's optional ``margin`` field in the loss (Llama 2)."""
+
+
+class RMConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/rm", lr=1e-5)
+    rm: RMSection = RMSection()
+
+
+class DPOSection(Section):
+    loss: Literal["dpo", "cdpo", "ipo", "orpo", "simpo"] = "dpo"
+    beta: float | None = Field(None, gt=0)
+    """Default per loss: 0.1 (dpo, cdpo, ipo), 2.0 (simpo). Not used by orpo."""
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    """cDPO's epsilon (required > 0 for ``cdpo``)."""
+    reference_free: bool = False
+    orpo_lambda: float = Field(0.1, gt=0)
+    simpo_gamma_beta_ratio: float = Field(0.5, ge=0)
+    precompute_ref_logps: bool = True
+    """Compute reference log-probs once before training (frees the reference model)."""
+    ref_model: str | None = None
+    """Reference checkpoint; default: the policy's initial weights (adapter-disabled under LoRA)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "DPOSection":
+        if self.loss == "cdpo" and self.label_smoothing <= 0:
+            raise ValueError("dpo.loss=cdpo needs dpo.label_smoothing > 0 (e.g. 0.1)")
+        return self
+
+
+def default_beta(loss: str) -> float:
+    return {"simpo": 2.0}.get(loss, 0.1)
+
+
+class DPOConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/dpo", lr=5e-7)
+    dpo: DPOSection = DPOSection()
+
+
+class KTOSection(Section):
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    precompute_ref_logps: bool = True
+
+
+class KTOConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/kto", lr=5e-7)
+    kto: KTOSection = KTOSection()
+
+
+# ---------------------------------------------------------------- loading
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-6", "model.lora.enabled=true"]`` -> nested dict (values parsed as YAML scalars)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-6)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read ``path`` (YAML) if given, apply dotted ``overrides``, validate into ``cls``."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at top level, got {type(loaded).__name__}")
+        tree = loaded
+        source = str(path)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+        source += " + overrides"
+    # Sections given in YAML replace defaults key-by-key, not wholesale: merge with the class defaults.
+    defaults = cls().model_dump(mode="json")
+    try:
+        return cls.model_validate(_merge(defaults, tree))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+def config_to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- online RL sections
+class GenerationSection(Section):
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    """0 disables top-k."""
+    batch_size: int = Field(16, gt=0)
+    """Prompts per generate() call."""
+
+
+class RewardComponent(Section):
+    type: Literal["model", "arithmetic", "format", "length", "callable", "vader"]
+    weight: float = 1.0
+    name: str | None = None
+    """Logged as rewards/<name>; defaults to the type."""
+    path: str | None = None
+    """``model``: reward-model checkpoint; ``callable``: ``module:function``."""
+    pattern: str | None = None
+    """``format``: regex the completion must match (re.search) for reward 1, else 0."""
+    target_length: int | None = Field(None, gt=0)
+    """``length``: reward -|len(tokens)-target|/target (characters when no tokenizer)."""
+    normalize: bool = True
+    """``model``: apply the normalisation gain/bias stored with the reward model, if any."""
+
+    @model_validator(mode="after")
+    def _needs(self) -> "RewardComponent":
+        need = {"model": "path", "callable": "path", "format": "pattern", "length": "target_length"}.get(self.type)
+        if need and getattr(self, need) is None:
+            raise ValueError(f"reward component of type {self.type!r} needs '{need}'")
+        if self.type == "callable" and ":" not in (self.path or ""):
+            raise ValueError(f"callable reward path must be 'module:function', got {self.path!r}")
+        return self
+
+
+class RewardSection(Section):
+    components: list[RewardComponent] = []
+    missing_eos_penalty: float | None = None
+    """Responses that never emit EOS: score -= penalty (``missing_eos_mode=subtract``) or score := -penalty (``set``)."""
+    missing_eos_mode: Literal["subtract", "set"] = "subtract"
+
+
+class RLDataConfig(Section):
+    """Prompts for online methods: ``{"prompt", ...extra fields passed to reward functions}``."""
+
+    train: str = ""
+    eval: str | None = None
+    max_prompt_length: int = Field(256, gt=0)
+    """Longer prompts are truncated from the left (counted in the log)."""
+    on_error: Literal["raise", "skip"] = "raise"
+    system_prompt: str | None = None
+    limit: int | None = Field(None, gt=0)
+    eval_limit: int | None = Field(None, gt=0)
+
+
+class PPOSection(Section):
+    """PPO as InstructGPT did it (Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details")."""
+
+    reward_model: str = ""
+    """Checkpoint of the trained reward model; the value model is initialised from it."""
+    rollout_batch_size: int = Field(32, gt=0)
+    """Prompts sampled per PPO iteration."""
+    num_iterations: int = Field(10, gt=0)
+    ppo_epochs: int = Field(4, gt=0)
+    num_minibatches: int = Field(4, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    kl_coef: float = Field(0.05, ge=0)
+    adaptive_kl: bool = False
+    kl_target: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    value_lr: float | None = Field(None, gt=0)
+    """Value model learning rate (default: train.lr)."""
+    whiten_rewards: bool = False
+    missing_eos_penalty: float | None = Field(1.0, ge=0)
+    """Score minus this for responses that never emit EOS (None: no penalty)."""
+    save_every: int = Field(0, ge=0)
+
+
+class PPOConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/ppo", lr=1e-5, scheduler="linear")
+    generation: GenerationSection = GenerationSection()
+    reward: RewardSection = RewardSection()
+    """Extra reward components added to the reward model's score (e.g. a format rule)."""
+    ppo: PPOSection = PPOSection()
+
+
+class GRPOSection(Section):
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """grpo: per-sequence mean, std-normalised advantages; dr_grpo: no std, sum/constant; dapo: token mean + clip-higher."""
+    num_generations: int = Field(8, ge=2)
+    prompts_per_iteration: int = Field(8, gt=0)
+    num_iterations: int = Field(20, gt=0)
+    ppo_epochs: int = Field(1, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    beta: float = Field(0.04, ge=0)
+    """k3 KL to the reference in the loss (0 disables and frees the reference)."""
+    eps_low: float = Field(0.2, gt=0)
+    eps_high: float | None = Field(None, gt=0)
+    """Clip-higher upper bound (default: eps_low; DAPO uses 0.28)."""
+    scale_rewards: bool | None = None
+    """Divide advantages by the group std. Default: True for grpo and dapo, False for dr_grpo (Liu et al. 2025)."""
+    drop_equal_groups: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts to refill."""
+    max_refill_rounds: int = Field(3, ge=0)
+    overlong_cache: int | None = Field(None, gt=0)
+    """DAPO overlong shaping window (tokens before generation.max_new_tokens); None disables."""
+    save_every: int = Field(0, ge=0)
+
+
+class GRPOConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/grpo", lr=1e-5, scheduler="constant")
+    generation: GenerationSection = GenerationSection()
+    reward: RewardSection = RewardSection()
+    grpo: GRPOSection = GRPOSection()
+
+
+class RLOOSection(Section):
+    num_generations: int = Field(4, ge=2)
+    prompts_per_iteration: int = Field(8, gt=0)
+    num_iterations: int = Field(20, gt=0)
+    ppo_epochs: int = Field(1, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    kl_coef: float = Field(0.05, ge=0)
+    cliprange: float = Field(0.2, gt=0)
+    save_every: int = Field(0, ge=0)
+
+
+class RLOOConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/rloo", lr=1e-5, scheduler="constant")
+    generation: GenerationSection = GenerationSection()
+    reward: RewardSection = RewardSection()
+    rloo: RLOOSection = RLOOSection()
+
+
+class BoNSection(Section):
+    n: int = Field(4, ge=1)
+    gold: RewardSection | None = None
+    """Optional second reward used only for evaluation (e.g. the gold VADER score)."""
+    output_file: str = "best_of_n.jsonl"
+
+
+class BoNConfig(Section):
+    """Best-of-n sampling: sample n per prompt, keep the best by ``reward``."""
+
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    generation: GenerationSection = GenerationSection()
+    reward: RewardSection = RewardSection()
+    bon: BoNSection = BoNSection()
+    output_dir: str = "runs/bon"
+    seed: int = 0
+
+
+class RejectionSamplingSection(Section):
+    n: int = Field(4, ge=1)
+    rounds: int = Field(2, gt=0)
+    prompts_per_round: int | None = Field(None, gt=0)
+
+
+class RejectionSamplingConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/rs", lr=2e-5)
+    generation: GenerationSection = GenerationSection()
+    reward: RewardSection = RewardSection()
+    rs: RejectionSamplingSection = RejectionSamplingSection()
+
+
+class OnlineDPOSection(Section):
+    rounds: int = Field(3, gt=0)
+    prompts_per_round: int = Field(32, gt=0)
+    num_generations: int = Field(2, ge=2)
+    """Samples per prompt; the best and worst by reward form the pair."""
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["dpo", "ipo"] = "dpo"
+    steps_per_round: int = Field(4, gt=0)
+
+
+class OnlineDPOConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/online_dpo", lr=5e-6, scheduler="constant")
+    generation: GenerationSection = GenerationSection()
+    reward: RewardSection = RewardSection()
+    online_dpo: OnlineDPOSection = OnlineDPOSection()

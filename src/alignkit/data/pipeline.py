@@ -1,0 +1,54 @@
+"""Load -> validate -> split -> tokenise, with every count reported: the data path of every algorithm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alignkit.config import DataConfig
+from alignkit.data.formats import load_examples
+from alignkit.data.tokenize import tokenize_kto, tokenize_preference, tokenize_prompts, tokenize_sft
+
+TOKENIZERS = {
+    "sft": tokenize_sft,
+    "preference": tokenize_preference,
+    "kto": tokenize_kto,
+    "prompt": tokenize_prompts,
+}
+
+
+@dataclass
+class PreparedData:
+    train: list[dict]
+    eval: list[dict]
+    report: dict = field(default_factory=dict)
+
+
+def prepare_data(data: DataConfig, kind: str, tokenizer, seed: int, log=print) -> PreparedData:
+    from alignkit.train.run import split_train_eval
+
+    if not data.train:
+        raise ValueError("data.train is not set: give a file path, a saved datasets dir, or builtin:<name>")
+    train_raw, stats = load_examples(data.train, kind, on_error=data.on_error, split="train", limit=data.limit)
+    report: dict = {"train_file": data.train, "n_read": stats.n_read, "n_skipped": stats.n_skipped}
+    if stats.n_skipped:
+        log(f"data.on_error=skip: skipped {stats.n_skipped} of {stats.n_read} records in {data.train}; first reasons:")
+        for reason in stats.skipped_reasons[:5]:
+            log(f"  {reason}")
+    if stats.n_pairs_from_rankings:
+        log(f"rankings expanded into {stats.n_pairs_from_rankings} pairs")
+    if data.eval is not None:
+        eval_raw, estats = load_examples(data.eval, kind, on_error=data.on_error, split="test")
+        report.update(eval_file=data.eval, eval_n_skipped=estats.n_skipped)
+    else:
+        train_raw, eval_raw = split_train_eval(train_raw, data, seed)
+    tok_fn = TOKENIZERS[kind]
+    train, tstats = tok_fn(train_raw, tokenizer, data)
+    log(f"train: {len(train)} examples; {tstats.summary()}")
+    report["train_truncation"] = vars(tstats)
+    evaluation: list[dict] = []
+    if eval_raw:
+        evaluation, estats_t = tok_fn(eval_raw, tokenizer, data)
+        log(f"eval: {len(evaluation)} examples; {estats_t.summary()}")
+        report["eval_truncation"] = vars(estats_t)
+    report.update(n_train=len(train), n_eval=len(evaluation))
+    return PreparedData(train, evaluation, report)

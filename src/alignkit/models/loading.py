@@ -1,0 +1,213 @@
+"""Load the policy, reference, reward and value models; save them back.
+
+- Everything goes through ``from_pretrained``: a user's local path or hub id, or the
+  embedded SmolLM2 (``smollm2-135m-instruct``), resolved to its converted cache.
+- Dropout is switched off everywhere (REFERENCES, PPO: ratio 1 on the first minibatch needs it).
+- pad != eos: a tokenizer whose pad is missing or equals eos gets a distinct pad token.
+- Reward model: ``AutoModelForSequenceClassification`` with one label; a fresh head is
+  initialised N(0, 1/sqrt(d+1)), bias 0 (Stiennon et al. 2020).
+- Under LoRA the reference model is the policy with adapters disabled (no second copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from alignkit.config import LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def resolve_path(name_or_path: str) -> str:
+    from alignkit.models.embedded import resolve_model_path
+
+    return resolve_model_path(name_or_path)
+
+
+def _wrap_load(fn, name_or_path: str, what: str):
+    try:
+        return fn()
+    except (OSError, ValueError) as e:
+        local = Path(name_or_path).exists()
+        hint = (
+            f"{name_or_path!r} is a local path but could not be read as a {what}: {e}"
+            if local
+            else f"{name_or_path!r} is not a local directory, and loading it from the Hugging Face hub failed "
+            f"(offline, or no such repo). Give a local path, or 'smollm2-135m-instruct' for the embedded model. "
+            f"Cause: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        )
+        raise ModelLoadError(f"could not load {what}: {hint}") from None
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+    path = resolve_path(name_or_path)
+    tok = _wrap_load(lambda: AutoTokenizer.from_pretrained(path), name_or_path, "tokenizer")
+    if tok.eos_token is None:
+        raise ModelLoadError(f"tokenizer of {name_or_path!r} has no eos_token; set one in tokenizer_config.json")
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        # REFERENCES (N+ details): pad must differ from eos, or EOS gets masked out with the padding.
+        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.padding_side = padding_side
+    return tok
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    cfg = getattr(model, "config", None)
+    for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if cfg is not None and isinstance(getattr(cfg, attr, None), float):
+            setattr(cfg, attr, 0.0)
+
+
+def _fit_vocab(model, tokenizer) -> None:
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+        gen.eos_token_id = tokenizer.eos_token_id
+
+
+def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def load_policy(cfg: ModelConfig, tokenizer, trainable: bool = True):
+    """Causal LM, dropout off, LoRA applied if ``cfg.lora.enabled`` (and ``trainable``)."""
+    path = resolve_path(cfg.name_or_path)
+    model = _wrap_load(
+        lambda: AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        ),
+        cfg.name_or_path,
+        "causal language model",
+    )
+    _fit_vocab(model, tokenizer)
+    disable_dropout(model)
+    if cfg.gradient_checkpointing and trainable:
+        model.gradient_checkpointing_enable()
+    if not trainable:
+        return freeze(model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def freeze(model):
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_reference(cfg: ModelConfig, tokenizer, name_or_path: str | None = None):
+    """A frozen copy (only when not using LoRA and reference log-probs are not precomputed)."""
+    ref_cfg = cfg if name_or_path is None else cfg.model_copy(update={"name_or_path": name_or_path})
+    return load_policy(ref_cfg, tokenizer, trainable=False)
+
+
+def copy_frozen(model):
+    return freeze(copy.deepcopy(model))
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def reference_context(model):
+    """Context in which ``model`` computes reference log-probs: adapters disabled under LoRA."""
+    unwrapped = getattr(model, "module", model)
+    if is_peft(unwrapped):
+        return unwrapped.disable_adapter()
+    return contextlib.nullcontext()
+
+
+def init_reward_head(head: torch.nn.Linear) -> None:
+    """Stiennon et al. 2020 / N+ details: head weights N(0, 1/sqrt(d_model + 1)), bias 0."""
+    torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+
+
+def _score_head(model) -> torch.nn.Linear | None:
+    for name in ("score", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+        if head is not None and isinstance(getattr(head, "out_proj", None), torch.nn.Linear):
+            return head.out_proj
+    return None
+
+
+def load_reward_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
+    """Sequence classifier with one output; score read at the last real token (decoders)."""
+    path = resolve_path(cfg.name_or_path)
+    model = _wrap_load(
+        lambda: AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+        ),
+        cfg.name_or_path,
+        "reward model",
+    )
+    archs = getattr(model.config, "architectures", None) or []
+    fresh_head = not any("SequenceClassification" in a for a in archs)
+    _fit_vocab(model, tokenizer)
+    disable_dropout(model)
+    if fresh_head:
+        head = _score_head(model)
+        if head is not None:
+            init_reward_head(head)
+    if not trainable:
+        return freeze(model)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    return model
+
+
+def merged_for_saving(model):
+    """A plain transformers model: LoRA merged into the base weights (no peft needed to load)."""
+    unwrapped = getattr(model, "module", model)
+    if is_peft(unwrapped):
+        return copy.deepcopy(unwrapped).merge_and_unload()
+    return unwrapped
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """Atomically write a ``from_pretrained``-loadable model + tokenizer to ``out_dir``."""
+    from alignkit.train.checkpoint import atomic_save_dir
+
+    out_dir = Path(out_dir)
+    plain = merged_for_saving(model)
+
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    atomic_save_dir(out_dir, write)
+    return out_dir

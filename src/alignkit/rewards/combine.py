@@ -1,0 +1,132 @@
+"""Combine reward components into one scalar per completion, and the missing-EOS penalty.
+
+Multi-objective reward: R = Σ_k w_k · r_k(x, y). Each component's raw (unweighted) r_k is
+returned separately so it is logged as ``rewards/<name>``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alignkit.config import RewardComponent, RewardSection
+from alignkit.rewards.base import RewardFn, RewardSpecError, as_reward_tensor
+
+
+class CombinedReward:
+    """Weighted sum of named reward functions: ``total = Σ_k weight_k * r_k`` ([B] float32, CPU)."""
+
+    def __init__(self, components: list[tuple[str, RewardFn, float]]):
+        if not components:
+            raise RewardSpecError("a combined reward needs at least one component")
+        names = [name for name, _, _ in components]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise RewardSpecError(
+                f"reward component names must be unique, {dupes} appear more than once; give each a 'name'"
+            )
+        self.components = [(name, fn, float(weight)) for name, fn, weight in components]
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.components]
+
+    def __call__(self, prompts: list[str], completions: list[str], extras: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
+        if len(prompts) != len(completions) or len(extras) != len(completions):
+            raise ValueError(
+                f"reward inputs disagree in length: {len(prompts)} prompts, {len(completions)} completions, "
+                f"{len(extras)} extras"
+            )
+        b = len(completions)
+        total = torch.zeros(b, dtype=torch.float32)  # [B]
+        parts: dict[str, Tensor] = {}
+        for name, fn, weight in self.components:
+            r_k = as_reward_tensor(fn(prompts, completions, extras), b, f"reward component {name!r}")  # [B]
+            parts[f"rewards/{name}"] = r_k
+            total = total + weight * r_k
+        return total, parts
+
+
+def apply_missing_eos_penalty(scores: Tensor, has_eos: Tensor, penalty: float | None, mode: str = "subtract") -> Tensor:
+    """Penalise responses that never emitted EOS (REFERENCES, PPO; Huang et al. 2024).
+
+    ``subtract``: score - penalty where no EOS; ``set``: score := -penalty where no EOS;
+    ``penalty = None``: unchanged.
+    """
+    if penalty is None:
+        return scores
+    no_eos = ~has_eos.to(device=scores.device, dtype=torch.bool)  # [B]
+    if mode == "subtract":
+        return torch.where(no_eos, scores - penalty, scores)
+    if mode == "set":
+        return torch.where(no_eos, torch.full_like(scores, -penalty), scores)
+    raise ValueError(f"missing_eos_mode must be 'subtract' or 'set', got {mode!r}")
+
+
+def _model_scorer(comp: RewardComponent, reward_models: dict):
+    from alignkit.rewards.reward_model import RewardModelScorer, load_reward_model_scorer
+
+    cached = reward_models.get(comp.path)
+    if cached is None:
+        cached = load_reward_model_scorer(comp.path, normalize=comp.normalize)
+        reward_models[comp.path] = cached
+    name = comp.name or comp.type
+    if not isinstance(cached, RewardModelScorer):
+        raise RewardSpecError(
+            f"reward_models[{comp.path!r}] must be a RewardModelScorer, got {type(cached).__name__}"
+        )
+    # one loaded model per path; each component gets its own view (name, normalisation)
+    return RewardModelScorer(cached.model, cached.tokenizer, cached.batch_size, normalize=comp.normalize, name=name)
+
+
+def build_component(comp: RewardComponent, tokenizer=None, reward_models: dict | None = None) -> RewardFn:
+    """One config component -> a reward function (``name`` = ``comp.name`` or the type)."""
+    from alignkit.rewards import rules
+
+    name = comp.name or comp.type
+    if comp.type == "model":
+        return _model_scorer(comp, reward_models if reward_models is not None else {})
+    if comp.type == "arithmetic":
+        return _Named(rules.arithmetic_reward, name)
+    if comp.type == "format":
+        return rules.FormatReward(comp.pattern, name=name)
+    if comp.type == "length":
+        return rules.LengthReward(comp.target_length, tokenizer=tokenizer, name=name)
+    if comp.type == "callable":
+        return rules.CallableReward(comp.path, name=name)
+    if comp.type == "vader":
+        return rules.VaderReward(name=name)
+    raise RewardSpecError(f"unknown reward component type {comp.type!r}")
+
+
+class _Named:
+    """Give a plain function a ``name`` without mutating it."""
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, prompts, completions, extras):
+        return self.fn(prompts, completions, extras)
+
+
+def build_reward(section: RewardSection, tokenizer=None, reward_models: dict | None = None) -> CombinedReward:
+    """``reward:`` config section -> :class:`CombinedReward`.
+
+    ``reward_models`` maps a checkpoint path to a loaded :class:`RewardModelScorer`; models are
+    loaded once per path and added to it, so the caller can reuse them (e.g. as the value init).
+    ``tokenizer`` counts tokens for ``length`` components (characters without one).
+    """
+    if not section.components:
+        raise RewardSpecError(
+            "reward.components is empty; add at least one, e.g. {type: model, path: runs/rm/final} "
+            "or {type: arithmetic}"
+        )
+    names = [c.name or c.type for c in section.components]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:  # checked before any reward model is loaded
+        raise RewardSpecError(
+            f"reward.components: names {dupes} appear more than once; give each component a distinct 'name'"
+        )
+    cache = reward_models if reward_models is not None else {}
+    built = [(c.name or c.type, build_component(c, tokenizer, cache), c.weight) for c in section.components]
+    return CombinedReward(built)

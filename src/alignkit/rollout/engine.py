@@ -1,0 +1,326 @@
+"""One generation engine for every online method (PPO, GRPO, RLOO, best-of-n, online DPO).
+
+Conventions (REFERENCES, PPO; Huang et al. 2024, "The N+ implementation details of RLHF with PPO"):
+
+- Prompts are LEFT-padded for generation, so every row's new tokens start in the same column.
+- Responses are RIGHT-padded: everything after the first EOS is replaced by ``pad`` (pad != eos).
+- ``response_mask`` is 1 up to AND INCLUDING the first EOS: the EOS token is part of the action
+  sequence and stays in the loss. A row that never emits EOS (``max_new_tokens`` reached) keeps a
+  full mask and ``has_eos = False`` (it can get the missing-EOS penalty).
+- With ``num_samples = G`` each prompt is repeated G times CONSECUTIVELY (rows p0,p0,..,p1,p1,..):
+  group-relative advantages (GRPO, RLOO) reshape scores to [B/G, G].
+- Log-probs are recomputed with ``logits / temperature`` (the sampler's distribution), through the
+  shared :mod:`alignkit.ops.logprobs` code, with position ids from the attention mask so padding
+  never changes a real token's log-prob.
+
+The only thing an algorithm needs from a generator is :class:`GenerationBackend` (one method);
+a vLLM backend can be added later without touching algorithms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from alignkit.config import GenerationSection
+from alignkit.ops.logprobs import token_logprobs
+
+
+# ---------------------------------------------------------------- sampling parameters
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``top_k = 0`` disables top-k; ``do_sample = False`` is greedy decoding."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"SamplingParams.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"SamplingParams.temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be >= 0 (0 disables it), got {self.top_k}")
+
+    @classmethod
+    def from_section(cls, g: GenerationSection, do_sample: bool = True) -> "SamplingParams":
+        return cls(
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            top_k=g.top_k,
+            do_sample=do_sample,
+        )
+
+
+# ---------------------------------------------------------------- backends
+@runtime_checkable
+class GenerationBackend(Protocol):
+    """Generates new tokens for a LEFT-padded batch of prompts.
+
+    ``prompt_ids``/``prompt_mask`` [B, P] -> raw new tokens [B, R], R <= ``params.max_new_tokens``.
+    Rows may run past their EOS (they are cleaned by :func:`postprocess_responses`).
+    """
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> Tensor: ...
+
+
+def unwrap_for_generation(model):
+    """Strip distributed / compile wrappers (DDP, DeepSpeed ``.module``, ``torch.compile``'s ``_orig_mod``).
+
+    A peft ``PeftModel`` is kept: its own ``generate`` runs with the adapters active.
+    """
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif not hasattr(model, "generate") and isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+class HFGenerateBackend:
+    """``transformers`` ``generate()`` with the KV cache, in eval mode, under ``torch.no_grad``.
+
+    The model's training/eval mode is restored afterwards. ``top_k = 0`` is passed as ``None``
+    (disabled); greedy decoding (``do_sample=False``) passes no sampling knobs at all.
+    """
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("HFGenerateBackend needs a tokenizer with both pad_token_id and eos_token_id set")
+        if tokenizer.pad_token_id == tokenizer.eos_token_id:
+            raise ValueError(
+                f"pad_token_id == eos_token_id ({tokenizer.eos_token_id}): EOS would be masked out with the padding "
+                "(REFERENCES, PPO: pad != eos). Load the tokenizer with alignkit.models.loading.load_tokenizer."
+            )
+
+    def generation_kwargs(self, params: SamplingParams) -> dict:
+        kwargs = {
+            "max_new_tokens": params.max_new_tokens,
+            "do_sample": params.do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "use_cache": True,
+        }
+        if params.do_sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:  # override sampling defaults a checkpoint's generation_config may carry (avoids HF warnings)
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> Tensor:
+        model = unwrap_for_generation(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=prompt_ids,
+                    attention_mask=prompt_mask,
+                    **self.generation_kwargs(params),
+                )  # [B, P + R]
+        finally:
+            model.train(was_training)
+        if not isinstance(out, Tensor):
+            out = out.sequences
+        return out[:, prompt_ids.shape[1] :]  # [B, R]
+
+
+# ---------------------------------------------------------------- rollout batch
+@dataclass
+class Rollout:
+    """A batch of prompts and their sampled responses (row layout group-contiguous for G > 1)."""
+
+    prompt_ids: Tensor  # [B, P] left-padded
+    prompt_mask: Tensor  # [B, P]
+    response_ids: Tensor  # [B, R] right-padded after the first EOS
+    response_mask: Tensor  # [B, R] 1 up to and including the first EOS
+    has_eos: Tensor  # [B] bool
+    prompt_texts: list[str]
+    response_texts: list[str]
+    extras: list[dict] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # [B, P + R]
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)  # [B, P + R]
+
+    @property
+    def response_lengths(self) -> Tensor:
+        return self.response_mask.sum(1)  # [B]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def response_slice(self, token_values_full: Tensor) -> Tensor:
+        """[B, P + R] values aligned to ``input_ids`` -> [B, R] values of the response tokens."""
+        p, r = self.prompt_ids.shape[1], self.response_ids.shape[1]
+        if token_values_full.shape[1] != p + r:
+            raise ValueError(
+                f"response_slice expects {p + r} columns (prompt {p} + response {r}), got {token_values_full.shape[1]}"
+            )
+        return token_values_full[:, p : p + r]
+
+
+def postprocess_responses(raw: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut raw generations at the first EOS.
+
+    raw [B, R] -> (response_ids [B, R], response_mask [B, R] long, has_eos [B] bool), with
+    ``mask[b, t] = 1`` iff ``t <= first_eos[b]`` (EOS kept in the mask; REFERENCES, PPO) and every
+    token after the first EOS replaced by ``pad``. Rows without EOS keep all R tokens.
+    """
+    is_eos = raw == eos_token_id  # [B, R]
+    has_eos = is_eos.any(dim=1)  # [B]
+    r = raw.shape[1]
+    first_eos = torch.where(has_eos, is_eos.long().argmax(dim=1), torch.full_like(has_eos, r - 1, dtype=torch.long))
+    positions = torch.arange(r, device=raw.device).unsqueeze(0)  # [1, R]
+    response_mask = (positions <= first_eos.unsqueeze(1)).long()  # [B, R]
+    response_ids = raw.masked_fill(response_mask == 0, pad_token_id)
+    return response_ids, response_mask, has_eos
+
+
+def _pad_right(chunks: list[Tensor], value: int) -> Tensor:
+    width = max(c.shape[1] for c in chunks)
+    return torch.cat([F.pad(c, (0, width - c.shape[1]), value=value) for c in chunks], dim=0)
+
+
+def generate_rollouts(
+    backend: GenerationBackend,
+    tokenizer,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    params: SamplingParams,
+    num_samples: int = 1,
+    prompt_texts: list[str] | None = None,
+    extras: list[dict] | None = None,
+    batch_size: int | None = None,
+) -> Rollout:
+    """Sample ``num_samples`` responses per prompt.
+
+    ``prompt_ids``/``prompt_mask`` [N, P] are LEFT-padded. Each prompt row is repeated ``num_samples``
+    times consecutively (rows p0,p0,..,p1,p1,..), so the result has B = N * num_samples rows and
+    ``scores.view(N, num_samples)`` groups the samples of one prompt. ``prompt_texts`` (default: the
+    decoded prompts) and ``extras`` (default: ``{}``) are repeated the same way. Generation runs in
+    chunks of ``batch_size`` rows of the repeated batch (all at once when None). Trailing columns
+    that are padding in every row are dropped, so R = the longest response.
+    """
+    if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
+        raise ValueError(
+            f"prompt_ids and prompt_mask must both be [N, P]; got {tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}"
+        )
+    n = prompt_ids.shape[0]
+    if n == 0:
+        raise ValueError("generate_rollouts got an empty batch of prompts")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    if bool((prompt_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be LEFT-padded for generation (a row's last prompt column is padding)")
+    if prompt_texts is None:
+        prompt_texts = tokenizer.batch_decode(
+            [ids[m.bool()] for ids, m in zip(prompt_ids, prompt_mask)], skip_special_tokens=True
+        )
+    if len(prompt_texts) != n:
+        raise ValueError(f"prompt_texts has {len(prompt_texts)} entries for {n} prompts")
+    if extras is None:
+        extras = [{} for _ in range(n)]
+    if len(extras) != n:
+        raise ValueError(f"extras has {len(extras)} entries for {n} prompts")
+
+    prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [B, P], B = N * G
+    prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [B, P]
+    rep_texts = [t for t in prompt_texts for _ in range(num_samples)]
+    rep_extras = [dict(e) for e in extras for _ in range(num_samples)]
+
+    b = prompt_ids.shape[0]
+    step = b if batch_size is None else batch_size
+    raw_chunks = []
+    for start in range(0, b, step):
+        ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
+        first_col = int(mask.any(dim=0).long().argmax())  # drop columns that are padding in every row
+        raw = backend.generate(ids[:, first_col:], mask[:, first_col:], params)  # [b, r]
+        if raw.dim() != 2 or raw.shape[0] != ids.shape[0] or raw.shape[1] > params.max_new_tokens:
+            raise ValueError(
+                f"backend {type(backend).__name__}.generate returned shape {tuple(raw.shape)}; expected "
+                f"[{ids.shape[0]}, <= {params.max_new_tokens}]"
+            )
+        raw_chunks.append(raw.to(prompt_ids.device))
+    raw = _pad_right(raw_chunks, tokenizer.pad_token_id)  # [B, R]
+
+    response_ids, response_mask, has_eos = postprocess_responses(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    width = int(response_mask.sum(1).max())
+    response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]
+    response_texts = tokenizer.batch_decode(
+        [ids[m.bool()] for ids, m in zip(response_ids, response_mask)], skip_special_tokens=True
+    )
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        has_eos=has_eos,
+        prompt_texts=rep_texts,
+        response_texts=response_texts,
+        extras=rep_extras,
+    )
+
+
+# ---------------------------------------------------------------- log-probs
+def response_logprobs(
+    model,
+    rollout: Rollout,
+    temperature: float,
+    return_entropy: bool = False,
+    micro_batch_size: int | None = None,
+):
+    """log π(y_t | x, y_<t) of each response token, from log_softmax(logits / temperature).
+
+    Returns [B, R] (and the entropy [B, R] if ``return_entropy``), zero outside ``response_mask``.
+    Computed on ``rollout.input_ids`` with padding-aware position ids, so a row's values do not
+    depend on how much the batch pads it. Gradients flow unless the caller uses ``torch.no_grad()``.
+    """
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # [B, P + R]
+    b = input_ids.shape[0]
+    step = b if micro_batch_size is None else micro_batch_size
+    logps_chunks, ent_chunks = [], []
+    for start in range(0, b, step):
+        out = token_logprobs(
+            model,
+            input_ids[start : start + step],
+            attention_mask[start : start + step],
+            temperature=temperature,
+            return_entropy=return_entropy,
+        )
+        if return_entropy:
+            logps_chunks.append(out[0])
+            ent_chunks.append(out[1])
+        else:
+            logps_chunks.append(out)
+    outside = rollout.response_mask.to(logps_chunks[0].device) == 0  # [B, R]
+    logprobs = rollout.response_slice(torch.cat(logps_chunks, 0)).masked_fill(outside, 0.0)  # [B, R]
+    if not return_entropy:
+        return logprobs
+    entropy = rollout.response_slice(torch.cat(ent_chunks, 0)).masked_fill(outside, 0.0)  # [B, R]
+    return logprobs, entropy

@@ -1,0 +1,325 @@
+"""Atomic checkpoints for exact resume.
+
+Layout of ``run_dir/checkpoints/``::
+
+    step-00000004/
+        weights.safetensors   trainable weights only (a peft model: the adapter tensors; else all of them)
+        optimizer.pt          optimizer.state_dict()        (torch.save)
+        scheduler.pt          lr scheduler state_dict()     (torch.save)
+        scaler.pt             fp16 GradScaler state, only when there is one
+        rng.pt                python, numpy, torch CPU and CUDA generator states
+        state.json            step, epoch, batch_in_epoch, samples_seen, loop_state, extra_state, format_version
+    step-00000006/
+    latest                    text file: "step-00000006"
+
+A checkpoint directory is written under a temporary name, fsync-ed and renamed, so a
+directory named ``step-*`` is always complete; a crash mid-save leaves the previous
+checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "weights.safetensors"
+STATE_NAME = "state.json"
+LATEST_NAME = "latest"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_LEFTOVER = re.compile(r"^\.(tmp|old)-.+-(\d+)$")
+
+
+# ---------------------------------------------------------------------- atomic writes
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms that cannot open a directory (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def atomic_save_dir(final_dir: Path, write_fn: Callable[[Path], None]) -> None:
+    """Create ``final_dir`` atomically: ``write_fn(tmp)`` fills ``final_dir.parent/.tmp-<name>-<pid>``,
+    its files are fsync-ed, then it is renamed to ``final_dir``.
+
+    An existing ``final_dir`` is replaced only once the new one is complete (old -> ``.old-<name>-<pid>``,
+    new -> ``final_dir``, old removed). If ``write_fn`` raises, the temporary directory is removed and
+    ``final_dir`` is left as it was.
+    """
+    final_dir = Path(final_dir)
+    parent = final_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f".tmp-{final_dir.name}-{os.getpid()}"
+    old = parent / f".old-{final_dir.name}-{os.getpid()}"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    tmp.mkdir()
+    try:
+        write_fn(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp, final_dir)
+    _fsync_dir(parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small text file atomically (tmp file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ---------------------------------------------------------------------- weights
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """A peft ``PeftModel`` or a transformers model with adapters loaded (both carry ``peft_config``)."""
+    return hasattr(model, "peft_config")
+
+
+def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (tied ones once) and persistent buffers, by name."""
+    persistent = set(model.state_dict().keys())
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
+    tensors.update((n, b) for n, b in model.named_buffers() if n in persistent)
+    return tensors
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint stores: for a peft model the trainable (adapter) parameters; else all
+    parameters and persistent buffers. Tied weights appear once."""
+    if is_peft_model(model):
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    else:
+        tensors = _named_tensors(model)
+    return {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+
+
+def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` (from :func:`trainable_state_dict`) into ``model`` in place."""
+    targets = _named_tensors(model)
+    expected = (
+        {n for n, p in model.named_parameters() if p.requires_grad} if is_peft_model(model) else set(targets)
+    )
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint weights in {source} do not match the model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
+            "(was the checkpoint written for a different model or LoRA setup?)"
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = targets[name]
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"checkpoint weight {name!r} in {source} has shape {tuple(value.shape)}, "
+                    f"model expects {tuple(target.shape)}"
+                )
+            target.copy_(value)
+
+
+# ---------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA, if initialised) generator states, loadable with ``weights_only=True``."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------- checkpoints
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _is_complete(path: Path) -> bool:
+    return _step_of(path) is not None and (path / STATE_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint directories of ``run_dir``, oldest step first (temporary dirs ignored)."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and _is_complete(p)), key=_step_of)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint named by ``checkpoints/latest`` if complete, else the complete one with the highest step."""
+    root = checkpoints_dir(run_dir)
+    pointer = root / LATEST_NAME
+    if pointer.is_file():
+        candidate = root / pointer.read_text(encoding="utf-8").strip()
+        if candidate.name and _is_complete(candidate):
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete ``.tmp-*``/``.old-*`` dirs left by a process that died mid-save (never a live one's)."""
+    for path in root.iterdir():
+        match = _LEFTOVER.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        pid = int(match.group(2))
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loop_state: dict,
+    extra_state: dict | None = None,
+    *,
+    scaler: Any = None,
+    keep: int | None = 2,
+) -> Path:
+    """Write ``run_dir/checkpoints/step-{step:08d}`` atomically, point ``checkpoints/latest`` at it,
+    and delete all but the newest ``keep`` checkpoints (``None``: keep all).
+
+    ``model`` must be unwrapped (no DDP wrapper). ``loop_state`` and ``extra_state`` must be
+    JSON-serialisable; ``loop_state``'s ``epoch``, ``batch_in_epoch`` and ``samples_seen`` are also
+    written at the top level of state.json.
+    """
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be >= 1 (or None to keep every checkpoint), got {keep}")
+    root = checkpoints_dir(run_dir)
+    final = root / f"step-{step:08d}"
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "epoch": loop_state.get("epoch"),
+        "batch_in_epoch": loop_state.get("batch_in_epoch"),
+        "samples_seen": loop_state.get("samples_seen"),
+        "loop_state": loop_state,
+        "extra_state": extra_state or {},
+    }
+    state_text = json.dumps(state, indent=2)  # fail on non-JSON state before writing anything
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / STATE_NAME).write_text(state_text, encoding="utf-8")
+
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(root)
+    atomic_save_dir(final, write)
+    atomic_write_text(root / LATEST_NAME, final.name)
+    if keep is not None:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint_state(path: str | Path) -> dict:
+    """state.json of a checkpoint directory (with a clear error for a wrong or future format)."""
+    path = Path(path)
+    state_file = path / STATE_NAME
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint: {STATE_NAME} is missing")
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format_version {version}; this alignkit reads {FORMAT_VERSION}")
+    return state
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    scaler: Any = None,
+    restore_rng: bool = True,
+) -> dict:
+    """Restore trainable weights, optimizer, scheduler (and fp16 scaler), then the RNG states.
+
+    Returns the content of state.json. ``model`` must be unwrapped (no DDP wrapper).
+    """
+    path = Path(path)
+    state = read_checkpoint_state(path)
+    load_trainable_state_dict(model, load_file(str(path / WEIGHTS_NAME)), str(path))
+    # Our own files: optimizer/scheduler state dicts may hold non-tensor python objects.
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+    if restore_rng:
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return state

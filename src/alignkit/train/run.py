@@ -1,0 +1,118 @@
+"""Run directories, seeding and the train/eval split: what every algorithm does first.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``tb/``,
+``checkpoints/``, ``model/`` (the final weights, loadable with ``from_pretrained``) and
+``summary.json``. Resuming checks that the saved config equals the current one, so a run
+is never silently continued with different settings.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel
+
+from alignkit.config import DataConfig, config_to_yaml
+
+
+class RunError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[alignkit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: saved {a!r}, now {b!r}"]
+
+
+def prepare_run_dir(cfg: BaseModel, output_dir: str | Path, resume: bool, name: str) -> Path:
+    """Create the run dir and save the resolved config; on resume, refuse a changed config."""
+    run_dir = Path(output_dir)
+    saved = run_dir / "config.yaml"
+    current = cfg.model_dump(mode="json")
+    if resume:
+        if not saved.is_file():
+            raise RunError(f"--resume: {run_dir} has no config.yaml; nothing to resume")
+        diffs = _diff(yaml.safe_load(saved.read_text(encoding="utf-8")), current)
+        if diffs:
+            raise RunError(
+                "--resume with a different config would not reproduce the run; differences:\n  " + "\n  ".join(diffs)
+            )
+    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise RunError(
+            f"{run_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
+            f"or choose another train.output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        saved.write_text(config_to_yaml(cfg), encoding="utf-8")
+    log(f"{name}: run dir {run_dir}\n--- resolved config ---\n{config_to_yaml(cfg)}-----------------------")
+    return run_dir
+
+
+def split_train_eval(examples: list, data: DataConfig, seed: int) -> tuple[list, list]:
+    """Hold out ``data.eval_fraction`` of train (deterministic in ``seed``) when no eval file is given."""
+    if data.eval is not None or data.eval_fraction == 0.0 or len(examples) < 2:
+        return examples, []
+    n_eval = max(1, int(round(len(examples) * data.eval_fraction)))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 12345)).tolist()
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def write_summary(run_dir: Path, summary: dict) -> Path:
+    path = Path(run_dir) / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, examples: list, collate_fn, metrics_fn, batch_size: int) -> dict[str, float]:
+    """Example-weighted mean of ``metrics_fn(model, batch) -> (n_examples, {name: value})`` over ``examples``."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    device = model_device(model)
+    for chunk in batches(examples, batch_size):
+        n, metrics = metrics_fn(model, to_device(collate_fn(chunk), device))
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+        count += n
+    model.train(was_training)
+    return {k: v / max(count, 1) for k, v in totals.items()}
