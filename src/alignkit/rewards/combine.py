@@ -31,7 +31,9 @@ class CombinedReward:
     def names(self) -> list[str]:
         return [name for name, _, _ in self.components]
 
-    def __call__(self, prompts: list[str], completions: list[str], extras: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(
+        self, prompts: list[str], completions: list[str], extras: list[dict]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         if len(prompts) != len(completions) or len(extras) != len(completions):
             raise ValueError(
                 f"reward inputs disagree in length: {len(prompts)} prompts, {len(completions)} completions, "
@@ -47,7 +49,9 @@ class CombinedReward:
         return total, parts
 
 
-def apply_missing_eos_penalty(scores: Tensor, has_eos: Tensor, penalty: float | None, mode: str = "subtract") -> Tensor:
+def apply_missing_eos_penalty(
+    scores: Tensor, has_eos: Tensor, penalty: float | None, mode: str = "subtract"
+) -> Tensor:
     """Penalise responses that never emitted EOS (REFERENCES, PPO; Huang et al. 2024).
 
     ``subtract``: score - penalty where no EOS; ``set``: score := -penalty where no EOS;
@@ -76,7 +80,9 @@ def _model_scorer(comp: RewardComponent, reward_models: dict):
             f"reward_models[{comp.path!r}] must be a RewardModelScorer, got {type(cached).__name__}"
         )
     # one loaded model per path; each component gets its own view (name, normalisation)
-    return RewardModelScorer(cached.model, cached.tokenizer, cached.batch_size, normalize=comp.normalize, name=name)
+    return RewardModelScorer(
+        cached.model, cached.tokenizer, cached.batch_size, normalize=comp.normalize, name=name
+    )
 
 
 def build_component(comp: RewardComponent, tokenizer=None, reward_models: dict | None = None) -> RewardFn:

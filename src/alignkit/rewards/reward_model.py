@@ -54,11 +54,15 @@ def pack_left(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> t
 class RewardModelScorer:
     """A frozen sequence-classification reward model used as a reward function."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, normalize: bool = True, name: str = "reward_model"):
+    def __init__(
+        self, model, tokenizer, batch_size: int = 16, normalize: bool = True, name: str = "reward_model"
+    ):
         if batch_size < 1:
             raise ValueError(f"RewardModelScorer batch_size must be >= 1, got {batch_size}")
         if tokenizer.eos_token is None:
-            raise ValueError("RewardModelScorer needs a tokenizer with an eos_token (appended to each completion)")
+            raise ValueError(
+                "RewardModelScorer needs a tokenizer with an eos_token (appended to each completion)"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -77,7 +81,8 @@ class RewardModelScorer:
             return float(stored["gain"]), float(stored["bias"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(
-                f"reward model config has an invalid {NORM_ATTR!r}: {stored!r} (expected {{'gain': g, 'bias': b}})"
+                f"reward model config has an invalid {NORM_ATTR!r}: {stored!r} "
+                "(expected {'gain': g, 'bias': b})"
             ) from None
 
     def _apply_norm(self, raw: Tensor) -> Tensor:
@@ -127,15 +132,20 @@ class RewardModelScorer:
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
         seqs = [
-            self.tokenizer(self.render(p, c), add_special_tokens=False)["input_ids"] for p, c in zip(prompts, completions)
+            self.tokenizer(self.render(p, c), add_special_tokens=False)["input_ids"]
+            for p, c in zip(prompts, completions)
         ]
         width = max(len(s) for s in seqs)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.stack([F.pad(torch.tensor(s, dtype=torch.long), (0, width - len(s)), value=pad_id) for s in seqs])
+        ids = torch.stack(
+            [F.pad(torch.tensor(s, dtype=torch.long), (0, width - len(s)), value=pad_id) for s in seqs]
+        )
         mask = torch.stack([F.pad(torch.ones(len(s), dtype=torch.long), (0, width - len(s))) for s in seqs])
         return ids, mask
 
-    def __call__(self, prompts: list[str], completions: list[str], extras: list[dict] | None = None) -> Tensor:
+    def __call__(
+        self, prompts: list[str], completions: list[str], extras: list[dict] | None = None
+    ) -> Tensor:
         if not prompts:
             return torch.zeros(0)
         ids, mask = self.tokenize(prompts, completions)
@@ -152,7 +162,7 @@ def load_reward_model_scorer(path: str, batch_size: int = 16, normalize: bool = 
     archs = getattr(model.config, "architectures", None) or []
     if not any("SequenceClassification" in a for a in archs):
         raise ValueError(
-            f"{path!r} ({resolve_path(path)}) is not a reward model checkpoint (architectures={archs}); its score head "
-            "would be random. Train one with `alignkit rm` and give that output directory."
+            f"{path!r} ({resolve_path(path)}) is not a reward model checkpoint (architectures={archs}); "
+            "its score head would be random. Train one with `alignkit rm` and give that output directory."
         )
     return RewardModelScorer(model, tokenizer, batch_size=batch_size, normalize=normalize)

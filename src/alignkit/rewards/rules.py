@@ -84,8 +84,12 @@ class FormatReward:
         self.pattern = pattern
         self.name = name
 
-    def __call__(self, prompts: list[str], completions: list[str], extras: list[dict] | None = None) -> Tensor:
-        return torch.tensor([float(self.regex.search(c) is not None) for c in completions], dtype=torch.float32)
+    def __call__(
+        self, prompts: list[str], completions: list[str], extras: list[dict] | None = None
+    ) -> Tensor:
+        return torch.tensor(
+            [float(self.regex.search(c) is not None) for c in completions], dtype=torch.float32
+        )
 
 
 class LengthReward:
@@ -103,7 +107,9 @@ class LengthReward:
             return len(completion)
         return len(self.tokenizer(completion, add_special_tokens=False)["input_ids"])
 
-    def __call__(self, prompts: list[str], completions: list[str], extras: list[dict] | None = None) -> Tensor:
+    def __call__(
+        self, prompts: list[str], completions: list[str], extras: list[dict] | None = None
+    ) -> Tensor:
         lengths = torch.tensor([self.length(c) for c in completions], dtype=torch.float32)  # [B]
         return -(lengths - self.target_length).abs() / self.target_length
 
@@ -114,7 +120,9 @@ class VaderReward:
     def __init__(self, name: str = "vader"):
         self.name = name
 
-    def __call__(self, prompts: list[str], completions: list[str], extras: list[dict] | None = None) -> Tensor:
+    def __call__(
+        self, prompts: list[str], completions: list[str], extras: list[dict] | None = None
+    ) -> Tensor:
         from alignkit.rewards.gold import vader_scores  # lazy: the lexicon loads on first use
 
         return as_reward_tensor(vader_scores(list(completions)), len(completions), "vader_scores")
@@ -135,7 +143,9 @@ class CallableReward:
             self.fn, self.spec = load_callable(spec), spec
         self.name = name or self.spec.rsplit(":", 1)[-1]
 
-    def __call__(self, prompts: list[str], completions: list[str], extras: list[dict] | None = None) -> Tensor:
+    def __call__(
+        self, prompts: list[str], completions: list[str], extras: list[dict] | None = None
+    ) -> Tensor:
         extras = extras if extras is not None else [{} for _ in completions]
         keys = sorted({k for e in extras for k in e} - {"prompts", "completions"})
         kwargs = {k: [e.get(k) for e in extras] for k in keys}

@@ -46,7 +46,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.temperature <= 0:
             raise ValueError(
-                f"SamplingParams.temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)"
+                f"SamplingParams.temperature must be > 0, got {self.temperature} "
+                "(use do_sample=False for greedy)"
             )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
@@ -101,11 +102,14 @@ class HFGenerateBackend:
         self.model = model
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-            raise ValueError("HFGenerateBackend needs a tokenizer with both pad_token_id and eos_token_id set")
+            raise ValueError(
+                "HFGenerateBackend needs a tokenizer with both pad_token_id and eos_token_id set"
+            )
         if tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError(
-                f"pad_token_id == eos_token_id ({tokenizer.eos_token_id}): EOS would be masked out with the padding "
-                "(REFERENCES, PPO: pad != eos). Load the tokenizer with alignkit.models.loading.load_tokenizer."
+                f"pad_token_id == eos_token_id ({tokenizer.eos_token_id}): EOS would be masked out with the "
+                "padding (REFERENCES, PPO: pad != eos). "
+                "Load the tokenizer with alignkit.models.loading.load_tokenizer."
             )
 
     def generation_kwargs(self, params: SamplingParams) -> dict:
@@ -178,7 +182,8 @@ class Rollout:
         p, r = self.prompt_ids.shape[1], self.response_ids.shape[1]
         if token_values_full.shape[1] != p + r:
             raise ValueError(
-                f"response_slice expects {p + r} columns (prompt {p} + response {r}), got {token_values_full.shape[1]}"
+                f"response_slice expects {p + r} columns (prompt {p} + response {r}), "
+                f"got {token_values_full.shape[1]}"
             )
         return token_values_full[:, p : p + r]
 
@@ -193,7 +198,9 @@ def postprocess_responses(raw: Tensor, eos_token_id: int, pad_token_id: int) -> 
     is_eos = raw == eos_token_id  # [B, R]
     has_eos = is_eos.any(dim=1)  # [B]
     r = raw.shape[1]
-    first_eos = torch.where(has_eos, is_eos.long().argmax(dim=1), torch.full_like(has_eos, r - 1, dtype=torch.long))
+    first_eos = torch.where(
+        has_eos, is_eos.long().argmax(dim=1), torch.full_like(has_eos, r - 1, dtype=torch.long)
+    )
     positions = torch.arange(r, device=raw.device).unsqueeze(0)  # [1, R]
     response_mask = (positions <= first_eos.unsqueeze(1)).long()  # [B, R]
     response_ids = raw.masked_fill(response_mask == 0, pad_token_id)
@@ -227,7 +234,8 @@ def generate_rollouts(
     """
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(
-            f"prompt_ids and prompt_mask must both be [N, P]; got {tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}"
+            f"prompt_ids and prompt_mask must both be [N, P]; "
+            f"got {tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}"
         )
     n = prompt_ids.shape[0]
     if n == 0:
@@ -269,7 +277,9 @@ def generate_rollouts(
         raw_chunks.append(raw.to(prompt_ids.device))
     raw = _pad_right(raw_chunks, tokenizer.pad_token_id)  # [B, R]
 
-    response_ids, response_mask, has_eos = postprocess_responses(raw, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    response_ids, response_mask, has_eos = postprocess_responses(
+        raw, tokenizer.eos_token_id, tokenizer.pad_token_id
+    )
     width = int(response_mask.sum(1).max())
     response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]
     response_texts = tokenizer.batch_decode(

@@ -8,7 +8,8 @@ Layout of ``run_dir/checkpoints/``::
         scheduler.pt          lr scheduler state_dict()     (torch.save)
         scaler.pt             fp16 GradScaler state, only when there is one
         rng.pt                python, numpy, torch CPU and CUDA generator states
-        state.json            step, epoch, batch_in_epoch, samples_seen, loop_state, extra_state, format_version
+        state.json            step, epoch, batch_in_epoch, samples_seen, loop_state, extra_state,
+                              format_version
     step-00000006/
     latest                    text file: "step-00000006"
 
@@ -156,7 +157,7 @@ def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.T
 
 # ---------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA, if initialised) generator states, loadable with ``weights_only=True``."""
+    """Python, numpy, torch (and CUDA, if initialised) generator states; loads with ``weights_only=True``."""
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
@@ -200,7 +201,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint named by ``checkpoints/latest`` if complete, else the complete one with the highest step."""
+    """The checkpoint named by ``checkpoints/latest`` if complete, else the complete one with the
+    highest step; ``None`` if there is none."""
     root = checkpoints_dir(run_dir)
     pointer = root / LATEST_NAME
     if pointer.is_file():
@@ -295,7 +297,9 @@ def read_checkpoint_state(path: str | Path) -> dict:
     state = json.loads(state_file.read_text(encoding="utf-8"))
     version = state.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format_version {version}; this alignkit reads {FORMAT_VERSION}")
+        raise ValueError(
+            f"checkpoint {path} has format_version {version}; this alignkit reads {FORMAT_VERSION}"
+        )
     return state
 
 

@@ -1,0 +1,228 @@
+"""GRPO, Dr. GRPO and DAPO: critic-free RL with group-relative advantages.
+
+One iteration (Shao et al. 2024, DeepSeekMath, Algorithm 1 with outcome supervision):
+
+1. take ``grpo.prompts_per_iteration`` prompts; sample G = ``grpo.num_generations`` completions of
+   each with the current policy (rows group-contiguous: p0,p0,..,p1,p1,..);
+2. score them with ``reward`` (+ missing-EOS penalty; + DAPO overlong shaping if ``overlong_cache``);
+3. DAPO dynamic sampling (``drop_equal_groups``): groups whose G rewards are all equal have zero
+   advantage and no policy-gradient signal; drop them and sample more prompts to refill, up to
+   ``max_refill_rounds`` rounds (what was dropped / refilled / still missing is logged);
+4. advantages A_i = (r_i - mean(r_group)) [/ std(r_group)] (``ops.group_advantages``), one per
+   sequence, broadcast to its tokens;
+5. old log-probs and reference log-probs (temperature-scaled, no grad); the reference is the
+   adapter-disabled policy under LoRA, else a frozen copy of the initial policy, and there is none
+   when beta = 0;
+6. ``ppo_epochs`` optimizer steps on the per-token loss (``losses.grpo_token_loss``)
+
+       l_{i,t} = max(-A_i rho_{i,t}, -A_i clip(rho_{i,t}, 1 - eps_low, 1 + eps_high)) + beta * k3_{i,t}
+
+   aggregated by loss type:
+
+   ===========  ==================================  ===========  =====================
+   loss_type    aggregation                          std scaling  eps_high default
+   ===========  ==================================  ===========  =====================
+   grpo         seq_mean: (1/B) sum_i mean_t l       yes          eps_low
+   dr_grpo      seq_sum_const: sum l / (B * L_max)   no           eps_low
+   dapo         token_mean: sum l / sum_i |o_i|      yes          0.28 (clip-higher)
+   ===========  ==================================  ===========  =====================
+
+   with L_max = ``generation.max_new_tokens`` (Liu et al. 2025, Dr. GRPO; Yu et al. 2025, DAPO).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from alignkit.config import ConfigError, GRPOConfig, GRPOSection
+from alignkit.losses import dapo_overlong_penalty, grpo_token_loss, ppo_policy_loss
+from alignkit.ops.advantages import group_advantages
+from alignkit.ops.kl import kl_k3
+from alignkit.train.policy_update import (
+    PolicyRun,
+    ScoredRollout,
+    TokenLossFn,
+    equal_reward_groups,
+    masked_token_mean,
+    response_stats,
+    sequence_kl,
+    update_policy,
+)
+from alignkit.train.run import log
+
+
+# ---------------------------------------------------------------- variants
+class Variant(NamedTuple):
+    aggregation: str
+    scale_by_std: bool
+    eps_low: float
+    eps_high: float
+
+
+# loss_type -> (aggregation, default std scaling, default eps_high or None for eps_low)
+LOSS_TYPES: dict[str, tuple[str, bool, float | None]] = {
+    "grpo": ("seq_mean", True, None),
+    "dr_grpo": ("seq_sum_const", False, None),
+    "dapo": ("token_mean", True, 0.28),
+}
+
+
+def resolve_variant(g: GRPOSection) -> Variant:
+    """Derived settings of a loss type; explicit ``scale_rewards`` / ``eps_high`` win over the defaults."""
+    aggregation, default_scale, default_eps_high = LOSS_TYPES[g.loss_type]
+    scale = default_scale if g.scale_rewards is None else g.scale_rewards
+    eps_high = g.eps_high if g.eps_high is not None else (default_eps_high or g.eps_low)
+    return Variant(aggregation, scale, g.eps_low, eps_high)
+
+
+def check_config(cfg: GRPOConfig) -> None:
+    """Cross-section checks (before anything is written)."""
+    g = cfg.grpo
+    if g.overlong_cache is not None and g.overlong_cache > cfg.generation.max_new_tokens:
+        raise ConfigError(
+            f"grpo.overlong_cache ({g.overlong_cache}) must be <= generation.max_new_tokens "
+            f"({cfg.generation.max_new_tokens}): it is the window before the maximum length"
+        )
+
+
+# ---------------------------------------------------------------- loss
+def make_token_loss(beta: float, eps_low: float, eps_high: float) -> TokenLossFn:
+    """GRPO per-token loss (``losses.grpo_token_loss``) plus the PPO diagnostics clipfrac / approxkl."""
+
+    def token_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None, advantages: Tensor):
+        per_token_loss = grpo_token_loss(logprobs, old_logprobs, ref_logprobs, advantages, beta, eps_low, eps_high)
+        with torch.no_grad():
+            pg = ppo_policy_loss(logprobs, old_logprobs, advantages, cliprange=eps_low, cliprange_high=eps_high)
+        return per_token_loss, {"policy/clipfrac": pg.clipfrac, "policy/approxkl": pg.approxkl, "policy/ratio": pg.ratio}
+
+    return token_loss
+
+
+# ---------------------------------------------------------------- rewards and dynamic sampling
+def add_overlong_penalty(scored: ScoredRollout, max_len: int, cache_len: int | None) -> ScoredRollout:
+    """DAPO soft overlong punishment (Yu et al. 2025 eq. 13) added to the rewards; logged as
+    ``rewards/overlong_penalty``. ``cache_len = None``: unchanged."""
+    if cache_len is None:
+        return scored
+    penalty = dapo_overlong_penalty(scored.rollout.response_lengths.cpu(), max_len, cache_len).float()  # [B]
+    parts = {**scored.parts, "rewards/overlong_penalty": penalty}
+    return ScoredRollout(scored.rollout, scored.scores, scored.rewards + penalty, parts)
+
+
+def group_rows(groups: list[int], group_size: int) -> list[int]:
+    return [g * group_size + j for g in groups for j in range(group_size)]
+
+
+def collect_groups(
+    sample: Callable[[list[dict]], ScoredRollout],
+    sampler,
+    num_prompts: int,
+    group_size: int,
+    drop_equal_groups: bool,
+    max_refill_rounds: int,
+    pad_token_id: int,
+) -> tuple[ScoredRollout | None, ScoredRollout, dict[str, float]]:
+    """Sample ``num_prompts`` groups; with ``drop_equal_groups`` apply DAPO dynamic sampling
+    (Yu et al. 2025, Algorithm 1): keep only groups whose rewards are not all equal, and sample
+    as many new prompts as are missing, for at most ``max_refill_rounds`` extra rounds.
+
+    Returns (batch to train on, or None if no group survived; every sampled row, for statistics;
+    counters ``dapo/dropped_groups``, ``dapo/refilled_groups``, ``dapo/refill_rounds``,
+    ``dapo/kept_groups``, ``dapo/missing_groups``; empty without dynamic sampling).
+    """
+    batch = sample(sampler.next(num_prompts))
+    if not drop_equal_groups:
+        return batch, batch, {}
+    sampled, kept = [batch], []
+    n_kept = dropped = refilled = rounds = 0
+    while True:
+        equal = equal_reward_groups(batch.rewards, group_size)  # [n]
+        keep = [i for i, e in enumerate(equal.tolist()) if not e][: num_prompts - n_kept]
+        dropped += int(equal.sum())
+        refilled += len(keep) if rounds > 0 else 0
+        if keep:
+            kept.append(batch.select(group_rows(keep, group_size)))
+        n_kept += len(keep)
+        if n_kept >= num_prompts or rounds >= max_refill_rounds:
+            break
+        rounds += 1
+        batch = sample(sampler.next(num_prompts - n_kept))
+        sampled.append(batch)
+    stats = {
+        "dapo/dropped_groups": dropped,
+        "dapo/refilled_groups": refilled,
+        "dapo/refill_rounds": rounds,
+        "dapo/kept_groups": n_kept,
+        "dapo/missing_groups": num_prompts - n_kept,
+    }
+    train_batch = ScoredRollout.concat(kept, pad_token_id) if kept else None
+    return train_batch, ScoredRollout.concat(sampled, pad_token_id), stats
+
+
+# ---------------------------------------------------------------- training
+def train(cfg: GRPOConfig, resume: bool = False) -> dict:
+    g = cfg.grpo
+    check_config(cfg)
+    variant = resolve_variant(g)
+    G = g.num_generations
+    run = PolicyRun.start(
+        cfg, f"grpo (loss_type={g.loss_type})", resume, total_steps=g.num_iterations * g.ppo_epochs,
+        needs_reference=g.beta > 0,
+    )
+    log(f"grpo: {variant}, beta {g.beta}, G {G}, {g.prompts_per_iteration} prompts/iteration")
+    token_loss = make_token_loss(g.beta, variant.eps_low, variant.eps_high)
+    pad = run.tokenizer.pad_token_id
+    save_every = g.save_every or cfg.train.save_every
+
+    def sample(prompts: list[dict]) -> ScoredRollout:
+        return add_overlong_penalty(run.sample(prompts, G), cfg.generation.max_new_tokens, g.overlong_cache)
+
+    run.evaluate_before()
+    metrics: dict[str, float] = {}
+    for iteration in range(run.iteration + 1, g.num_iterations + 1):
+        run.reset_timings()
+        lr = run.scheduler.get_last_lr()[0]
+        batch, sampled, dynamic = collect_groups(
+            sample, run.sampler, g.prompts_per_iteration, G, g.drop_equal_groups, g.max_refill_rounds, pad
+        )
+        metrics = {**response_stats(sampled), **dynamic, "lr": lr}
+        metrics["frac_equal_groups"] = float(equal_reward_groups(sampled.rewards, G).float().mean())
+        if g.drop_equal_groups and dynamic["dapo/missing_groups"] > 0:
+            log(f"grpo iteration {iteration}: dynamic sampling kept {dynamic['dapo/kept_groups']} of "
+                f"{g.prompts_per_iteration} groups after {dynamic['dapo/refill_rounds']} refill rounds; "
+                + ("training on those" if batch is not None else "no group left: this iteration makes no update"))
+        if batch is not None:
+            t0 = time.perf_counter()
+            rollout = batch.rollout
+            mask = rollout.response_mask  # [B, R]
+            old_logprobs, entropy, ref_logprobs = run.logprobs(rollout, g.micro_batch_size)  # [B, R] each
+            advantages = group_advantages(batch.rewards, G, scale_by_std=variant.scale_by_std)  # [B]
+            stats = update_policy(
+                run.model, run.optimizer, run.scheduler, rollout, old_logprobs, ref_logprobs,
+                advantages.to(run.device), token_loss, variant.aggregation,
+                temperature=cfg.generation.temperature, micro_batch_size=g.micro_batch_size,
+                max_grad_norm=cfg.train.max_grad_norm, num_epochs=g.ppo_epochs,
+                max_len=cfg.generation.max_new_tokens, accelerator=run.accelerator,
+            )
+            run.timings["training"] = time.perf_counter() - t0
+            metrics.update(stats)
+            metrics["objective/scores"] = float(batch.rewards.mean())
+            metrics["objective/entropy"] = masked_token_mean(entropy, mask)
+            if ref_logprobs is not None:
+                metrics["objective/kl"] = float(sequence_kl(old_logprobs, ref_logprobs, mask).mean())
+                metrics["objective/kl_k3"] = masked_token_mean(kl_k3(old_logprobs, ref_logprobs), mask)
+            metrics["advantages/std"] = float(advantages.std()) if advantages.numel() > 1 else 0.0
+            metrics["advantages/abs_mean"] = float(advantages.abs().mean())
+        metrics.update({f"time/{k}": v for k, v in run.timings.items()})
+        run.logger.log(metrics, step=iteration)
+        run.iteration = iteration
+        log(f"grpo iteration {iteration}/{g.num_iterations}: scores {metrics['scores']:.4f}, "
+            f"frac_equal_groups {metrics['frac_equal_groups']:.2f}, response_length {metrics['response_length']:.1f}")
+        if save_every and iteration % save_every == 0:
+            run.save_checkpoint(iteration)
+    return run.finish("grpo", metrics, {"loss_type": g.loss_type, "variant": variant._asdict()})

@@ -1,0 +1,425 @@
+"""PPO against a reward model with a KL penalty to the reference policy (InstructGPT step 3).
+
+Ziegler et al. (2019); Stiennon et al. (2020); Ouyang et al. (2022); Huang et al. (2024), "The N+
+implementation details of RLHF with PPO". Four models: the policy pi (trainable, LoRA optional),
+the frozen reference pi_ref (adapter-disabled policy under LoRA, else a frozen copy), the frozen
+reward model r_phi, and the value model V (a trainable copy of the reward model).
+
+One iteration:
+  1. rollout: sample ``rollout_batch_size`` prompts, generate one response each (``generation.*``);
+  2. experience (no grad): log pi and log pi_ref of the response tokens (logits / temperature),
+     values, score s = r_phi(x, y) at the last real token (- missing-EOS penalty, + extra components),
+     per-token reward r_t = -beta (log pi_t - log pi_ref_t) + s·[t = last], GAE advantages/returns;
+  3. ``ppo_epochs`` epochs, each a fresh permutation split into ``num_minibatches`` minibatches of
+     ``micro_batch_size`` micro-batches (grad accumulation): loss = pg_loss + vf_coef * vf_loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from alignkit.config import PPOConfig, PPOSection
+from alignkit.losses.ppo import ppo_policy_loss, ppo_value_loss
+from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_tokenizer, reference_context, save_model
+from alignkit.models.value import ValueModel, response_values
+from alignkit.ops.advantages import compute_gae
+from alignkit.ops.kl import AdaptiveKLController, FixedKLController, kl_k1
+from alignkit.ops.stats import masked_mean, masked_sum, masked_whiten
+from alignkit.rewards.combine import apply_missing_eos_penalty, build_reward
+from alignkit.rewards.reward_model import load_reward_model_scorer
+from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, response_logprobs
+from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
+from alignkit.train.checkpoint import atomic_save_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.train.logging import MetricsLogger
+from alignkit.train.run import log, prepare_run_dir, set_seed, write_summary
+
+
+# ---------------------------------------------------------------- rewards with KL
+def last_response_index(response_mask: Tensor) -> Tensor:
+    """[B, R] -> [B]: column of the last response token (the EOS, or the last token when there is no EOS)."""
+    cols = torch.arange(response_mask.shape[1], device=response_mask.device)  # [R]
+    return (cols * (response_mask != 0).long()).argmax(dim=1)
+
+
+def per_token_rewards(
+    logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, response_mask: Tensor, kl_coef: float
+) -> tuple[Tensor, Tensor]:
+    """Ziegler et al. (2019) eq. 2 spread over tokens (Stiennon et al. 2020; N+ details):
+
+        kl_t = log pi(y_t) - log pi_ref(y_t)                (k1)
+        r_t  = -beta * kl_t + s * [t = last response token]
+
+    logprobs, ref_logprobs, response_mask: [B, R]; scores: [B]. Returns (rewards, kl), both [B, R]
+    and zero outside the response. With pi == pi_ref every r_t is 0 except the score.
+    """
+    mask = response_mask.to(logprobs.dtype)
+    kl = kl_k1(logprobs, ref_logprobs) * mask  # [B, R]
+    non_score_reward = -kl_coef * kl  # [B, R]
+    rows = torch.arange(logprobs.shape[0], device=logprobs.device)
+    rewards = non_score_reward.clone()
+    rewards[rows, last_response_index(response_mask)] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def whitened_advantages(
+    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float, whiten_rewards: bool
+) -> tuple[Tensor, Tensor]:
+    """GAE (Schulman et al. 2016 eq. 16): returns = A + V computed BEFORE whitening; then
+    A <- (A - mean A) / std A over response tokens. Optional reward whitening scales r_t (no shift)."""
+    mask = response_mask.to(rewards.dtype)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)  # [B, R] each
+    advantages = masked_whiten(advantages, mask) * mask
+    return advantages, returns
+
+
+def build_kl_controller(ppo: PPOSection) -> AdaptiveKLController | FixedKLController:
+    """Fixed beta, or Ziegler's adaptive beta (``ppo.adaptive_kl``) aiming at ``ppo.kl_target``."""
+    if ppo.adaptive_kl:
+        return AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
+    return FixedKLController(ppo.kl_coef)
+
+
+def build_reference(policy: nn.Module) -> tuple[nn.Module, object]:
+    """(model, context factory) for reference log-probs: the policy with adapters disabled under
+    LoRA (no second copy), else a frozen deep copy of the initial policy."""
+    if is_peft(policy):
+        return policy, lambda: reference_context(policy)
+    return copy_frozen(policy), contextlib.nullcontext
+
+
+# ---------------------------------------------------------------- optimisation helpers
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """LR multiplier: linear warmup over ``warmup_steps`` optimizer steps, then constant / linear / cosine decay."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+class PolicyAndValue(nn.Module):
+    """The two trainable models under one module, so one checkpoint holds both. Under LoRA it carries
+    the policy's ``peft_config``: the checkpoint then stores only trainable tensors (adapters + value model)."""
+
+    def __init__(self, policy: nn.Module, value_model: ValueModel) -> None:
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+        if is_peft(policy):
+            self.peft_config = policy.peft_config
+
+
+def select_rows(rollout: Rollout, inds: Tensor) -> Rollout:
+    """The rows ``inds`` of a rollout (same columns, so padding and log-probs are unchanged)."""
+    idx = inds.tolist()
+    return Rollout(
+        prompt_ids=rollout.prompt_ids[inds], prompt_mask=rollout.prompt_mask[inds],
+        response_ids=rollout.response_ids[inds], response_mask=rollout.response_mask[inds],
+        has_eos=rollout.has_eos[inds], prompt_texts=[rollout.prompt_texts[i] for i in idx],
+        response_texts=[rollout.response_texts[i] for i in idx],
+        extras=[rollout.extras[i] for i in idx] if rollout.extras else [],
+    )
+
+
+def values_of(value_model: ValueModel, rollout: Rollout, micro_batch_size: int | None = None) -> Tensor:
+    return response_values(value_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
+                           rollout.response_mask, micro_batch_size)  # [B, R]
+
+
+# ---------------------------------------------------------------- experience
+def score_rollout(scorer, extra_reward, rollout: Rollout, penalty: float | None, mode: str = "subtract"):
+    """s = r_phi(prompt + response) at the last real token (+ Σ_k w_k r_k), minus the missing-EOS penalty.
+
+    Returns (scores [B] after the penalty, raw scores [B] before it, {"rewards/<name>": [B]}).
+    """
+    device = rollout.prompt_ids.device
+    rm_scores = scorer.score_ids(rollout.input_ids, rollout.attention_mask).to(device)  # [B]
+    parts = {"rewards/reward_model": rm_scores}
+    raw = rm_scores
+    if extra_reward is not None:
+        total, extra_parts = extra_reward(rollout.prompt_texts, rollout.response_texts, rollout.extras)
+        raw = raw + total.to(device)
+        parts.update({k: v.to(device) for k, v in extra_parts.items()})
+    return apply_missing_eos_penalty(raw, rollout.has_eos, penalty, mode), raw, parts
+
+
+@dataclass
+class Experience:
+    rollout: Rollout
+    logprobs: Tensor  # [B, R] log pi_old(y_t), temperature-scaled
+    ref_logprobs: Tensor  # [B, R]
+    entropy: Tensor  # [B, R]
+    values: Tensor  # [B, R] V_old(s_t)
+    scores: Tensor  # [B] after the missing-EOS penalty
+    raw_scores: Tensor  # [B] before it
+    reward_parts: dict[str, Tensor]
+    kl: Tensor  # [B, R] k1 per token
+    rewards: Tensor  # [B, R]
+    advantages: Tensor  # [B, R] whitened
+    returns: Tensor  # [B, R]
+    kl_coef: float
+
+
+@torch.no_grad()
+def make_experience(policy, ref_model, ref_ctx, value_model, scorer, extra_reward, rollout: Rollout,
+                    ppo: PPOSection, kl_coef: float, temperature: float, penalty: float | None,
+                    penalty_mode: str = "subtract") -> Experience:
+    """Everything PPO needs from a rollout, computed once with the pre-update models."""
+    mbs = ppo.micro_batch_size
+    logprobs, entropy = response_logprobs(policy, rollout, temperature, return_entropy=True, micro_batch_size=mbs)
+    with ref_ctx():
+        ref_logprobs = response_logprobs(ref_model, rollout, temperature, micro_batch_size=mbs)  # [B, R]
+    values = values_of(value_model, rollout, mbs)  # [B, R]
+    scores, raw_scores, parts = score_rollout(scorer, extra_reward, rollout, penalty, penalty_mode)
+    rewards, kl = per_token_rewards(logprobs, ref_logprobs, scores, rollout.response_mask, kl_coef)
+    advantages, returns = whitened_advantages(rewards, values, rollout.response_mask, ppo.gamma, ppo.lam,
+                                              ppo.whiten_rewards)
+    return Experience(rollout, logprobs, ref_logprobs, entropy, values, scores, raw_scores, parts, kl, rewards,
+                      advantages, returns, kl_coef)
+
+
+# ---------------------------------------------------------------- PPO update
+def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
+    if not params:
+        return 0.0
+    if max_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def ppo_update(models: PolicyAndValue, optimizer, scheduler, exp: Experience, ppo: PPOSection, temperature: float,
+               max_grad_norm: float | None) -> list[dict[str, float]]:
+    """ppo_epochs x num_minibatches optimizer steps on one batch of experience; stats per minibatch.
+
+    Micro-batch losses are token sums divided by the minibatch's token count, so accumulating them
+    equals the masked mean over the whole minibatch.
+    """
+    policy, value_model = models.policy, models.value_model
+    policy_params = [p for p in policy.parameters() if p.requires_grad]
+    value_params = [p for p in value_model.parameters() if p.requires_grad]
+    b = len(exp.rollout)
+    minibatch_size = b // ppo.num_minibatches
+    stats = []
+    for _ in range(ppo.ppo_epochs):
+        b_inds = torch.randperm(b)  # fresh permutation every epoch
+        for mb_start in range(0, b, minibatch_size):
+            mb_inds = b_inds[mb_start : mb_start + minibatch_size]
+            n_tokens = exp.rollout.response_mask[mb_inds].sum().clamp(min=1).float()
+            acc = dict.fromkeys(("approxkl", "clipfrac", "vf_clipfrac", "vpred", "error", "pg_loss", "vf_loss",
+                                 "ratio"), 0.0)
+            ratio_min, ratio_max = math.inf, -math.inf
+            for micro_start in range(0, minibatch_size, ppo.micro_batch_size):
+                inds = mb_inds[micro_start : micro_start + ppo.micro_batch_size]
+                micro = select_rows(exp.rollout, inds)
+                mask = micro.response_mask.float()  # [b, R]
+                new_logprobs = response_logprobs(policy, micro, temperature)  # [b, R]
+                vpred = values_of(value_model, micro)  # [b, R]
+                pg = ppo_policy_loss(new_logprobs, exp.logprobs[inds], exp.advantages[inds], ppo.cliprange)
+                vf = ppo_value_loss(vpred, exp.values[inds], exp.returns[inds], ppo.cliprange_value)
+                pg_loss = masked_sum(pg.pg_losses, mask) / n_tokens
+                vf_loss = masked_sum(vf.vf_losses, mask) / n_tokens
+                loss = pg_loss + ppo.vf_coef * vf_loss
+                loss.backward()
+                with torch.no_grad():
+                    for key, x in (("approxkl", pg.approxkl), ("clipfrac", pg.clipfrac), ("ratio", pg.ratio),
+                                   ("vf_clipfrac", vf.vf_clipfrac), ("vpred", vpred),
+                                   ("error", (vpred - exp.returns[inds]) ** 2)):
+                        acc[key] += float(masked_sum(x, mask) / n_tokens)
+                    acc["pg_loss"] += float(pg_loss)
+                    acc["vf_loss"] += float(vf_loss)
+                    real = pg.ratio[mask.bool()]
+                    if real.numel():
+                        ratio_min, ratio_max = min(ratio_min, float(real.min())), max(ratio_max, float(real.max()))
+            policy_grad_norm = _clip(policy_params, max_grad_norm)
+            value_grad_norm = _clip(value_params, max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.append({
+                "policy/approxkl": acc["approxkl"], "policy/clipfrac": acc["clipfrac"], "policy/ratio": acc["ratio"],
+                "policy/ratio_min": ratio_min, "policy/ratio_max": ratio_max, "val/clipfrac": acc["vf_clipfrac"],
+                "val/vpred": acc["vpred"], "val/error": acc["error"], "loss/policy": acc["pg_loss"],
+                "loss/value": acc["vf_loss"], "policy/grad_norm": policy_grad_norm, "val/grad_norm": value_grad_norm,
+            })
+    return stats
+
+
+def iteration_metrics(exp: Experience, mb_stats: list[dict[str, float]]) -> dict[str, float]:
+    """Rollout statistics + the minibatch statistics averaged over the iteration."""
+    mask = exp.rollout.response_mask.float()
+    kl_sum = exp.kl.sum(1)  # [B] sequence KL
+    metrics = {
+        "objective/kl": float(kl_sum.mean()),
+        "objective/entropy": float((exp.entropy * mask).sum(1).mean()),
+        "objective/scores": float(exp.scores.mean()),
+        "objective/non_score_reward": float((-exp.kl_coef * kl_sum).mean()),
+        "objective/rlhf_reward": float((exp.scores - exp.kl_coef * kl_sum).mean()),
+        "scores": float(exp.raw_scores.mean()),
+        "returns": float(masked_mean(exp.returns, mask)),
+        "advantages": float(masked_mean(exp.advantages, mask)),
+        "response_length": float(mask.sum(1).mean()),
+        "no_eos_frac": float((~exp.rollout.has_eos).float().mean()),
+        "kl_coef": exp.kl_coef,
+    }
+    metrics.update({k: float(v.float().mean()) for k, v in exp.reward_parts.items()})
+    for key in mb_stats[0]:
+        values = [s[key] for s in mb_stats]
+        if key == "policy/ratio_min":
+            metrics[key] = min(values)
+        elif key == "policy/ratio_max":
+            metrics[key] = max(values)
+        else:
+            metrics[key] = sum(values) / len(values)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref_model, ref_ctx, scorer, extra_reward, tokenizer, prompts: list[dict],
+                    params: SamplingParams, batch_size: int, device, penalty, penalty_mode) -> dict[str, float]:
+    """Sample on held-out prompts: mean score and sampled KL(pi || pi_ref) = mean_y Σ_t (log pi - log pi_ref)."""
+    backend = HFGenerateBackend(policy, tokenizer)
+    totals = {"scores": 0.0, "kl": 0.0, "response_length": 0.0, "no_eos_frac": 0.0}
+    for start in range(0, len(prompts), batch_size):
+        batch = prompt_batch(prompts[start : start + batch_size], tokenizer.pad_token_id)
+        rollout = generate_rollouts(backend, tokenizer, batch["input_ids"].to(device),
+                                    batch["attention_mask"].to(device), params, 1, batch["prompt_texts"],
+                                    batch["extras"])
+        logprobs = response_logprobs(policy, rollout, params.temperature, micro_batch_size=batch_size)
+        with ref_ctx():
+            ref_logprobs = response_logprobs(ref_model, rollout, params.temperature, micro_batch_size=batch_size)
+        scores, _, _ = score_rollout(scorer, extra_reward, rollout, penalty, penalty_mode)
+        totals["scores"] += float(scores.sum())
+        totals["kl"] += float(kl_k1(logprobs, ref_logprobs).sum())
+        totals["response_length"] += float(rollout.response_lengths.sum())
+        totals["no_eos_frac"] += float((~rollout.has_eos).sum())
+    return {k: v / len(prompts) for k, v in totals.items()}
+
+
+def check_config(cfg: PPOConfig) -> None:
+    ppo = cfg.ppo
+    if not ppo.reward_model:
+        raise ValueError("ppo.reward_model is not set: give the directory of a reward model trained with `alignkit rm`")
+    if ppo.rollout_batch_size % ppo.num_minibatches != 0:
+        raise ValueError(f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by "
+                         f"ppo.num_minibatches ({ppo.num_minibatches})")
+
+
+def check_same_tokenizer(rm_tokenizer, tokenizer, path: str) -> None:
+    if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"ppo.reward_model {path!r} uses a different tokenizer than the policy; the value model "
+                         "(initialised from it) reads the policy's token ids, so both must share one vocabulary")
+
+
+# ---------------------------------------------------------------- main loop
+def train(cfg: PPOConfig, resume: bool = False) -> dict:
+    ppo, gen = cfg.ppo, cfg.generation
+    check_config(cfg)
+    run_dir = prepare_run_dir(cfg, cfg.train.output_dir, resume, "ppo")
+    set_seed(cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
+    penalty = cfg.reward.missing_eos_penalty if cfg.reward.missing_eos_penalty is not None else ppo.missing_eos_penalty
+    penalty_mode = cfg.reward.missing_eos_mode
+
+    # ---- data and the four models
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    prompts = load_prompts(cfg.data, tokenizer, gen.max_new_tokens, "train", log)
+    eval_prompts = load_prompts(cfg.data, tokenizer, gen.max_new_tokens, "eval", log)
+    policy = load_policy(cfg.model, tokenizer).to(device)
+    policy.train()  # dropout is off (load_policy); train mode only matters for gradient checkpointing
+    ref_model, ref_ctx = build_reference(policy)
+    scorer = load_reward_model_scorer(ppo.reward_model, batch_size=ppo.micro_batch_size)
+    check_same_tokenizer(scorer.tokenizer, tokenizer, ppo.reward_model)
+    scorer.model.to(device)
+    value_model = ValueModel.from_reward_model(scorer.model)
+    extra_reward = build_reward(cfg.reward, tokenizer, {ppo.reward_model: scorer}) if cfg.reward.components else None
+    models = PolicyAndValue(policy, value_model)
+
+    # ---- one optimizer, two param groups (policy lr, value lr); one schedule over all updates
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.train.lr},
+         {"params": list(value_model.parameters()), "lr": ppo.value_lr or cfg.train.lr}],
+        betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay,
+    )
+    total_updates = ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_lambda(step, cfg.train.warmup_steps, total_updates, cfg.train.scheduler))
+    kl_ctl = build_kl_controller(ppo)
+    sampler = PromptSampler(prompts, cfg.train.seed)
+    logger = MetricsLogger(run_dir)
+
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            log(f"--resume: no checkpoint in {run_dir}; starting from iteration 0")
+        else:
+            state = load_checkpoint(ckpt, models, optimizer, scheduler)  # also restores the RNG states
+            start = int(state["loop_state"]["iteration"])
+            kl_ctl.load_state_dict(state["extra_state"]["kl_ctl"])
+            sampler.load_state_dict(state["extra_state"]["sampler"])
+            log(f"resumed from {ckpt} (iteration {start}, kl_coef {kl_ctl.value:.4g})")
+        logger.truncate_after(start)
+
+    def checkpoint(iteration: int) -> None:
+        save_checkpoint(run_dir, iteration, models, optimizer, scheduler, {"iteration": iteration},
+                        {"kl_ctl": kl_ctl.state_dict(), "sampler": sampler.state_dict()})
+
+    backend = HFGenerateBackend(policy, tokenizer)
+    params = SamplingParams.from_section(gen)
+    metrics: dict[str, float] = {}
+    for iteration in tqdm(range(start + 1, ppo.num_iterations + 1), initial=start, total=ppo.num_iterations,
+                          desc="ppo"):
+        t0 = time.perf_counter()
+        batch = prompt_batch(sampler.next(ppo.rollout_batch_size), tokenizer.pad_token_id)
+        rollout = generate_rollouts(backend, tokenizer, batch["input_ids"].to(device),
+                                    batch["attention_mask"].to(device), params, 1, batch["prompt_texts"],
+                                    batch["extras"], batch_size=gen.batch_size)
+        t1 = time.perf_counter()
+        exp = make_experience(policy, ref_model, ref_ctx, value_model, scorer, extra_reward, rollout, ppo,
+                              kl_ctl.value, gen.temperature, penalty, penalty_mode)
+        t2 = time.perf_counter()
+        mb_stats = ppo_update(models, optimizer, scheduler, exp, ppo, gen.temperature, cfg.train.max_grad_norm)
+        t3 = time.perf_counter()
+        kl_ctl.update(float(exp.kl.sum(1).mean()), n_steps=ppo.rollout_batch_size)  # Ziegler: n = batch size
+        metrics = iteration_metrics(exp, mb_stats)
+        metrics.update({"lr": scheduler.get_last_lr()[0], "time/generation": t1 - t0, "time/scoring": t2 - t1,
+                        "time/training": t3 - t2})
+        logger.log(metrics, step=iteration)
+        if iteration == 1 or iteration % cfg.train.log_every == 0:
+            log(f"iter {iteration}: score {metrics['objective/scores']:.4f} kl {metrics['objective/kl']:.4f} "
+                f"approxkl {metrics['policy/approxkl']:.2e} vf_loss {metrics['loss/value']:.4f}")
+        if (ppo.save_every and iteration % ppo.save_every == 0) or iteration == ppo.num_iterations:
+            checkpoint(iteration)
+
+    result: dict = {"iterations": ppo.num_iterations, "metrics": metrics, "kl_coef": kl_ctl.value}
+    if eval_prompts:
+        eval_bs = cfg.train.eval_batch_size or gen.batch_size
+        eval_metrics = evaluate_policy(policy, ref_model, ref_ctx, scorer, extra_reward, tokenizer, eval_prompts,
+                                       params, eval_bs, device, penalty, penalty_mode)
+        logger.log(eval_metrics, step=ppo.num_iterations, prefix="eval/")
+        result["eval"] = eval_metrics
+        log(f"eval: score {eval_metrics['scores']:.4f} kl {eval_metrics['kl']:.4f}")
+    logger.close()
+    if cfg.train.save_model:
+        result["model_dir"] = str(save_model(policy, tokenizer, run_dir / "model"))
+
+        def write_value(tmp) -> None:
+            value_model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+        atomic_save_dir(run_dir / "value_model", write_value)
+        result["value_model_dir"] = str(run_dir / "value_model")
+    write_summary(run_dir, result)
+    log(f"ppo done: {run_dir}")
+    return result

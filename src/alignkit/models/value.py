@@ -1,0 +1,120 @@
+"""Per-token value model for PPO, initialised from the reward model.
+
+Huang et al. (2024), "The N+ implementation details of RLHF with PPO": the critic is a
+separate copy of the reward model; its value at position t is the reward model's score head
+applied to that position's last hidden state,
+
+    V(x, y_<=t) = w · h_L[t]      (the reward model's score is V at the last real token).
+
+:class:`ValueModel` wraps an ``AutoModelForSequenceClassification`` (one label) whose backbone
+is found through ``base_model_prefix`` (``model.model`` for Llama) and whose head is a linear
+``score`` (decoders) or ``classifier`` layer. ``save_pretrained`` writes the wrapped
+sequence-classification checkpoint, so the trained critic loads back with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from alignkit.ops.logprobs import position_ids_from_mask
+
+HEAD_NAMES = ("score", "classifier")
+
+
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The transformer without its head: ``getattr(model, model.base_model_prefix)``."""
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    if not isinstance(backbone, nn.Module):
+        raise ValueError(
+            f"ValueModel needs a transformers sequence-classification model whose backbone is "
+            f"model.<base_model_prefix>; {type(model).__name__} has base_model_prefix={prefix!r} "
+            f"and no such sub-module"
+        )
+    return backbone
+
+
+def find_score_head(model: nn.Module) -> nn.Linear:
+    """The linear head with one output (``score`` or ``classifier``) applied per position."""
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            if head.out_features != 1:
+                raise ValueError(
+                    f"ValueModel needs a reward model with one output; {type(model).__name__}.{name} has "
+                    f"{head.out_features} (load it with num_labels=1)"
+                )
+            return head
+    raise ValueError(
+        f"ValueModel needs a linear score head named one of {list(HEAD_NAMES)} on {type(model).__name__} "
+        "(decoder reward models such as LlamaForSequenceClassification have `score`)"
+    )
+
+
+class ValueModel(nn.Module):
+    """Token-level critic: ``forward(input_ids, attention_mask) -> values [B, T]`` (float32).
+
+    Column t is the head applied to the hidden state at t, read with padding-aware position
+    ids, so a real token's value does not depend on how the batch pads it. Padding columns
+    hold meaningless values; mask them.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        find_backbone(model)  # validate now, fail early with a clear message
+        find_score_head(model)
+        self.model = model  # the only registered child: state_dict keys are the checkpoint's, prefixed "model."
+
+    @classmethod
+    def from_reward_model(cls, reward_model: nn.Module) -> "ValueModel":
+        """A trainable deep copy of ``reward_model`` (the reward model itself stays frozen)."""
+        model = copy.deepcopy(reward_model)
+        model.requires_grad_(True)
+        model.train()
+        return cls(model)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return find_backbone(self.model)
+
+    @property
+    def head(self) -> nn.Linear:
+        return find_score_head(self.model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state  # [B, T, d]
+        return self.head(hidden).squeeze(-1).float()  # [B, T]
+
+    def save_pretrained(self, out_dir: str | Path, **kwargs) -> None:
+        """Write the wrapped sequence-classification checkpoint (``from_pretrained``-loadable)."""
+        self.model.save_pretrained(out_dir, **kwargs)
+
+
+def response_values(value_model: ValueModel, input_ids: Tensor, attention_mask: Tensor, prompt_length: int,
+                    response_mask: Tensor, micro_batch_size: int | None = None) -> Tensor:
+    """V(s_t) for each response token t: the value at the position BEFORE token t (the state it is sampled in).
+
+    ``input_ids``/``attention_mask`` [B, P + R], ``response_mask`` [B, R] -> values [B, R], zero outside
+    the response (N+ details: ``full_values[:, P - 1 : -1]``, aligned with the log-prob of token t).
+    """
+    b, r = response_mask.shape
+    step = b if micro_batch_size is None else micro_batch_size
+    chunks = []
+    for start in range(0, b, step):
+        full = value_model(input_ids[start : start + step], attention_mask[start : start + step])  # [b, P + R]
+        chunks.append(full[:, prompt_length - 1 : prompt_length - 1 + r])
+    values = torch.cat(chunks, dim=0)  # [B, R]
+    return values.masked_fill(response_mask.to(values.device) == 0, 0.0)

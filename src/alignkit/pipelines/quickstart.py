@@ -1,0 +1,300 @@
+"""``alignkit quickstart``: the InstructGPT pipeline in miniature, on the embedded SmolLM2-135M, on a CPU.
+
+    base --SFT (LoRA) on demonstrations--> SFT policy
+    SFT policy --samples K reviews/prompt--> simulated annotators (Bradley–Terry noise around VADER) -> pairs
+    pairs -> reward model (held-out accuracy vs gold);  BIG-bench HHH train pairs -> reward model (HHH test accuracy)
+    pairs -> DPO (LoRA, reference = SFT policy)
+    report: gold (VADER) reward of base / SFT / DPO on held-out prompts, proxy reward, KL to the SFT reference.
+
+Every stage is an ordinary alignkit run (its own run dir, config.yaml, metrics.jsonl, model/) driven by
+the same ``train(cfg)`` functions as the CLI, so each one can be re-run alone with ``alignkit <cmd>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from alignkit.config import (
+    DataConfig, DPOConfig, DPOSection, LoraConfig, ModelConfig, QuickstartConfig, RLDataConfig, RMConfig, RMSection,
+    SFTConfig, TrainConfig,
+)
+from alignkit.data.builtin import sentiment_prompts
+from alignkit.eval.policy import PolicyEval, evaluate_policy, mean_se, sample
+from alignkit.models.loading import load_policy, load_tokenizer, resolve_path
+from alignkit.rewards.gold import vader_scores
+from alignkit.rewards.reward_model import load_reward_model_scorer
+from alignkit.rollout.engine import SamplingParams
+from alignkit.rollout.prompts import load_prompts
+from alignkit.train.run import log
+
+MARKER = "quickstart.json"
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------- simulated annotators
+def calibrate_temperature(gaps: list[float], target: float) -> float:
+    """tau such that mean over pairs of sigma(|gap|/tau) == target (bisection on log tau)."""
+    gaps = [abs(g) for g in gaps if g != 0.0]
+    if not gaps:
+        return 1.0
+
+    def agreement(tau: float) -> float:
+        return sum(1.0 / (1.0 + math.exp(-g / tau)) for g in gaps) / len(gaps)
+
+    lo, hi = 1e-4, 1e4
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if agreement(mid) > target else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
+def annotate(groups: list[tuple[str, list[str], list[float]]], target_agreement: float, n_annotators: int,
+             seed: int) -> tuple[list[dict], dict]:
+    """All K-choose-2 pairs of each prompt's samples, each labelled by one annotator of a pool.
+
+    Annotator a prefers i over j with probability sigma((g_i - g_j) / tau_a) (Bradley–Terry around the
+    gold score g); the pool's taus spread around a tau calibrated to ``target_agreement`` with gold.
+    """
+    rng = random.Random(seed)
+    pairs = []
+    for prompt, responses, gold in groups:
+        uniq = {}
+        for r, g in zip(responses, gold):
+            uniq.setdefault(r.strip(), (r, g))
+        items = list(uniq.values())
+        for i in range(len(items)):
+            for j in range(i + 1, len(items)):
+                pairs.append((prompt, items[i], items[j]))
+    tau = calibrate_temperature([a[1] - b[1] for _, a, b in pairs], target_agreement)
+    taus = [tau * f for f in torch.linspace(0.6, 1.4, n_annotators).tolist()]
+    records, agree, decided = [], 0, 0
+    for prompt, (ri, gi), (rj, gj) in pairs:
+        a = rng.randrange(n_annotators)
+        p_i = 1.0 / (1.0 + math.exp(-(gi - gj) / taus[a]))
+        i_wins = rng.random() < p_i
+        chosen, rejected = ((ri, gi), (rj, gj)) if i_wins else ((rj, gj), (ri, gi))
+        if gi != gj:
+            decided += 1
+            agree += chosen[1] > rejected[1]
+        records.append({"prompt": prompt, "chosen": chosen[0], "rejected": rejected[0], "annotator": a,
+                        "gold_chosen": chosen[1], "gold_rejected": rejected[1]})
+    stats = {"n_pairs": len(records), "tau": tau, "agreement_with_gold": agree / max(decided, 1),
+             "n_gold_ties": len(records) - decided}
+    return records, stats
+
+
+def gold_pairs(prompts: list[str], responses: list[list[str]], gold: list[list[float]]) -> list[dict]:
+    """Held-out pairs labelled by the gold score itself (ties dropped): the RM's accuracy target."""
+    out = []
+    for p, rs, gs in zip(prompts, responses, gold):
+        for i in range(len(rs)):
+            for j in range(i + 1, len(rs)):
+                if gs[i] != gs[j] and rs[i].strip() != rs[j].strip():
+                    w, lo = (i, j) if gs[i] > gs[j] else (j, i)
+                    out.append({"prompt": p, "chosen": rs[w], "rejected": rs[lo]})
+    return out
+
+
+# ---------------------------------------------------------------- helpers
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _prompt_records(split: str, n: int, seed: int) -> list[dict]:
+    items = sentiment_prompts(split)
+    random.Random(seed).shuffle(items)
+    return items[:n]
+
+
+def _clear(out: Path) -> None:
+    if out.exists():
+        if not (out / MARKER).exists() and any(out.iterdir()):
+            raise RuntimeError(f"{out} exists and is not a quickstart run dir; choose another output_dir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(json.dumps({"status": "running"}), encoding="utf-8")
+
+
+def _train_cfg(q: QuickstartConfig, out: Path, lr: float, epochs: int, **kw) -> TrainConfig:
+    return TrainConfig(output_dir=str(out), seed=q.seed, lr=lr, epochs=epochs, max_steps=q.max_steps,
+                       batch_size=q.batch_size, scheduler="cosine", warmup_steps=0, log_every=1, **kw)
+
+
+def _fmt(x: float | None, se: float | None = None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    return f"{x:+.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None and not math.isnan(se) else "")
+
+
+# ---------------------------------------------------------------- the pipeline
+def run(q: QuickstartConfig, resume: bool = False) -> dict:
+    t_start = time.time()
+    out = Path(q.output_dir)
+    _clear(out)
+    timings: dict[str, float] = {}
+    torch.manual_seed(q.seed)
+    n_layers = AutoConfig.from_pretrained(resolve_path(q.policy)).num_hidden_layers
+    lora = LoraConfig(enabled=True, r=q.lora_r, alpha=2 * q.lora_r, target_modules=LLAMA_LINEAR,
+                      layers_to_transform=list(range(n_layers - q.lora_layers, n_layers)))
+    params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=1.0)
+    tok = load_tokenizer(q.policy)
+    eval_records = _prompt_records("test", q.n_eval_prompts, q.seed)
+    train_records = _prompt_records("train", q.n_train_prompts, q.seed)
+    eval_file = write_jsonl(out / "data/eval_prompts.jsonl", eval_records)
+    train_file = write_jsonl(out / "data/train_prompts.jsonl", train_records)
+    eval_prompts = load_prompts(RLDataConfig(train=str(eval_file)), tok, q.max_new_tokens, log=log)
+    train_prompts = load_prompts(RLDataConfig(train=str(train_file)), tok, q.max_new_tokens, log=log)
+
+    # 1. SFT (LoRA on the last layers) on our demonstrations
+    t = time.time()
+    from alignkit.algorithms import sft
+    sft_cfg = SFTConfig(model=ModelConfig(name_or_path=q.policy, lora=lora),
+                        data=DataConfig(train="builtin:sft_demos", max_length=256),
+                        train=_train_cfg(q, out / "sft", q.sft_lr, q.sft_epochs))
+    sft_dir = sft.train(sft_cfg)["model_dir"]
+    timings["sft"] = time.time() - t
+
+    # 2. preference collection from the SFT policy + simulated annotators
+    t = time.time()
+    sft_model = load_policy(ModelConfig(name_or_path=sft_dir), tok, trainable=False)
+    roll = sample(sft_model, tok, train_prompts, params, q.samples_per_prompt, q.generation_batch_size, q.seed + 1)
+    gold = vader_scores(roll.response_texts)
+    K = q.samples_per_prompt
+    groups = [(train_records[i]["prompt"], roll.response_texts[i * K:(i + 1) * K], gold[i * K:(i + 1) * K])
+              for i in range(len(train_records))]
+    pref_records, ann = annotate(groups, q.annotator_agreement, q.n_annotators, q.seed)
+    pref_file = write_jsonl(out / "data/preferences.jsonl", pref_records)
+    log(f"collected {ann['n_pairs']} pairs from {len(train_prompts)} prompts x {K} samples; simulated annotators agree "
+        f"with gold on {ann['agreement_with_gold']:.1%} of pairs (tau={ann['tau']:.3f})")
+    timings["collect"] = time.time() - t
+
+    # 3. held-out evaluation of base and SFT (SFT samples also give gold-labelled held-out RM pairs)
+    t = time.time()
+    base_model = load_policy(ModelConfig(name_or_path=q.policy), tok, trainable=False)
+    ev: dict[str, PolicyEval] = {}
+    ev["base"], _ = evaluate_policy("base", base_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
+                                    reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 2)
+    del base_model
+    ev["sft"], sft_roll = evaluate_policy("sft", sft_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
+                                          reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 3)
+    E = q.eval_samples
+    test_pairs = gold_pairs([r["prompt"] for r in eval_records], [sft_roll.response_texts[i * E:(i + 1) * E] for i in range(len(eval_prompts))],
+                            [[s["gold"] for s in ev["sft"].samples[i * E:(i + 1) * E]] for i in range(len(eval_prompts))])
+    test_pair_file = write_jsonl(out / "data/preferences_test_gold.jsonl", test_pairs)
+    timings["eval_base_sft"] = time.time() - t
+
+    # 4. reward models: sentiment (from our labels) and HHH (real human preferences)
+    t = time.time()
+    from alignkit.algorithms import reward_model
+    rm_cfg = RMConfig(model=ModelConfig(name_or_path=q.policy, num_hidden_layers=q.reward_layers),
+                      data=DataConfig(train=str(pref_file), eval=str(test_pair_file), max_length=256),
+                      train=_train_cfg(q, out / "rm_sentiment", q.rm_lr, q.rm_epochs), rm=RMSection(normalize=True))
+    rm_res = reward_model.train(rm_cfg)
+    timings["rm_sentiment"] = time.time() - t
+    t = time.time()
+    hhh_cfg = RMConfig(model=ModelConfig(name_or_path=q.hhh_reward_model),
+                       data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=512),
+                       train=_train_cfg(q, out / "rm_hhh", 5e-5, q.hhh_epochs))
+    hhh_res = reward_model.train(hhh_cfg)
+    timings["rm_hhh"] = time.time() - t
+
+    # 5. DPO from the SFT policy on the annotated pairs
+    t = time.time()
+    from alignkit.algorithms import dpo
+    dpo_cfg = DPOConfig(model=ModelConfig(name_or_path=sft_dir, lora=lora),
+                        data=DataConfig(train=str(pref_file), max_length=256),
+                        train=_train_cfg(q, out / "dpo", q.dpo_lr, q.dpo_epochs),
+                        dpo=DPOSection(loss="dpo", beta=q.dpo_beta))
+    dpo_dir = dpo.train(dpo_cfg)["model_dir"]
+    timings["dpo"] = time.time() - t
+
+    # 6. evaluate DPO; proxy reward for every policy
+    t = time.time()
+    proxy = load_reward_model_scorer(rm_res["model_dir"], batch_size=32)
+    dpo_model = load_policy(ModelConfig(name_or_path=dpo_dir), tok, trainable=False)
+    ev["dpo"], _ = evaluate_policy("dpo", dpo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
+                                   proxy_fn=proxy, reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 4)
+    for name in ("base", "sft"):
+        s = ev[name].samples
+        scores = proxy([x["prompt"] for x in s], [x["response"] for x in s], [{}] * len(s)).tolist()
+        ev[name].proxy_mean, ev[name].proxy_se = mean_se(scores)
+        for x, v in zip(s, scores):
+            x["proxy"] = v
+    timings["eval_dpo"] = time.time() - t
+
+    total = time.time() - t_start
+    summary = {
+        "policies": {k: v.row() for k, v in ev.items()},
+        "dpo_minus_sft_gold": ev["dpo"].gold_mean - ev["sft"].gold_mean,
+        "dpo_minus_sft_gold_se": math.sqrt(ev["dpo"].gold_se ** 2 + ev["sft"].gold_se ** 2),
+        "annotators": ann,
+        "reward_model_sentiment": {"heldout_accuracy_vs_gold": rm_res.get("eval", {}).get("accuracy"),
+                                   "heldout_margin": rm_res.get("eval", {}).get("margin"),
+                                   "n_train_pairs": len(pref_records), "n_test_pairs": len(test_pairs)},
+        "reward_model_hhh": {"test_accuracy": hhh_res.get("eval", {}).get("accuracy"),
+                             "test_margin": hhh_res.get("eval", {}).get("margin")},
+        "timings_s": timings, "total_s": total,
+        "artifacts": {"sft_model": sft_dir, "dpo_model": dpo_dir, "reward_model": rm_res["model_dir"],
+                      "hhh_reward_model": hhh_res["model_dir"], "preferences": str(pref_file),
+                      "heldout_gold_pairs": str(test_pair_file)},
+        "samples": {k: v.samples[: max(q.show_samples * q.eval_samples, 0)] for k, v in ev.items()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    text = render_summary(summary, q)
+    (out / "summary.md").write_text(text, encoding="utf-8")
+    (out / MARKER).write_text(json.dumps({"status": "done", "total_s": total}), encoding="utf-8")
+    print(text)
+    return summary
+
+
+def render_summary(s: dict, q: QuickstartConfig) -> str:
+    lines = ["# alignkit quickstart", "",
+             f"Held-out prompts: {q.n_eval_prompts} x {q.eval_samples} samples (temperature 1). "
+             "Gold = VADER compound sentiment in [-1, 1]; proxy = our reward model; KL = KL(policy || SFT) in nats.", "",
+             "| policy | gold reward | proxy reward | KL to SFT | length | no EOS |",
+             "|---|---|---|---|---|---|"]
+    for name, r in s["policies"].items():
+        lines.append(f"| {name} | {_fmt(r['gold_mean'], r['gold_se'])} | {_fmt(r['proxy_mean'], r['proxy_se'])} | "
+                     f"{_fmt(r['kl_mean'], r['kl_se'], 2)} | {r['response_length']:.1f} | {r['no_eos_frac']:.0%} |")
+    a = s["annotators"]
+    lines += ["", f"DPO - SFT gold reward: {s['dpo_minus_sft_gold']:+.3f} ± {s['dpo_minus_sft_gold_se']:.3f} (1 s.e.)",
+              f"Simulated annotators: {a['n_pairs']} pairs, agreement with gold {a['agreement_with_gold']:.1%}.",
+              f"Sentiment reward model: held-out accuracy vs gold {_pct(s['reward_model_sentiment']['heldout_accuracy_vs_gold'])}"
+              f" on {s['reward_model_sentiment']['n_test_pairs']} pairs.",
+              f"HHH reward model (BIG-bench hhh_alignment): test accuracy {_pct(s['reward_model_hhh']['test_accuracy'])}.",
+              "", "## Samples (first held-out prompts)"]
+    names = list(s["samples"])
+    for i in range(min(len(v) for v in s["samples"].values())):
+        lines.append("")
+        lines.append(f"**Prompt:** {_user_text(s['samples'][names[0]][i]['prompt'])}")
+        for n in names:
+            x = s["samples"][n][i]
+            lines.append(f"- *{n}* (gold {x['gold']:+.2f}): {x['response'].strip()[:300]}")
+    lines += ["", "## Artifacts"] + [f"- {k}: {v}" for k, v in s["artifacts"].items()]
+    lines += ["", "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["timings_s"].items()) + f"; total {s['total_s']:.0f}s"]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _user_text(prompt_text: str) -> str:
+    marker = "<|im_start|>user\n"
+    if marker in prompt_text:
+        return prompt_text.split(marker)[-1].split("<|im_end|>")[0]
+    return prompt_text

@@ -1,0 +1,349 @@
+"""Tests for alignkit.algorithms.ppo and alignkit.models.value (REFERENCES: "PPO for language models")."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from alignkit import cli
+from alignkit.algorithms import ppo as ppo_mod
+from alignkit.algorithms.ppo import (
+    PolicyAndValue,
+    build_kl_controller,
+    build_reference,
+    last_response_index,
+    lr_lambda,
+    make_experience,
+    per_token_rewards,
+    ppo_update,
+    score_rollout,
+    values_of,
+    whitened_advantages,
+)
+from alignkit.config import LoraConfig, PPOSection
+from alignkit.models.loading import apply_lora, disable_dropout
+from alignkit.models.tiny import save_tiny_models, tiny_causal_lm, tiny_config, tiny_reward_model
+from alignkit.models.value import ValueModel
+from alignkit.ops.kl import AdaptiveKLController
+from alignkit.rewards.reward_model import RewardModelScorer, last_token_index
+from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, postprocess_responses
+from alignkit.rollout.prompts import prompt_batch
+from alignkit.train.logging import read_metrics
+
+LOGGED_KEYS = [
+    "objective/kl", "objective/entropy", "objective/scores", "policy/approxkl", "policy/clipfrac", "val/clipfrac",
+    "val/vpred", "val/error", "returns", "scores", "response_length", "no_eos_frac", "kl_coef", "lr", "loss/policy",
+    "loss/value", "time/generation", "time/scoring", "time/training", "rewards/reward_model",
+]
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny():
+    policy, tok = tiny_causal_lm(seed=0)
+    rm, _ = tiny_reward_model(seed=1)
+    disable_dropout(policy)
+    disable_dropout(rm)
+    rm.requires_grad_(False).eval()
+    return policy, rm, tok
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_tiny")
+    p = save_tiny_models(root)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"count to {i}"}) + "\n" for i in range(8)), encoding="utf-8")
+    return {"policy": str(p["policy"]), "reward": str(p["reward"]), "prompts": str(prompts), "root": root}
+
+
+def overrides(paths, out, *extra: str) -> list[str]:
+    return [
+        f"model.name_or_path={paths['policy']}", f"ppo.reward_model={paths['reward']}",
+        f"data.train={paths['prompts']}", "data.max_prompt_length=32", f"train.output_dir={out}",
+        "ppo.rollout_batch_size=4", "ppo.num_minibatches=2", "ppo.micro_batch_size=1", "ppo.ppo_epochs=2",
+        "ppo.num_iterations=2", "generation.max_new_tokens=6", "generation.batch_size=4", "train.lr=1e-3",
+        *extra,
+    ]
+
+
+def tiny_rollout(policy, tok, temperature: float = 1.0, max_new_tokens: int = 6, seed: int = 0) -> Rollout:
+    """4 prompts of different lengths (left-padded), one sampled response each."""
+    texts = ["hi", "hello there", "abc", "what is 2+2?"]
+    prompts = [{"prompt_input_ids": tok(t, add_special_tokens=False)["input_ids"], "prompt_text": t, "extras": {}}
+               for t in texts]
+    batch = prompt_batch(prompts, tok.pad_token_id)
+    torch.manual_seed(seed)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
+    return generate_rollouts(HFGenerateBackend(policy, tok), tok, batch["input_ids"], batch["attention_mask"],
+                             params, 1, batch["prompt_texts"], batch["extras"])
+
+
+# ---------------------------------------------------------------- rewards with KL
+def test_per_token_rewards_hand_computed_score_at_last_real_token():
+    """raw responses [5, EOS, 7, 7] and [5, 6, 7, 8] (no EOS) -> masks [1,1,0,0] and [1,1,1,1];
+    the score goes to the EOS (col 1) in row 0 and to the last token (col 3) in row 1.
+    kl_t = logpi - logpref: row 0 [0.5, 0, (1 masked), 0]; row 1 [0.5, 0, 0, -0.5].
+    beta = 0.1, scores [2, -1]:
+      r row 0 = [-0.05, 0 + 2, 0, 0];  r row 1 = [-0.05, 0, 0, +0.05 - 1 = -0.95]."""
+    raw = torch.tensor([[5, 2, 7, 7], [5, 6, 7, 8]])
+    _, response_mask, has_eos = postprocess_responses(raw, eos_token_id=2, pad_token_id=0)
+    assert has_eos.tolist() == [True, False]
+    assert_close(last_response_index(response_mask), torch.tensor([1, 3]))
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-0.5, -0.5, -0.5, -0.5]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -2.0, 0.0], [-1.0, -0.5, -0.5, 0.0]])
+    rewards, kl = per_token_rewards(logprobs, ref_logprobs, torch.tensor([2.0, -1.0]), response_mask, kl_coef=0.1)
+    assert_close(kl, torch.tensor([[0.5, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, -0.5]]))
+    assert_close(rewards, torch.tensor([[-0.05, 2.0, 0.0, 0.0], [-0.05, 0.0, 0.0, -0.95]]))
+
+
+def test_rewards_zero_kl_when_policy_is_reference(tiny):
+    """policy == reference (a frozen copy): every per-token reward is 0 except the score at the last token."""
+    policy, rm, tok = tiny
+    rollout = tiny_rollout(policy, tok)
+    ref_model, ref_ctx = build_reference(policy)
+    assert ref_model is not policy
+    exp = make_experience(policy, ref_model, ref_ctx, ValueModel.from_reward_model(rm), RewardModelScorer(rm, tok),
+                          None, rollout, PPOSection(micro_batch_size=2), kl_coef=0.5, temperature=1.0, penalty=None)
+    assert_close(exp.kl, torch.zeros_like(exp.kl), atol=0.0, rtol=0.0)
+    expected = torch.zeros_like(exp.rewards)
+    expected[torch.arange(len(rollout)), rollout.response_lengths - 1] = exp.scores
+    assert_close(exp.rewards, expected)
+    assert exp.scores.abs().min() > 0  # the check above is not trivially satisfied by zero scores
+
+
+def test_missing_eos_penalty_subtracted_from_rows_without_eos(tiny):
+    """Row 0 ends with EOS (id 2), row 1 does not. penalty 1.5: scores = raw - [0, 1.5]; mode 'set': [raw0, -1.5].
+    raw is the reward model's score of prompt + response read at the last real token (the EOS in row 0)."""
+    _, rm, tok = tiny
+    scorer = RewardModelScorer(rm, tok)
+    prompt_ids = torch.tensor([[0, 40, 41], [42, 43, 44]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    response_ids, response_mask, has_eos = postprocess_responses(torch.tensor([[50, 2, 51], [52, 53, 54]]), 2, 0)
+    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, has_eos, ["a", "b"], ["x", "y"], [{}, {}])
+    scores, raw, parts = score_rollout(scorer, None, rollout, penalty=1.5)
+    assert_close(raw, scorer.score_ids(rollout.input_ids, rollout.attention_mask))
+    assert_close(scores, raw - torch.tensor([0.0, 1.5]))
+    assert_close(parts["rewards/reward_model"], raw)
+    set_scores, _, _ = score_rollout(scorer, None, rollout, penalty=1.5, mode="set")
+    assert_close(set_scores, torch.stack([raw[0], torch.tensor(-1.5)]))
+    unpenalised, _, _ = score_rollout(scorer, None, rollout, penalty=None)
+    assert_close(unpenalised, raw)
+
+
+def test_gae_returns_before_whitening_hand_computed():
+    """r = [0, 1], V = [0.5, 0.5], gamma 1, lam 0.95 (third column is padding):
+    t=1: delta = 1 + 0 - 0.5 = 0.5, A1 = 0.5;  t=0: delta = 0 + 0.5 - 0.5 = 0, A0 = 0.95 * 0.5 = 0.475.
+    returns = A + V = [0.975, 1.0] (before whitening). Whitened A: mean 0.4875, unbiased std 0.0125*sqrt(2)
+    -> [-1/sqrt(2), 1/sqrt(2)]; padding stays 0."""
+    rewards = torch.tensor([[0.0, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.5, 3.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    advantages, returns = whitened_advantages(rewards, values, mask, gamma=1.0, lam=0.95, whiten_rewards=False)
+    assert_close(returns, torch.tensor([[0.975, 1.0, 0.0]]))
+    s = 1 / math.sqrt(2)
+    assert_close(advantages, torch.tensor([[-s, s, 0.0]]), atol=1e-4, rtol=0)
+
+
+def test_adaptive_kl_controller_from_config():
+    """Ziegler: e = clip(KL/target - 1, -0.2, 0.2); beta <- beta (1 + e n / horizon).
+    beta 0.1, target 2, horizon 10, n 4: KL 3 -> e 0.2 -> beta 0.1 * 1.08 = 0.108; KL 2 -> unchanged."""
+    ctl = build_kl_controller(PPOSection(kl_coef=0.1, adaptive_kl=True, kl_target=2.0, kl_horizon=10))
+    assert isinstance(ctl, AdaptiveKLController)
+    ctl.update(3.0, n_steps=4)
+    assert_close(torch.tensor(ctl.value), torch.tensor(0.108))
+    ctl.update(2.0, n_steps=4)
+    assert_close(torch.tensor(ctl.value), torch.tensor(0.108))
+    fixed = build_kl_controller(PPOSection(kl_coef=0.1))
+    fixed.update(100.0, n_steps=4)
+    assert fixed.value == 0.1
+
+
+def test_lr_lambda_warmup_then_decay():
+    """warmup 2, total 6: steps 0, 1 -> 0, 0.5; then progress (s - 2) / 4: linear 1 - p, cosine (1 + cos(pi p)) / 2."""
+    assert [lr_lambda(s, 2, 6, "linear") for s in (0, 1, 2, 4, 6)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    assert_close(torch.tensor(lr_lambda(4, 2, 6, "cosine")), torch.tensor(0.5))
+    assert lr_lambda(5, 2, 6, "constant") == 1.0
+
+
+# ---------------------------------------------------------------- value model
+def test_value_model_init_equals_reward_model_score_at_last_token(tiny, tmp_path):
+    """V at each row's last real token == the reward model's score (pads on both sides); the value model is
+    a trainable copy (the reward model stays frozen), response values are V at the position before each token,
+    and save_pretrained writes a loadable sequence-classification checkpoint."""
+    _, rm, tok = tiny
+    value_model = ValueModel.from_reward_model(rm)
+    ids = torch.tensor([[0, 0, 40, 41, 42, 2], [43, 44, 45, 46, 0, 0], [47, 48, 49, 50, 51, 52]])
+    mask = (ids != 0).long()
+    values = value_model(ids, mask)  # [B, T]
+    assert values.shape == (3, 6) and values.dtype == torch.float32
+    scores = RewardModelScorer(rm, tok).score_ids(ids, mask)
+    rows = torch.arange(3)
+    assert_close(values[rows, last_token_index(mask)], scores)
+    assert all(p.requires_grad for p in value_model.parameters())
+    assert not any(p.requires_grad for p in rm.parameters())
+    assert value_model.head.weight.data_ptr() != rm.score.weight.data_ptr()
+
+    rollout = Rollout(ids[:, :3], mask[:, :3], ids[:, 3:], mask[:, 3:], torch.tensor([True, False, False]),
+                      ["", "", ""], ["", "", ""], [{}, {}, {}])
+    assert_close(values_of(value_model, rollout), values[:, 2:5] * mask[:, 3:])
+
+    value_model.save_pretrained(tmp_path / "vm")
+    reloaded = ValueModel(AutoModelForSequenceClassification.from_pretrained(tmp_path / "vm"))
+    assert_close(reloaded(ids, mask), values)
+
+
+def test_value_model_rejects_models_without_a_one_output_score_head(tiny):
+    policy, _, tok = tiny
+    with pytest.raises(ValueError, match="linear score head named one of"):
+        ValueModel(policy)  # a causal LM: lm_head, no score head
+    two_labels = AutoModelForSequenceClassification.from_config(tiny_config(len(tok), num_labels=2))
+    with pytest.raises(ValueError, match="one output.*has 2"):
+        ValueModel(two_labels)
+    with pytest.raises(ValueError, match="base_model_prefix"):
+        ValueModel(torch.nn.Linear(2, 1))
+
+
+# ---------------------------------------------------------------- PPO update
+def test_first_minibatch_ratio_is_one_and_approxkl_zero(tiny):
+    """Log-probs recomputed with logits / temperature (0.7) under the same padding, dropout off: the first
+    minibatch of the first epoch sees pi == pi_old (ratio 1, approxkl 0); later minibatches do not."""
+    policy0, rm, tok = tiny
+    policy = copy.deepcopy(policy0)
+    rollout = tiny_rollout(policy, tok, temperature=0.7)
+    ref_model, ref_ctx = build_reference(policy)
+    value_model = ValueModel.from_reward_model(rm)
+    section = PPOSection(rollout_batch_size=4, num_minibatches=2, micro_batch_size=2, ppo_epochs=2)
+    exp = make_experience(policy, ref_model, ref_ctx, value_model, RewardModelScorer(rm, tok), None, rollout,
+                          section, kl_coef=0.05, temperature=0.7, penalty=1.0)
+    models = PolicyAndValue(policy, value_model)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    torch.manual_seed(0)
+    stats = ppo_update(models, optimizer, scheduler, exp, section, temperature=0.7, max_grad_norm=1.0)
+    assert len(stats) == 4  # 2 epochs x 2 minibatches
+    first = stats[0]
+    assert_close(torch.tensor([first["policy/ratio_min"], first["policy/ratio_max"]]), torch.ones(2),
+                 atol=1e-6, rtol=0)
+    assert_close(torch.tensor(first["policy/approxkl"]), torch.tensor(0.0), atol=1e-12, rtol=0)
+    assert first["policy/clipfrac"] == 0.0 and first["val/clipfrac"] == 0.0
+    assert stats[-1]["policy/approxkl"] > 1e-8  # the policy moved: the check above can fail
+
+
+# ---------------------------------------------------------------- end to end
+def test_cli_ppo_end_to_end_with_adaptive_kl(paths, tmp_path):
+    """`alignkit ppo` on tiny models: model/, value_model/, summary.json, one metrics line per iteration with
+    the logged keys, eval/ metrics, and the adaptive KL coefficient following Ziegler's update between lines."""
+    out = tmp_path / "run"
+    rc = cli.main(["ppo", *overrides(paths, out, "ppo.num_iterations=3", "ppo.adaptive_kl=true", "ppo.kl_target=0.5",
+                                     "ppo.kl_horizon=20", "ppo.kl_coef=0.2", f"data.eval={paths['prompts']}",
+                                     "data.eval_limit=2")])
+    assert rc == 0
+    AutoModelForCausalLM.from_pretrained(out / "model")
+    ValueModel(AutoModelForSequenceClassification.from_pretrained(out / "value_model"))
+    records = read_metrics(out / "metrics.jsonl")
+    train_records = [r for r in records if "objective/kl" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
+    for r in train_records:
+        assert set(LOGGED_KEYS) <= set(r), set(LOGGED_KEYS) - set(r)
+        assert all(math.isfinite(v) for v in r.values())
+    for prev, nxt in zip(train_records, train_records[1:]):
+        e = min(max(prev["objective/kl"] / 0.5 - 1.0, -0.2), 0.2)
+        assert_close(torch.tensor(nxt["kl_coef"]), torch.tensor(prev["kl_coef"] * (1 + e * 4 / 20)))
+    assert train_records[0]["kl_coef"] == 0.2 and train_records[1]["kl_coef"] != 0.2
+    eval_record = [r for r in records if "eval/scores" in r]
+    assert len(eval_record) == 1 and {"eval/kl", "eval/response_length"} <= set(eval_record[0])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["objective/scores"] == train_records[-1]["objective/scores"]
+
+
+def test_resume_after_kill_equals_uninterrupted(paths, tmp_path, monkeypatch):
+    """4 iterations, checkpoint every 2. Killed in iteration 4 (iteration 3 logged, not checkpointed), resumed:
+    same final policy and value weights, and the same metrics (iteration 3's stale line replaced)."""
+    extra = ("ppo.num_iterations=4", "ppo.save_every=2", "ppo.adaptive_kl=true", "ppo.kl_target=0.5")
+    full = tmp_path / "full"
+    assert cli.main(["ppo", *overrides(paths, full, *extra)]) == 0
+
+    class Killed(Exception):
+        pass
+
+    calls = {"n": 0}
+    real_generate = ppo_mod.generate_rollouts
+
+    def dying_generate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed("simulated kill")
+        return real_generate(*args, **kwargs)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(ppo_mod, "generate_rollouts", dying_generate)
+    with pytest.raises(Killed):
+        cli.main(["ppo", *overrides(paths, killed, *extra)])
+    monkeypatch.setattr(ppo_mod, "generate_rollouts", real_generate)
+    state = json.loads((killed / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["loop_state"]["iteration"] == 2 and {"kl_ctl", "sampler"} <= set(state["extra_state"])
+    assert [r["step"] for r in read_metrics(killed / "metrics.jsonl")] == [1, 2, 3]
+    assert not (killed / "model").exists()
+
+    assert cli.main(["ppo", *overrides(paths, killed, *extra), "--resume"]) == 0
+    for name in ("model", "value_model"):
+        a, b = load_file(str(full / name / "model.safetensors")), load_file(str(killed / name / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}/{k}"
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in records]
+
+    assert strip(read_metrics(killed / "metrics.jsonl")) == strip(read_metrics(full / "metrics.jsonl"))
+
+
+def test_lora_policy_uses_adapter_disabled_reference(paths, tiny, tmp_path, monkeypatch):
+    """Under LoRA the reference is the policy itself with adapters disabled: no frozen copy is ever made."""
+    policy0, _, _ = tiny
+    peft_policy = apply_lora(copy.deepcopy(policy0), LoraConfig(enabled=True, r=4, alpha=8))
+    ref_model, _ = build_reference(peft_policy)
+    assert ref_model is peft_policy
+
+    def no_copy(model):
+        raise AssertionError("copy_frozen called under LoRA")
+
+    monkeypatch.setattr(ppo_mod, "copy_frozen", no_copy)
+    out = tmp_path / "lora"
+    assert cli.main(["ppo", *overrides(paths, out, "model.lora.enabled=true", "model.lora.r=4",
+                                       "model.lora.alpha=8", "train.lr=1e-2")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    ckpt = load_file(str(out / "checkpoints" / "step-00000002" / "weights.safetensors"))
+    policy_keys = [k for k in ckpt if k.startswith("policy.")]
+    assert policy_keys and all("lora_" in k for k in policy_keys)  # adapters only, no frozen base weights
+    records = read_metrics(out / "metrics.jsonl")
+    assert records[0]["objective/kl"] == 0.0  # adapters start at B = 0: policy == reference
+
+
+# ---------------------------------------------------------------- errors
+def test_config_errors_are_reported(paths, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert cli.main(["ppo", *overrides(paths, out, "ppo.reward_model=")]) == 1
+    assert "ppo.reward_model is not set" in capsys.readouterr().err
+    assert cli.main(["ppo", *overrides(paths, out, "ppo.rollout_batch_size=3")]) == 1
+    assert "must be divisible by ppo.num_minibatches (2)" in capsys.readouterr().err
+    assert not out.exists()  # nothing written for an invalid config
+
+
+def test_reward_model_with_another_tokenizer_is_rejected(paths, tmp_path, capsys):
+    rm, tok = tiny_reward_model(seed=1)
+    tok.add_tokens(["<extra>"])
+    rm.save_pretrained(tmp_path / "rm2")
+    tok.save_pretrained(tmp_path / "rm2")
+    assert cli.main(["ppo", *overrides(paths, tmp_path / "run", f"ppo.reward_model={tmp_path / 'rm2'}")]) == 1
+    assert "uses a different tokenizer than the policy" in capsys.readouterr().err
