@@ -54,6 +54,19 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _parser_built_once():
+    """cli.main rebuilds its argparse parser (with every config key's doc) on each call; build it once here
+    so the eight CLI runs below do not pay for it eight times."""
+    import alignkit.cli as cli
+
+    parser = cli.build_parser()
+    patch = pytest.MonkeyPatch()
+    patch.setattr(cli, "build_parser", lambda: parser)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("bon_assets")
@@ -168,6 +181,8 @@ def test_best_of_n_picks_the_argmax_per_prompt(assets):
         bon_mod.best_of_n(model, tok, prompts, 0, SamplingParams(6), reward_fn)
     with pytest.raises(ValueError, match="got no prompts"):
         bon_mod.best_of_n(model, tok, [], 2, SamplingParams(6), reward_fn)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        bon_mod.best_of_n(model, tok, prompts, 2, SamplingParams(6), reward_fn, batch_size=0)
 
 
 def test_bon_summary_hand_example():
@@ -282,6 +297,13 @@ def test_cli_online_dpo_logs_pairs_and_ties(assets, tmp_path):
     assert summary["global_step"] == 4 and (out / "model" / "model.safetensors").is_file()
 
 
+def test_online_dpo_reward_name_clash_is_an_error(assets, tmp_path, capsys):
+    argv = odpo_argv(assets, tmp_path / "clash", rounds=1)[:-1]
+    argv.append(f"reward.components=[{{type: callable, name: margins, path: '{assets['reward']}:score'}}]")
+    assert main(argv) == 1
+    assert "['margins'] clash with DPO's rewards/<name> metrics" in capsys.readouterr().err
+
+
 def test_online_dpo_all_ties_skip_updates(assets, tmp_path):
     """A constant reward: every group ties -> 0 pairs, 3 ties per round, no step, weights unchanged."""
     out = tmp_path / "ties"
@@ -353,3 +375,21 @@ def test_rs_resume_after_kill_equals_uninterrupted(assets, tmp_path, monkeypatch
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
 
+
+
+@pytest.mark.parametrize(("loss", "lora", "expected"), [("dpo", False, math.log(2)), ("ipo", False, 25.0), ("dpo", True, math.log(2))])
+def test_online_dpo_first_step_is_at_the_reference(assets, tmp_path, loss, lora, expected):
+    """Step 1 of round 1: policy == reference (frozen copy, or LoRA with B = 0 and adapters disabled), so h = 0:
+    DPO loss = -log sigma(0) = log 2; IPO loss = (0 - 1/(2 beta))^2 = (1/0.2)^2 = 25 for beta = 0.1;
+    implicit rewards beta (log pi - log pi_ref) = 0."""
+    overrides = odpo_argv(assets, tmp_path / "o", rounds=1)[1:] + [
+        "online_dpo.steps_per_round=1", f"online_dpo.loss={loss}", f"model.lora.enabled={str(lora).lower()}",
+        "train.save_model=false",
+    ]
+    result = odpo_mod.train(load_config(OnlineDPOConfig, overrides=overrides))
+    (r,) = result["history"]
+    assert r["n_pairs"] >= 1
+    close(r["loss"], expected)
+    close(r["rewards/chosen"], 0.0)
+    close(r["rewards/margins"], 0.0)
+    assert not (tmp_path / "o" / "model").exists()

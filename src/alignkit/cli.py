@@ -7,6 +7,7 @@ Thin by design: parse, load + validate the config, call ``algorithms.<x>.train(c
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 import typing
@@ -76,7 +77,12 @@ def describe_config(cls: type[BaseModel], prefix: str = "", default: BaseModel |
 
 
 def _attribute_doc(cls: type, name: str) -> str:
-    """Attribute docstrings (the string literal under a field) from the class source."""
+    return _attribute_docs(cls).get(name, "")
+
+
+@functools.lru_cache(maxsize=None)
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string literal under a field), parsed once per class."""
     import ast
     import inspect
     import textwrap
@@ -84,14 +90,15 @@ def _attribute_doc(cls: type, name: str) -> str:
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
-        return ""
+        return {}
     body = tree.body[0].body
+    docs = {}
     for node, nxt in zip(body, body[1:]):
         target = getattr(node, "target", None)
-        if isinstance(node, ast.AnnAssign) and isinstance(target, ast.Name) and target.id == name:
+        if isinstance(node, ast.AnnAssign) and isinstance(target, ast.Name):
             if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                return str(nxt.value.value)
-    return ""
+                docs[target.id] = str(nxt.value.value)
+    return docs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     train = getattr(importlib.import_module(module), fn)
     from alignkit.data.io import DataError
     from alignkit.models.loading import ModelLoadError
+    from alignkit.train.loop import NonFiniteLossError
     from alignkit.train.run import RunError
 
     try:
         train(cfg, resume=ns.resume)
-    except (DataError, ModelLoadError, RunError, C.ConfigError, ValueError) as e:
+    except (DataError, ModelLoadError, RunError, NonFiniteLossError, C.ConfigError, ValueError) as e:
         print(f"alignkit {ns.command}: error: {e}", file=sys.stderr)
         return 1
     return 0
