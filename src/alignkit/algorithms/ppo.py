@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from alignkit.config import PPOConfig, PPOSection
 from alignkit.losses.ppo import ppo_policy_loss, ppo_value_loss
@@ -96,19 +97,7 @@ def build_reference(policy: nn.Module) -> tuple[nn.Module, object]:
     return copy_frozen(policy), contextlib.nullcontext
 
 
-# ---------------------------------------------------------------- optimisation helpers
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
-    """LR multiplier: linear warmup over ``warmup_steps`` optimizer steps, then constant / linear / cosine decay."""
-    if step < warmup_steps:
-        return step / max(1, warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if kind == "linear":
-        return 1.0 - progress
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0
-
-
+# ---------------------------------------------------------------- models and batches
 class PolicyAndValue(nn.Module):
     """The two trainable models under one module, so one checkpoint holds both. Under LoRA it carries
     the policy's ``peft_config``: the checkpoint then stores only trainable tensors (adapters + value model)."""
@@ -191,11 +180,11 @@ def make_experience(policy, ref_model, ref_ctx, value_model, scorer, extra_rewar
 
 # ---------------------------------------------------------------- PPO update
 def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
-    if not params:
+    """Total grad norm of ``params``, clipped to ``max_norm`` (train.max_grad_norm; None: no clipping)."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
         return 0.0
-    if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.clip_grad_norm_(grads, math.inf if max_norm is None else max_norm))
 
 
 def ppo_update(models: PolicyAndValue, optimizer, scheduler, exp: Experience, ppo: PPOSection, temperature: float,
@@ -352,8 +341,8 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
         betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay,
     )
     total_updates = ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_lambda(step, cfg.train.warmup_steps, total_updates, cfg.train.scheduler))
+    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                              num_training_steps=total_updates)  # as the offline loop (train/loop.py)
     kl_ctl = build_kl_controller(ppo)
     sampler = PromptSampler(prompts, cfg.train.seed)
     logger = MetricsLogger(run_dir)
