@@ -42,13 +42,6 @@ def constant(prompts, completions, **extras):
 '''
 
 
-@pytest.fixture(autouse=True)
-def _fast_cli_help(monkeypatch):
-    # cli.build_parser reads every config field's docstring with inspect (seconds on a loaded
-    # machine, on every cli.main call); help text is not under test here.
-    monkeypatch.setattr(cli, "_attribute_doc", lambda cls, name: "", raising=False)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("grpo_assets")
@@ -126,6 +119,15 @@ def test_overlong_cache_longer_than_generation_is_an_error(assets, tmp_path, cap
     assert rc == 1
     assert "grpo.overlong_cache (10) must be <= generation.max_new_tokens (6)" in capsys.readouterr().err
     assert not out.exists()  # nothing written for a run that fails validation
+
+
+def test_bad_reward_function_fails_before_anything_is_written(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [a for a in base_overrides(assets, out) if not a.startswith("reward.")]
+    rc = cli.main(["rloo", *args, f"reward.components=[{{type: callable, path: '{tmp_path}/missing.py:f'}}]"])
+    assert rc == 1
+    assert "missing.py' not found" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_overlong_penalty_added_to_rewards():
@@ -372,9 +374,7 @@ def grpo_args(assets: dict, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def grpo_run(assets, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grpo") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "_attribute_doc", lambda cls, name: "", raising=False)
-        assert cli.main(["grpo", *grpo_args(assets, out)]) == 0
+    assert cli.main(["grpo", *grpo_args(assets, out)]) == 0
     return out
 
 
@@ -434,7 +434,9 @@ def test_dapo_all_equal_groups_are_dropped_and_logged(assets, tmp_path, capsys):
                    "grpo.drop_equal_groups=true", "grpo.max_refill_rounds=1", "grpo.num_generations=2",
                    "grpo.prompts_per_iteration=2", "grpo.num_iterations=1", "grpo.beta=0"])
     assert rc == 0
-    assert "dynamic sampling kept 0 of 2 groups after 1 refill rounds; no group left" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dynamic sampling kept 0 of 2 groups after 1 refill rounds; no group left" in err
+    assert "reference: none" in err  # beta = 0: no reference model at all
     (record,) = metrics_without_time(out)
     assert record["dapo/dropped_groups"] == 4 and record["dapo/missing_groups"] == 2
     assert record["frac_equal_groups"] == 1.0 and "loss/policy" not in record

@@ -382,6 +382,7 @@ class GRPOSection(Section):
     overlong_cache: int | None = Field(None, gt=0)
     """DAPO overlong shaping window (tokens before generation.max_new_tokens); None disables."""
     save_every: int = Field(0, ge=0)
+    """Checkpoint every N iterations (0: use train.save_every); a checkpoint is always written at the end."""
 
 
 class GRPOConfig(Section):
@@ -400,8 +401,10 @@ class RLOOSection(Section):
     ppo_epochs: int = Field(1, gt=0)
     micro_batch_size: int = Field(16, gt=0)
     kl_coef: float = Field(0.05, ge=0)
+    """R = score - kl_coef * sum_t (log pi - log pref) (0 disables and frees the reference)."""
     cliprange: float = Field(0.2, gt=0)
     save_every: int = Field(0, ge=0)
+    """Checkpoint every N iterations (0: use train.save_every); a checkpoint is always written at the end."""
 
 
 class RLOOConfig(Section):

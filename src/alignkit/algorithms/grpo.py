@@ -28,6 +28,13 @@ One iteration (Shao et al. 2024, DeepSeekMath, Algorithm 1 with outcome supervis
    ===========  ==================================  ===========  =====================
 
    with L_max = ``generation.max_new_tokens`` (Liu et al. 2025, Dr. GRPO; Yu et al. 2025, DAPO).
+
+Logged per iteration (metrics.jsonl, TensorBoard): scores (mean raw reward), rewards/<name>,
+objective/scores (mean shaped reward the advantages use), objective/kl (mean over sequences of
+sum_t log pi_old - log pref, comparable with PPO/RLOO), objective/kl_k3 (token mean of the k3 term
+in the loss), objective/entropy, advantages/std, policy/clipfrac, policy/approxkl, policy/ratio,
+loss/policy, grad_norm, response_length, no_eos_frac, frac_equal_groups, dapo/* (dynamic sampling),
+lr, time/generation, time/scoring, time/training; eval/* at step 0 and at the end (greedy).
 """
 
 from __future__ import annotations

@@ -254,7 +254,7 @@ def iteration_metrics(exp: Experience, mb_stats: list[dict[str, float]]) -> dict
         "objective/scores": float(exp.scores.mean()),
         "objective/non_score_reward": float((-exp.kl_coef * kl_sum).mean()),
         "objective/rlhf_reward": float((exp.scores - exp.kl_coef * kl_sum).mean()),
-        "scores": float(exp.raw_scores.mean()),
+        "scores": float(exp.raw_scores.mean()),  # reward model + components, before the missing-EOS penalty
         "returns": float(masked_mean(exp.returns, mask)),
         "advantages": float(masked_mean(exp.advantages, mask)),
         "response_length": float(mask.sum(1).mean()),

@@ -28,6 +28,12 @@ One iteration:
    (rho = 1) the gradient is -(1/B) sum_i A_i (1/|o_i|) grad log pi(o_i), i.e. REINFORCE with the
    leave-one-out baseline on the length-normalised log-likelihood. With ``ppo_epochs = 1`` the
    update is exactly on-policy and clipping never triggers.
+
+Logged per iteration: scores, rewards/<name>, objective/scores (with the missing-EOS penalty),
+objective/kl (mean sum_t log pi_old - log pref), objective/non_score_reward, objective/rlhf_reward
+(mean R), objective/entropy, advantages/std, policy/clipfrac, policy/approxkl, policy/ratio,
+loss/policy, grad_norm, response_length, no_eos_frac, lr, time/generation, time/scoring,
+time/training; eval/* at step 0 and at the end (greedy) when ``data.eval`` is set.
 """
 
 from __future__ import annotations

@@ -33,10 +33,26 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import Tensor
+from transformers import get_scheduler
 
+from alignkit.models.loading import (
+    copy_frozen,
+    disable_dropout,
+    is_peft,
+    load_policy,
+    load_tokenizer,
+    reference_context,
+    save_model,
+)
 from alignkit.ops.stats import aggregate_token_losses, masked_mean, masked_sum
+from alignkit.rewards.combine import apply_missing_eos_penalty, build_reward
 from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, response_logprobs
+from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
+from alignkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from alignkit.train.logging import MetricsLogger
+from alignkit.train.run import RunError, log, prepare_run_dir, set_seed, write_summary
 
 TokenLossFn = Callable[[Tensor, Tensor, "Tensor | None", Tensor], "tuple[Tensor, dict[str, Tensor]]"]
 """``(logprobs [b, T], old_logprobs [b, T], ref_logprobs [b, T] | None, advantages [b] or [b, T])
@@ -153,8 +169,6 @@ def rollout_logprobs(
     The reference is ``ref_model`` if given, else (``use_reference``) ``model`` with its LoRA
     adapters disabled (``reference_context``); no reference at all when neither.
     """
-    from alignkit.models.loading import reference_context
-
     old_logprobs, entropy = response_logprobs(
         model, rollout, temperature, return_entropy=True, micro_batch_size=micro_batch_size
     )
@@ -255,8 +269,6 @@ def update_policy(
 def build_optimizer(model, train_cfg, total_steps: int):
     """AdamW over the trainable parameters + the ``train.scheduler`` schedule over ``total_steps``
     optimizer steps, with ``train.warmup_steps`` of linear warm-up."""
-    from transformers import get_scheduler
-
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the policy has no trainable parameters")
@@ -311,24 +323,17 @@ class PolicyRun:
     # ------------------------------------------------------------ setup
     @classmethod
     def start(cls, cfg, name: str, resume: bool, total_steps: int, needs_reference: bool) -> "PolicyRun":
-        from accelerate import Accelerator
-
-        from alignkit.models.loading import copy_frozen, disable_dropout, is_peft, load_policy, load_tokenizer
-        from alignkit.rewards.combine import build_reward
-        from alignkit.rollout.prompts import PromptSampler, load_prompts
-        from alignkit.train.logging import MetricsLogger
-        from alignkit.train.run import RunError, log, prepare_run_dir, set_seed
-
-        run_dir = prepare_run_dir(cfg, cfg.train.output_dir, resume, name)
-        set_seed(cfg.train.seed)
         accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
         if accelerator.num_processes > 1:
             raise RunError(f"{name} runs in a single process for now; got {accelerator.num_processes} processes")
+        # data and rewards are validated before anything is written
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         prompts = load_prompts(cfg.data, tokenizer, cfg.generation.max_new_tokens, "train", log)
         eval_prompts = load_prompts(cfg.data, tokenizer, cfg.generation.max_new_tokens, "eval", log)
         reward_models: dict = {}
         reward_fn = build_reward(cfg.reward, tokenizer, reward_models)
+        run_dir = prepare_run_dir(cfg, cfg.train.output_dir, resume, name)
+        set_seed(cfg.train.seed)
         for scorer in reward_models.values():
             scorer.model.to(accelerator.device)
         model = load_policy(cfg.model, tokenizer)
@@ -362,9 +367,6 @@ class PolicyRun:
 
     # ------------------------------------------------------------ checkpoints
     def _resume(self) -> None:
-        from alignkit.train.checkpoint import latest_checkpoint, load_checkpoint
-        from alignkit.train.run import log
-
         path = latest_checkpoint(self.run_dir)
         if path is None:
             log(f"--resume: no checkpoint in {self.run_dir}; starting from the beginning")
@@ -378,8 +380,6 @@ class PolicyRun:
         log(f"--resume: restored {path} (iteration {self.iteration})")
 
     def save_checkpoint(self, iteration: int) -> Path:
-        from alignkit.train.checkpoint import save_checkpoint
-
         self.iteration = self.last_saved = iteration
         self.loop_state.update(sampler=self.sampler.state_dict(), iteration=iteration)
         return save_checkpoint(
@@ -394,9 +394,6 @@ class PolicyRun:
         rewards = scores with the missing-EOS penalty (``reward.missing_eos_penalty``) applied.
         Adds the elapsed seconds to ``timings["generation"]`` and ``timings["scoring"]``.
         """
-        from alignkit.rewards.combine import apply_missing_eos_penalty
-        from alignkit.rollout.prompts import prompt_batch
-
         g = self.cfg.generation
         t0 = time.perf_counter()
         batch = prompt_batch(prompts, self.tokenizer.pad_token_id)
@@ -449,9 +446,6 @@ class PolicyRun:
     # ------------------------------------------------------------ end
     def finish(self, name: str, last_metrics: dict[str, float], extra: dict | None = None) -> dict:
         """Final checkpoint, eval after training, final model (``model/``), summary.json."""
-        from alignkit.models.loading import save_model
-        from alignkit.train.run import log, write_summary
-
         if self.last_saved != self.iteration:
             self.save_checkpoint(self.iteration)
         eval_after = self.evaluate()

@@ -1,0 +1,445 @@
+"""GRPO: alignkit vs TRL on the same job; then alignkit's PPO step cost vs its SFT step cost.
+
+Part 1, GRPO. Both frameworks get the same policy (the embedded SmolLM2-135M-Instruct cut to its first
+``--layers`` layers, loaded from the same folder; the reference is the same initial weights), the same
+prompts in the same order (``builtin:arithmetic`` train, alignkit's prompt-sampler order; TRL reads
+the dataset unshuffled), the same reward (``common.arithmetic_correct``, a plain function both call),
+G completions per prompt, ``--max-new-tokens``, temperature, top_p 1 / no top-k, ``loss_type=grpo``
+(per-sequence token mean, rewards scaled by the group std), clip eps 0.2, KL beta, lr, fp32,
+one optimizer step per iteration over all P*G samples (TRL: generation batch = P*G, one gradient
+step per generation), grad clip 1.0, AdamW (torch, non-fused), no checkpoints, no eval.
+
+Per iteration we report generation / scoring / training seconds:
+- alignkit logs ``time/generation``, ``time/scoring``, ``time/training`` (old + reference log-probs +
+  forward/backward + optimizer step) in ``metrics.jsonl``;
+- TRL: the step (``on_step_begin`` -> ``on_step_end``) timed by a callback; generation and scoring from
+  TRL's own profiling contexts (``transformers.generate``, ``_calculate_rewards``), which only log to
+  wandb/mlflow/trackio, so their ``_log_metrics`` is wrapped to record durations; training = the rest.
+
+Part 2, alignkit PPO vs SFT on the same tokens (alignkit only): ``alignkit ppo`` with a small budget and a
+fresh one-output score head on the truncated model as reward model (its value model is a copy), then an
+SFT run whose records have the same prompt and response lengths as the PPO rollouts and whose optimizer
+steps see the same sequences per step (``rollout / num_minibatches``) as PPO's. Reported: seconds per
+optimizer step and per 1k trained tokens, and the ratio PPO / SFT (whole iteration, and its training
+part alone).
+
+    .venv/bin/python benchmarks/bench_grpo.py                 # the defaults: a few minutes
+    .venv/bin/python benchmarks/bench_grpo.py --skip-ppo --iterations 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+FRAMEWORKS = ("alignkit", "trl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=4, help="GRPO iterations = optimizer steps")
+    p.add_argument("--prompts", type=int, default=2, help="prompts per iteration")
+    p.add_argument("--num-generations", type=int, default=4, help="G")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--micro-batch-size", type=int, default=None, help="rows per forward/backward (default P*G)")
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-ppo", action="store_true")
+    p.add_argument("--ppo-iterations", type=int, default=2)
+    p.add_argument("--ppo-rollout", type=int, default=8, help="prompts (= responses) per PPO iteration")
+    p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--ppo-minibatches", type=int, default=2)
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/<date>-grpo.json)")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--worker", choices=("alignkit", "trl", "ppo", "sft"), help=argparse.SUPPRESS)
+    p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+# ================================================================================================ prompts
+def prompt_order(n_prompts: int, count: int, seed: int) -> list[int]:
+    """Indices of the first ``count`` prompts alignkit's ``PromptSampler`` draws (its epoch permutations)."""
+    from alignkit.rollout.prompts import PromptSampler
+
+    sampler = PromptSampler([{"i": i} for i in range(n_prompts)], seed)
+    return [p["i"] for p in sampler.next(count)]
+
+
+def arithmetic_records() -> list[dict[str, str]]:
+    """``builtin:arithmetic`` train, exactly as alignkit loads it."""
+    from alignkit.data.builtin import load_builtin
+
+    return load_builtin("builtin:arithmetic", "train")
+
+
+# ================================================================================================ GRPO workers
+def alignkit_grpo_config(spec: dict, run_dir: Path):
+    from alignkit import config as AC
+
+    return AC.GRPOConfig(
+        model=AC.ModelConfig(name_or_path=C.EMBEDDED_MODEL, num_hidden_layers=spec["layers"], dtype="float32"),
+        data=AC.RLDataConfig(train="builtin:arithmetic"),
+        train=AC.TrainConfig(output_dir=str(run_dir), seed=spec["seed"], lr=spec["lr"], weight_decay=0.0,
+                             adam_betas=(0.9, 0.999), scheduler="constant", warmup_steps=0, max_grad_norm=1.0,
+                             save_model=False, cpu=True, log_every=1),
+        generation=AC.GenerationSection(max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
+                                        top_p=1.0, top_k=0, batch_size=spec["prompts"]),
+        reward=AC.RewardSection(components=[AC.RewardComponent(type="callable", name="arithmetic",
+                                                               path="common:alignkit_arithmetic_reward")]),
+        grpo=AC.GRPOSection(loss_type="grpo", num_generations=spec["G"], prompts_per_iteration=spec["prompts"],
+                            num_iterations=spec["iterations"], ppo_epochs=1, micro_batch_size=spec["micro_batch_size"],
+                            beta=spec["beta"], eps_low=0.2, scale_rewards=True),
+    )
+
+
+def alignkit_grpo_worker(spec: dict, t_start: float) -> dict[str, Any]:
+    from alignkit.algorithms import grpo
+    from alignkit.train.logging import read_metrics
+
+    run_dir = Path(spec["workdir"]) / "alignkit-grpo"
+    cfg = alignkit_grpo_config(spec, run_dir)
+    rss_import, load_before = C.peak_rss_mb(), C.load_average()
+    t0 = time.perf_counter()
+    grpo.train(cfg)
+    train_call_s = time.perf_counter() - t0
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "time/generation" in r]
+    iters = [{"generation_s": r["time/generation"], "scoring_s": r["time/scoring"], "training_s": r["time/training"],
+              "step_s": r["time/generation"] + r["time/scoring"] + r["time/training"],
+              "completion_length": r["response_length"], "reward": r["scores"], "loss": r.get("loss/policy")}
+             for r in rows]
+    return {"iterations": iters, "train_call_s": train_call_s, "peak_rss_mb": C.peak_rss_mb(),
+            "rss_after_import_mb": rss_import, "load_average_before": load_before,
+            "load_average_after": C.load_average(), "worker_total_s": time.perf_counter() - t_start}
+
+
+def trl_grpo_worker(spec: dict, t_start: float) -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    import trl
+    import trl.extras.profiling as profiling
+    from alignkit.models.loading import load_tokenizer
+
+    durations: list[tuple[int, str, float]] = []  # (step, block name, seconds)
+    original_log = profiling.ProfilingContext._log_metrics
+
+    def record(self, duration: float) -> None:
+        durations.append((self.step, self.name, duration))
+        original_log(self, duration)
+
+    profiling.ProfilingContext._log_metrics = record
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps: list[float] = []
+            self._t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append(time.perf_counter() - self._t0)
+
+    rss_import, load_before = C.peak_rss_mb(), C.load_average()
+    records = arithmetic_records()
+    order = prompt_order(len(records), spec["prompts"] * spec["iterations"], spec["seed"])
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": records[i]["prompt"]}],
+                                  "answer": records[i]["answer"]} for i in order])
+    tokenizer = load_tokenizer(C.EMBEDDED_MODEL)
+    rows = spec["prompts"] * spec["G"]
+    args = trl.GRPOConfig(
+        output_dir=str(Path(spec["workdir"]) / "trl-grpo"), max_steps=spec["iterations"],
+        per_device_train_batch_size=spec["micro_batch_size"],
+        gradient_accumulation_steps=rows // spec["micro_batch_size"], num_generations=spec["G"],
+        max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=0,
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0,
+        beta=spec["beta"], loss_type="grpo", scale_rewards="group", epsilon=0.2, num_iterations=1,
+        shuffle_dataset=False, seed=spec["seed"], logging_steps=1, report_to="none", save_strategy="no",
+        eval_strategy="no", bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+        disable_tqdm=True, log_completions=False,
+        model_init_kwargs={"num_hidden_layers": spec["layers"], "dtype": "float32"},
+    )
+    timer = StepTimer()
+    trainer = trl.GRPOTrainer(model=C.embedded_model_dir(), reward_funcs=C.trl_arithmetic_reward, args=args,
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    t0 = time.perf_counter()
+    trainer.train()
+    train_call_s = time.perf_counter() - t0
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    iters = []
+    for i, step_s in enumerate(timer.steps):
+        gen = sum(d for s, n, d in durations if s == i and n.endswith(".transformers.generate"))
+        score = sum(d for s, n, d in durations if s == i and n.endswith("._calculate_rewards"))
+        log = logs[i] if i < len(logs) else {}
+        iters.append({"generation_s": gen, "scoring_s": score, "training_s": step_s - gen - score, "step_s": step_s,
+                      "completion_length": log.get("completions/mean_length"), "reward": log.get("reward"),
+                      "loss": log.get("loss")})
+    blocks: dict[str, float] = {}
+    for _, name, d in durations:
+        blocks[name] = blocks.get(name, 0.0) + d
+    return {"iterations": iters, "train_call_s": train_call_s, "profiling_totals_s": blocks,
+            "peak_rss_mb": C.peak_rss_mb(), "rss_after_import_mb": rss_import, "load_average_before": load_before,
+            "load_average_after": C.load_average(), "worker_total_s": time.perf_counter() - t_start}
+
+
+# ================================================================================================ PPO vs SFT
+def save_fresh_reward_model(spec: dict) -> str:
+    """A one-output score head (N(0, 1/sqrt(d+1)), alignkit's init) on the truncated model, saved loadable."""
+    import torch
+
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_reward_model, load_tokenizer, save_model
+
+    torch.manual_seed(spec["seed"])
+    tokenizer = load_tokenizer(C.EMBEDDED_MODEL)
+    model = load_reward_model(ModelConfig(name_or_path=C.EMBEDDED_MODEL, num_hidden_layers=spec["layers"]), tokenizer)
+    return str(save_model(model, tokenizer, Path(spec["workdir"]) / "fresh-rm"))
+
+
+def alignkit_ppo_worker(spec: dict, t_start: float) -> dict[str, Any]:
+    from alignkit import config as AC
+    from alignkit.algorithms import ppo
+    from alignkit.train.logging import read_metrics
+
+    rm_dir = save_fresh_reward_model(spec)
+    run_dir = Path(spec["workdir"]) / "alignkit-ppo"
+    micro = spec["ppo_rollout"] // spec["ppo_minibatches"]
+    cfg = AC.PPOConfig(
+        model=AC.ModelConfig(name_or_path=C.EMBEDDED_MODEL, num_hidden_layers=spec["layers"], dtype="float32"),
+        data=AC.RLDataConfig(train="builtin:arithmetic"),
+        train=AC.TrainConfig(output_dir=str(run_dir), seed=spec["seed"], lr=spec["lr"], scheduler="constant",
+                             max_grad_norm=1.0, save_model=False, cpu=True),
+        generation=AC.GenerationSection(max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
+                                        top_p=1.0, top_k=0, batch_size=spec["ppo_rollout"]),
+        ppo=AC.PPOSection(reward_model=rm_dir, rollout_batch_size=spec["ppo_rollout"],
+                          num_iterations=spec["ppo_iterations"], ppo_epochs=spec["ppo_epochs"],
+                          num_minibatches=spec["ppo_minibatches"], micro_batch_size=micro, missing_eos_penalty=None),
+    )
+    rss_import = C.peak_rss_mb()
+    ppo.train(cfg)
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "time/generation" in r]
+    return {"iterations": [{"generation_s": r["time/generation"], "scoring_s": r["time/scoring"],
+                            "training_s": r["time/training"], "response_length": r["response_length"]} for r in rows],
+            "optimizer_steps_per_iteration": spec["ppo_epochs"] * spec["ppo_minibatches"],
+            "peak_rss_mb": C.peak_rss_mb(), "rss_after_import_mb": rss_import,
+            "load_average": C.load_average(), "worker_total_s": time.perf_counter() - t_start}
+
+
+def sft_records_like_ppo(n: int, response_tokens: int, prompts: list[str], tokenizer) -> list[dict[str, str]]:
+    """``n`` SFT records with PPO's prompts and a completion of ``response_tokens - 1`` tokens (+ EOS)."""
+    from alignkit.data.builtin import sft_demonstrations
+
+    filler = " ".join(d["completion"] for d in sft_demonstrations())
+    ids = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    out = []
+    for i in range(n):
+        start = (i * 7) % max(1, len(ids) - response_tokens)
+        text = tokenizer.decode(ids[start : start + max(1, response_tokens - 1)])
+        out.append({"prompt": prompts[i % len(prompts)], "completion": text})
+    return out
+
+
+def sft_like_ppo_worker(spec: dict, t_start: float) -> dict[str, Any]:
+    """alignkit SFT over the same number of sequences per optimizer step as PPO, via bench_offline's worker."""
+    import bench_offline
+
+    from alignkit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(C.EMBEDDED_MODEL)
+    records = arithmetic_records()
+    order = prompt_order(len(records), spec["ppo_rollout"] * spec["ppo_iterations"], spec["seed"])
+    prompts = [records[i]["prompt"] for i in order]
+    steps = spec["ppo_iterations"] * spec["ppo_epochs"] * spec["ppo_minibatches"]
+    batch = spec["ppo_rollout"] // spec["ppo_minibatches"]
+    rows = sft_records_like_ppo(steps * batch, spec["sft_response_tokens"], prompts, tokenizer)
+    path = Path(spec["workdir"]) / "sft_like_ppo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    offline_spec = {"layers": spec["layers"], "steps": steps, "batch_size": batch, "grad_accum": 1,
+                    "max_length": 1024, "lr": spec["lr"], "seed": spec["seed"], "workdir": spec["workdir"],
+                    "data": {"sft": str(path)}, "repeat": "like-ppo"}
+    return bench_offline.alignkit_worker("sft", offline_spec, t_start)
+
+
+# ================================================================================================ dispatch
+def worker_main(args: argparse.Namespace, t_start: float) -> int:
+    spec = json.loads(args.spec.read_text(encoding="utf-8"))
+    fn = {"alignkit": alignkit_grpo_worker, "trl": trl_grpo_worker, "ppo": alignkit_ppo_worker,
+          "sft": sft_like_ppo_worker}[args.worker]
+    try:
+        result = fn(spec, t_start)
+    except Exception as e:  # noqa: BLE001 - recorded verbatim in the results
+        import traceback
+
+        traceback.print_exc()
+        result = {"error": f"{type(e).__name__}: {e}"}
+    result["worker"] = args.worker
+    C.write_json(args.worker_out, result)
+    return 0 if "error" not in result else 1
+
+
+def mean(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def per_iteration_summary(result: dict) -> dict[str, float | None]:
+    """Means over iterations 2.. (the first one carries one-off warm-up), and over all of them."""
+    its = result.get("iterations") or []
+    steady = its[1:] if len(its) > 1 else its
+    out: dict[str, float | None] = {f"{k}_mean": mean([i[k] for i in steady])
+                                    for k in ("generation_s", "scoring_s", "training_s", "step_s")}
+    out["step_s_first"] = its[0]["step_s"] if its else None
+    out["completion_length_mean"] = mean([i["completion_length"] for i in its])
+    out["reward_mean"] = mean([i["reward"] for i in its])
+    return out
+
+
+def grpo_table(results: dict[str, dict]) -> str:
+    rows = []
+    for key, label in (("step_s_mean", "step s (iterations 2..n)"), ("generation_s_mean", "  generation s"),
+                       ("scoring_s_mean", "  scoring s"), ("training_s_mean", "  training s"),
+                       ("step_s_first", "first step s"), ("completion_length_mean", "completion tokens (mean)"),
+                       ("reward_mean", "reward (mean)"), ("peak_rss_mb", "peak RSS MiB"),
+                       ("process_wall_s", "process wall s")):
+        a = results.get("alignkit", {}).get(key)
+        t = results.get("trl", {}).get(key)
+        rows.append([label, a, t, C.ratio(t, a) if key.endswith("_s_mean") or key == "step_s_first" else None])
+    return C.markdown_table(["GRPO", "alignkit", "TRL", "ratio TRL/alignkit"], rows)
+
+
+def ppo_sft_summary(ppo: dict, sft: dict, spec: dict) -> tuple[dict[str, Any], str]:
+    """Per optimizer step and per 1k trained tokens: PPO (whole iteration / training part) vs SFT."""
+    its = ppo["iterations"]
+    steady = its[1:] if len(its) > 1 else its
+    steps_per_it = ppo["optimizer_steps_per_iteration"]
+    prompt_tokens = spec["ppo_prompt_tokens_mean"]
+    resp = mean([i["response_length"] for i in its])
+    # tokens through forward+backward per PPO iteration: every rollout sequence, ppo_epochs times
+    ppo_tokens = spec["ppo_epochs"] * spec["ppo_rollout"] * (prompt_tokens + resp)
+    it_s = mean([i["generation_s"] + i["scoring_s"] + i["training_s"] for i in steady])
+    train_s = mean([i["training_s"] for i in steady])
+    sft_step_s = sft["loop_s"] / sft["steps"]
+    summary = {
+        "ppo_iteration_s": it_s, "ppo_generation_s": mean([i["generation_s"] for i in steady]),
+        "ppo_scoring_s": mean([i["scoring_s"] for i in steady]), "ppo_training_s": train_s,
+        "ppo_step_s_whole": it_s / steps_per_it, "ppo_step_s_training": train_s / steps_per_it,
+        "ppo_trained_tokens_per_iteration": ppo_tokens, "ppo_response_length": resp,
+        "sft_step_s": sft_step_s, "sft_tokens": sft["tokens"], "sft_steps": sft["steps"],
+        "ppo_ms_per_1k_tokens_whole": 1e6 * it_s / ppo_tokens, "ppo_ms_per_1k_tokens_training": 1e6 * train_s / ppo_tokens,
+        "sft_ms_per_1k_tokens": 1e6 * sft["loop_s"] / sft["tokens"],
+    }
+    summary["ratio_step_whole"] = summary["ppo_step_s_whole"] / sft_step_s
+    summary["ratio_step_training"] = summary["ppo_step_s_training"] / sft_step_s
+    summary["ratio_per_token_whole"] = summary["ppo_ms_per_1k_tokens_whole"] / summary["sft_ms_per_1k_tokens"]
+    summary["ratio_per_token_training"] = summary["ppo_ms_per_1k_tokens_training"] / summary["sft_ms_per_1k_tokens"]
+    rows = [
+        ["s per optimizer step", summary["ppo_step_s_whole"], summary["ppo_step_s_training"], sft_step_s,
+         summary["ratio_step_whole"], summary["ratio_step_training"]],
+        ["ms per 1k trained tokens", summary["ppo_ms_per_1k_tokens_whole"], summary["ppo_ms_per_1k_tokens_training"],
+         summary["sft_ms_per_1k_tokens"], summary["ratio_per_token_whole"], summary["ratio_per_token_training"]],
+    ]
+    table = C.markdown_table(["alignkit", "PPO (whole iteration)", "PPO (training part)", "SFT",
+                              "ratio PPO whole / SFT", "ratio PPO training / SFT"], rows)
+    table += (f"\n\nPPO iteration (iterations 2..n): generation {summary['ppo_generation_s']:.2f} s, scoring + "
+              f"experience {summary['ppo_scoring_s']:.2f} s, training {train_s:.2f} s "
+              f"({steps_per_it} optimizer steps, {ppo_tokens:.0f} trained tokens); SFT: {sft['steps']} steps, "
+              f"{sft['tokens']} tokens, {sft['loop_s']:.2f} s")
+    return summary, table
+
+
+def parent_main(args: argparse.Namespace) -> int:
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="alignkit-bench-grpo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = args.prompts * args.num_generations
+    mb = args.micro_batch_size or rows
+    if rows % mb:
+        raise SystemExit(f"--micro-batch-size {mb} must divide prompts*G = {rows}")
+    if args.ppo_rollout % args.ppo_minibatches:
+        raise SystemExit("--ppo-rollout must be divisible by --ppo-minibatches")
+    spec = {"layers": args.layers, "iterations": args.iterations, "prompts": args.prompts, "G": args.num_generations,
+            "max_new_tokens": args.max_new_tokens, "micro_batch_size": mb, "lr": args.lr, "beta": args.beta,
+            "temperature": args.temperature, "seed": args.seed, "workdir": str(workdir),
+            "ppo_iterations": args.ppo_iterations, "ppo_rollout": args.ppo_rollout, "ppo_epochs": args.ppo_epochs,
+            "ppo_minibatches": args.ppo_minibatches}
+    spec_path = workdir / "spec.json"
+    C.write_json(spec_path, spec)
+
+    def run(worker: str) -> dict:
+        out = workdir / f"result-{worker}.json"
+        print(f"[{time.strftime('%H:%M:%S')}] {worker} ...", flush=True)
+        r = C.run_worker([__file__, "--worker", worker, "--spec", str(spec_path), "--worker-out", str(out)],
+                         out, workdir / f"log-{worker}.txt", args.timeout)
+        print("    " + (r["error"].splitlines()[-1] if "error" in r else f"done in {r['process_wall_s']:.1f} s"),
+              flush=True)
+        return r
+
+    grpo: dict[str, dict] = {}
+    for fw in frameworks:
+        r = run(fw)
+        if "error" not in r:
+            r.update(per_iteration_summary(r))
+        grpo[fw] = r
+    table = grpo_table(grpo)
+    print("\n" + table)
+    payload: dict[str, Any] = {"command": C.command_line(), "spec": spec, "machine": C.machine_info(), "grpo": grpo,
+                               "grpo_table_markdown": table}
+
+    if not args.skip_ppo:
+        ppo = run("ppo")
+        payload["ppo"] = ppo
+        if "error" not in ppo:
+            resp = round(mean([i["response_length"] for i in ppo["iterations"]]))
+            spec.update(sft_response_tokens=resp, ppo_prompt_tokens_mean=mean_prompt_tokens(spec))
+            C.write_json(spec_path, spec)
+            sft = run("sft")
+            payload["sft_like_ppo"] = sft
+            if "error" not in sft:
+                summary, ppo_table = ppo_sft_summary(ppo, sft, spec)
+                payload["ppo_vs_sft"] = summary
+                payload["ppo_vs_sft_table_markdown"] = ppo_table
+                print("\n" + ppo_table)
+    out_path = args.out or C.results_path("grpo")
+    C.write_json(out_path, payload)
+    print(f"\nresults: {out_path}")
+    return 0
+
+
+def mean_prompt_tokens(spec: dict) -> float:
+    """Mean prompt tokens (chat template included) of the prompts the PPO run drew."""
+    from alignkit.data.tokenize import encode, render_prompt
+    from alignkit.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(C.EMBEDDED_MODEL)
+    records = arithmetic_records()
+    order = prompt_order(len(records), spec["ppo_rollout"] * spec["ppo_iterations"], spec["seed"])
+    lengths = [len(encode(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": records[i]["prompt"]}])))
+               for i in order]
+    return sum(lengths) / len(lengths)
+
+
+def main() -> int:
+    t_start = time.perf_counter()
+    args = build_parser().parse_args()
+    if args.worker:
+        return worker_main(args, t_start)
+    return parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Shared helpers of the alignkit-vs-TRL benchmarks (``bench_offline.py``, ``bench_grpo.py``).
+
+- worker subprocesses: every (framework, job) pair runs in its own Python process, so each one's
+  peak resident memory (``ru_maxrss``) is its own and no allocator state leaks between them;
+- the machine's fp32 matmul peak and the model FLOP count used for the achieved-FLOP/s estimate;
+- the arithmetic reward both GRPO implementations call;
+- markdown tables and the results JSON.
+
+Nothing here imports TRL: only the TRL workers do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+# ---------------------------------------------------------------------------------------------- process
+def peak_rss_mb() -> float:
+    """Peak resident set size of THIS process so far, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_average() -> list[float]:
+    """1/5/15-minute load averages: the CPU is shared, so every timing is stored with the load it ran under."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "trl", "accelerate", "alignkit"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing version is reported as such
+            versions[name] = "n/a"
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "load_average": load_average(),
+    }
+
+
+def run_worker(argv: list[str], out_json: Path, log_path: Path, timeout_s: float) -> dict[str, Any]:
+    """Run ``python <argv...>`` as a subprocess that writes its result to ``out_json``.
+
+    stdout/stderr go to ``log_path``. Returns the worker's JSON plus ``process_wall_s`` (spawn to exit,
+    imports included) and ``returncode``; on failure ``error`` holds the tail of the log.
+    """
+    t0 = time.perf_counter()
+    env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    with open(log_path, "w", encoding="utf-8") as log:
+        try:
+            proc = subprocess.run([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  timeout=timeout_s, check=False)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = -9
+    wall = time.perf_counter() - t0
+    result: dict[str, Any] = {}
+    if out_json.is_file():
+        result = json.loads(out_json.read_text(encoding="utf-8"))
+    result.update(process_wall_s=wall, returncode=code, log=str(log_path))
+    if code != 0 or "error" in result:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:]
+        result.setdefault("error", "\n".join(tail) if code != -9 else f"timed out after {timeout_s:.0f} s")
+    return result
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+
+
+def results_path(kind: str) -> Path:
+    """``benchmarks/results/<YYYY-MM-DD>-<kind>.json``."""
+    return RESULTS_DIR / f"{time.strftime('%Y-%m-%d')}-{kind}.json"
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> dict[str, float]:
+    """Achievable fp32 matmul throughput of this machine with torch's current thread count.
+
+    One ``[n, n] @ [n, n]`` costs ``2 n^3`` FLOPs; repeated for ``seconds`` after one warm-up call.
+    Returns ``peak`` (best single matmul) and ``median`` GFLOP/s.
+    """
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up (thread pool, allocator)
+    flops = 2.0 * n**3
+    rates: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(rates) < 3:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        rates.append(flops / (time.perf_counter() - t0) / 1e9)
+    return {"n": n, "calls": len(rates), "peak_gflops": max(rates), "median_gflops": statistics.median(rates),
+            "threads": torch.get_num_threads()}
+
+
+def matmul_params(config: Any, lm_head: bool, num_labels: int = 1) -> int:
+    """Weights that take part in a matmul per token, for the ``6 N D`` training-FLOPs estimate
+    (Kaplan et al. 2020, eq. 2.1: C ≈ 6 N D, forward 2 N D + backward 4 N D).
+
+    Per decoder layer (Llama):  N_layer = d (h d_h) + 2 d (h_kv d_h) + (h d_h) d + 3 d d_ff
+    Whole model:                N = L N_layer + (V d if lm_head else d num_labels)
+
+    The input embedding is a lookup (no FLOPs) and is not counted; with tied embeddings the LM head
+    reuses that matrix and IS counted. Attention-score FLOPs (4 T d per layer and token) and norms
+    are left out: at T <= 128 they add about 5 %.
+    """
+    d = config.hidden_size
+    h = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or h
+    d_h = getattr(config, "head_dim", None) or d // h
+    per_layer = d * h * d_h + 2 * d * kv * d_h + h * d_h * d + 3 * d * config.intermediate_size
+    head = config.vocab_size * d if lm_head else d * num_labels
+    return config.num_hidden_layers * per_layer + head
+
+
+def training_flops(n_params: int, tokens: int) -> float:
+    """C = 6 N D (forward + backward) for D tokens through N matmul weights."""
+    return 6.0 * n_params * tokens
+
+
+def forward_flops(n_params: int, tokens: int) -> float:
+    """C = 2 N D: a no-grad forward (reference / old log-probs) or one decoding step per token."""
+    return 2.0 * n_params * tokens
+
+
+def embedded_model_dir() -> str:
+    """The converted SmolLM2-135M-Instruct folder (a plain ``from_pretrained`` directory)."""
+    from alignkit.models.embedded import resolve_model_path
+
+    return resolve_model_path(EMBEDDED_MODEL)
+
+
+def truncated_config(layers: int | None) -> Any:
+    from transformers import AutoConfig
+
+    kwargs = {} if layers is None else {"num_hidden_layers": layers}
+    return AutoConfig.from_pretrained(embedded_model_dir(), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- reward
+def arithmetic_correct(completion: str, answer: str) -> float:
+    """1.0 if the last number written in ``completion`` equals ``answer`` exactly (as rationals), else 0.0.
+
+    A plain function shared by both GRPO runs, so both optimise the same reward.
+    """
+    import re
+
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", completion.replace(",", ""))
+    if not numbers:
+        return 0.0
+    try:
+        return float(Fraction(numbers[-1]) == Fraction(str(answer).strip()))
+    except (ValueError, ZeroDivisionError):
+        return 0.0
+
+
+def alignkit_arithmetic_reward(prompts: list[str], completions: list[str], extras: list[dict]):
+    """alignkit's reward signature ``(prompts, completions, extras) -> [B] float32 tensor``."""
+    import torch
+
+    return torch.tensor([arithmetic_correct(c, e["answer"]) for c, e in zip(completions, extras)],
+                        dtype=torch.float32)
+
+
+def trl_arithmetic_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """TRL's reward signature: ``completions`` are message lists for conversational prompts."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [arithmetic_correct(t, a) for t, a in zip(texts, answer)]
+
+
+# ---------------------------------------------------------------------------------------------- output
+def fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        if x != x:  # NaN
+            return "n/a"
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
+    sep = "| " + " | ".join("-" * w for w in widths) + " |"
+    body = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    return "\n".join([line, sep, *body])
+
+
+def command_line() -> str:
+    """How this script was invoked, relative to the repo root (for the README)."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_s = str(script.relative_to(REPO_ROOT))
+    except ValueError:
+        script_s = str(script)
+    return " ".join([".venv/bin/python", script_s, *sys.argv[1:]])
