@@ -162,3 +162,19 @@ def test_nan_loss_stops_with_message(tiny, tmp_path, capsys):
     assert "step-00000001" in err  # names the last good checkpoint, which is kept
     assert (out / "checkpoints" / "step-00000001" / "state.json").is_file()
     assert not (out / "model").exists()
+
+
+def test_rm_groups_all_pairs_of_a_prompt_into_one_element():
+    from alignkit.algorithms.reward_model import collate_groups, group_pairs
+
+    pairs = [{"prompt_text": "p", "group": 0, "chosen_input_ids": [1, 5], "rejected_input_ids": [1, 6]},
+             {"prompt_text": "p", "group": 1, "chosen_input_ids": [1, 5], "rejected_input_ids": [1, 7]},
+             {"prompt_text": "q", "group": 2, "chosen_input_ids": [1, 8], "rejected_input_ids": [1, 9, 9]}]
+    groups = group_pairs(pairs, by_prompt=True)
+    assert [len(g) for g in groups] == [2, 1]
+    batch = collate_groups(groups, pad_token_id=0)
+    # the response [1, 5] is shared by both pairs of prompt p: scored once
+    assert batch["input_ids"].shape == (5, 3)
+    assert batch["chosen_idx"].tolist() == [0, 0, 3] and batch["rejected_idx"].tolist() == [1, 2, 4]
+    assert batch["pair_group"].tolist() == [0, 0, 1]
+    assert len(group_pairs(pairs, by_prompt=False)) == 3

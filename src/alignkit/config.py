@@ -496,6 +496,8 @@ class QuickstartConfig(Section):
     rm_epochs: int = Field(2, gt=0)
     rm_lr: float = Field(5e-5, gt=0)
     hhh_epochs: int = Field(2, gt=0)
+    dpo_pairs_per_prompt: int = Field(3, gt=0)
+    """DPO trains on this many of each prompt's annotated pairs (the reward model sees all of them)."""
     dpo_epochs: int = Field(1, gt=0)
     dpo_lr: float = Field(3e-4, gt=0)
     dpo_beta: float = Field(0.1, gt=0)

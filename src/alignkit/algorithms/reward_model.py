@@ -29,12 +29,15 @@ from alignkit.train.run import batches, evaluate, log, model_device, prepare_run
 
 
 def group_pairs(pairs: list[dict], by_prompt: bool) -> list[list[dict]]:
-    """One training example = all pairs of one prompt (InstructGPT) or a single pair."""
+    """One training example = all pairs of one prompt (InstructGPT) or a single pair.
+
+    Pairs share a prompt when they come from one ranking record or when their rendered prompt text is equal.
+    """
     if not by_prompt:
         return [[p] for p in pairs]
-    groups: dict[int, list[dict]] = defaultdict(list)
+    groups: dict[object, list[dict]] = defaultdict(list)
     for p in pairs:
-        groups[p["group"]].append(p)
+        groups[p.get("prompt_text", ("group", p["group"]))].append(p)
     return list(groups.values())
 
 

@@ -91,6 +91,18 @@ def annotate(groups: list[tuple[str, list[str], list[float]]], target_agreement:
     return records, stats
 
 
+def subsample_pairs(records: list[dict], per_prompt: int, seed: int) -> list[dict]:
+    """At most ``per_prompt`` annotated pairs per prompt (DPO costs ~2 forwards + 1 partial backward per pair on CPU)."""
+    rng = random.Random(seed + 7)
+    by_prompt: dict[str, list[dict]] = {}
+    for r in records:
+        by_prompt.setdefault(r["prompt"], []).append(r)
+    out = []
+    for rows in by_prompt.values():
+        out += rng.sample(rows, min(per_prompt, len(rows)))
+    return out
+
+
 def gold_pairs(prompts: list[str], responses: list[list[str]], gold: list[list[float]]) -> list[dict]:
     """Held-out pairs labelled by the gold score itself (ties dropped): the RM's accuracy target."""
     out = []
@@ -178,6 +190,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
               for i in range(len(train_records))]
     pref_records, ann = annotate(groups, q.annotator_agreement, q.n_annotators, q.seed)
     pref_file = write_jsonl(out / "data/preferences.jsonl", pref_records)
+    dpo_file = write_jsonl(out / "data/preferences_dpo.jsonl", subsample_pairs(pref_records, q.dpo_pairs_per_prompt, q.seed))
     log(f"collected {ann['n_pairs']} pairs from {len(train_prompts)} prompts x {K} samples; simulated annotators agree "
         f"with gold on {ann['agreement_with_gold']:.1%} of pairs (tau={ann['tau']:.3f})")
     timings["collect"] = time.time() - t
@@ -187,10 +200,11 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     base_model = load_policy(ModelConfig(name_or_path=q.policy), tok, trainable=False)
     ev: dict[str, PolicyEval] = {}
     ev["base"], _ = evaluate_policy("base", base_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                    reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 2)
+                                    batch_size=q.generation_batch_size, seed=q.seed + 2)
     del base_model
     ev["sft"], sft_roll = evaluate_policy("sft", sft_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                          reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 3)
+                                          batch_size=q.generation_batch_size, seed=q.seed + 3)
+    ev["sft"].kl_mean, ev["sft"].kl_se = 0.0, 0.0  # the SFT policy is the reference: KL(pi_sft || pi_sft) = 0 exactly
     E = q.eval_samples
     test_pairs = gold_pairs([r["prompt"] for r in eval_records], [sft_roll.response_texts[i * E:(i + 1) * E] for i in range(len(eval_prompts))],
                             [[s["gold"] for s in ev["sft"].samples[i * E:(i + 1) * E]] for i in range(len(eval_prompts))])
@@ -216,7 +230,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     t = time.time()
     from alignkit.algorithms import dpo
     dpo_cfg = DPOConfig(model=ModelConfig(name_or_path=sft_dir, lora=lora),
-                        data=DataConfig(train=str(pref_file), max_length=256),
+                        data=DataConfig(train=str(dpo_file), max_length=256),
                         train=_train_cfg(q, out / "dpo", q.dpo_lr, q.dpo_epochs),
                         dpo=DPOSection(loss="dpo", beta=q.dpo_beta))
     dpo_dir = dpo.train(dpo_cfg)["model_dir"]
@@ -248,6 +262,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
         "reward_model_hhh": {"test_accuracy": hhh_res.get("eval", {}).get("accuracy"),
                              "test_margin": hhh_res.get("eval", {}).get("margin")},
         "timings_s": timings, "total_s": total,
+        "n_dpo_pairs": sum(1 for _ in open(dpo_file, encoding="utf-8")),
         "artifacts": {"sft_model": sft_dir, "dpo_model": dpo_dir, "reward_model": rm_res["model_dir"],
                       "hhh_reward_model": hhh_res["model_dir"], "preferences": str(pref_file),
                       "heldout_gold_pairs": str(test_pair_file)},
