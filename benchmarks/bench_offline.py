@@ -18,9 +18,13 @@ same order and the same hyperparameters:
   the same seed in both), one pair per batch element.
 
 Each (framework, job) runs in its own subprocess; its peak RSS is read there (``ru_maxrss``).
-Timings: ``loop s`` = the optimizer steps only (alignkit: the loop's own per-step clock, i.e.
-tokens / ``tokens_per_s``; TRL: a callback summing ``on_step_begin`` -> ``on_step_end``); model
-loading, tokenisation, reference precompute and saving are outside it and reported separately.
+Timings: ``loop s`` = the optimizer steps only, from the first step's forward to the end of the last
+optimizer step; step k runs from its start to the start of step k+1 (so the logging after a step and
+the fetch of the next batch count in both frameworks). alignkit: clocks at its ``step_fn`` calls and at
+the loop's final checkpoint save; TRL: a callback's ``on_step_begin`` / ``on_step_end``. Model loading,
+tokenisation, reference precompute and saving are outside the loop and reported separately. With
+``--repeats R`` (frameworks alternate who goes first) the reported loop is the sum over steps of each
+step's fastest repeat: the CPU is shared, and that is the least-disturbed estimate of the same work.
 
     .venv/bin/python benchmarks/bench_offline.py                      # the defaults: a few minutes
     .venv/bin/python benchmarks/bench_offline.py --jobs dpo --layers 2 --steps 4
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trl-optim", default="adamw_torch",
                    help="TRL optimizer; alignkit uses torch.optim.AdamW (= adamw_torch). TRL's default is adamw_torch_fused")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs per (job, framework), alternating which framework goes first; the fastest is reported")
+                   help="runs per (job, framework), alternating which framework goes first; per step the fastest counts")
     p.add_argument("--matmul-seconds", type=float, default=4.0)
     p.add_argument("--timeout", type=float, default=900.0, help="per worker, seconds")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/<date>-offline.json)")
@@ -153,7 +157,8 @@ def token_count(job: str, examples: list[dict]) -> int:
 
 
 def instrument_alignkit(module, marks: dict) -> None:
-    """Record (wall, process CPU) clocks at the first ``step_fn`` call and at the final checkpoint save.
+    """Record (wall, process CPU) clocks at the first ``step_fn`` call and at the final checkpoint save,
+    and the wall clock at the first micro-batch of every optimizer step.
 
     The loop span is first step -> end of the last optimizer step (the loop's final ``save_checkpoint``
     follows it immediately), the same span the TRL callback measures. Timing only: nothing else changes.
@@ -167,14 +172,26 @@ def instrument_alignkit(module, marks: dict) -> None:
         return original_save(*a, **kw)
 
     def loop_marked(cfg, *, step_fn, **kw):
+        calls = []
+
         def step_marked(model, batch):
-            marks.setdefault("loop_start", (time.perf_counter(), time.process_time()))
+            now = time.perf_counter()
+            marks.setdefault("loop_start", (now, time.process_time()))
+            if len(calls) % cfg.grad_accum == 0:  # first micro-batch of an optimizer step
+                marks.setdefault("step_starts", []).append(now)
+            calls.append(now)
             return step_fn(model, batch)
 
         return original_loop(cfg, step_fn=step_marked, **kw)
 
     loop.save_checkpoint = save_marked
     module.train_loop = loop_marked
+
+
+def step_spans(starts: list[float], end: float) -> list[float]:
+    """Seconds of each optimizer step: from its start to the next step's start (the last: to ``end``),
+    so logging and fetching the next batch count in the step they follow, in both frameworks."""
+    return [b - a for a, b in zip(starts, [*starts[1:], end])]
 
 
 def alignkit_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
@@ -205,6 +222,7 @@ def alignkit_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
     return {
         "n_examples": len(examples), "tokens": tokens, "steps": summary["global_step"],
         "loop_s": loop_s, "loop_cpu_s": marks["loop_end"][1] - marks["loop_start"][1],
+        "step_s": step_spans(marks["step_starts"], marks["loop_end"][0]),
         "train_call_s": train_call_s, "outside_loop_s": train_call_s - loop_s,
         "framework_reported": {"wall_time_s": summary["wall_time_s"], "tokens_per_s": summary["tokens_per_s"],
                                "step_clock_s": tokens / summary["tokens_per_s"]},
@@ -258,22 +276,20 @@ def trl_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
     class StepTimer(TrainerCallback):
         """Loop span = first ``on_step_begin`` (after the first batch is fetched, before its forward) ->
         last ``on_step_end`` (after the last optimizer step), in wall and process-CPU seconds; plus
-        the seconds of each step."""
+        the start of every step."""
 
         def __init__(self) -> None:
-            self.steps: list[float] = []
+            self.starts: list[float] = []
             self.first: tuple[float, float] | None = None
             self.last: tuple[float, float] | None = None
-            self._t0 = 0.0
 
         def on_step_begin(self, args, state, control, **kw):
-            self._t0 = time.perf_counter()
+            self.starts.append(time.perf_counter())
             if self.first is None:
-                self.first = (self._t0, time.process_time())
+                self.first = (self.starts[0], time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
             self.last = (time.perf_counter(), time.process_time())
-            self.steps.append(self.last[0] - self._t0)
 
     rss_import = C.peak_rss_mb()
     load_before = C.load_average()
@@ -318,7 +334,7 @@ def trl_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
     return {
         "n_examples": len(trainer.train_dataset), "tokens": tokens, "tokens_alignkit_tokenisation": alignkit_tokens,
         "steps": trainer.state.global_step, "loop_s": loop_s, "loop_cpu_s": timer.last[1] - timer.first[1],
-        "step_s": timer.steps,
+        "step_s": step_spans(timer.starts, timer.last[0]),
         "train_call_s": train_call_s, "outside_loop_s": setup_s + train_call_s - loop_s, "setup_s": setup_s,
         "framework_reported": {k: v for k, v in output.metrics.items() if isinstance(v, (int, float))},
         "losses": losses, "final_loss": losses[-1] if losses else None,
@@ -353,10 +369,28 @@ def derived(result: dict, n_params: int, peak_gflops: float) -> dict[str, Any]:
             "fraction_of_peak": gflops / peak_gflops, "matmul_params": n_params}
 
 
-def best_run(runs: list[dict]) -> dict:
-    """The run with the shortest loop (least disturbed by other load on the shared CPU), else the last."""
+def aggregate(runs: list[dict]) -> dict[str, Any]:
+    """One row per (job, framework) from its repeats.
+
+    The CPU is shared with other users, so single steps are slowed at random. Both frameworks see the
+    same batches in the same order, so step k is the same work in every run: ``loop_s`` is the sum over
+    steps of the fastest repeat of that step (with one repeat: the run's loop). Also kept: each run's
+    loop, their median, and the largest peak RSS.
+    """
+    import statistics
+
     ok = [r for r in runs if "error" not in r]
-    return min(ok, key=lambda r: r["loop_s"]) if ok else runs[-1]
+    if not ok:
+        return dict(runs[-1])
+    best = dict(min(ok, key=lambda r: r["loop_s"]))
+    per_step = [min(steps) for steps in zip(*(r["step_s"] for r in ok))]
+    best.update(
+        loop_s=sum(per_step), step_s_min=per_step, loop_s_runs=[r["loop_s"] for r in ok],
+        loop_s_median=statistics.median(r["loop_s"] for r in ok),
+        loop_cpu_s_median=statistics.median(r["loop_cpu_s"] for r in ok),
+        peak_rss_mb=max(r["peak_rss_mb"] for r in ok), repeats_ok=len(ok),
+    )
+    return best
 
 
 def _pct(x: float | None) -> str | None:
@@ -375,9 +409,11 @@ def summary_tables(best: dict[str, dict[str, dict]], peak: dict) -> str:
             g(job, "alignkit", "peak_rss_mb"), g(job, "trl", "peak_rss_mb"),
             g(job, "alignkit", "final_loss"), g(job, "trl", "final_loss"),
         ])
-        ac, tc = g(job, "alignkit", "loop_cpu_s"), g(job, "trl", "loop_cpu_s")
+        am, tm = g(job, "alignkit", "loop_s_median"), g(job, "trl", "loop_s_median")
+        ac, tc = g(job, "alignkit", "loop_cpu_s_median"), g(job, "trl", "loop_cpu_s_median")
         time_rows.append([
-            job, g(job, "alignkit", "tokens"), g(job, "trl", "tokens"), ac, tc, C.ratio(tc, ac),
+            job, g(job, "alignkit", "tokens"), g(job, "trl", "tokens"), am, tm, C.ratio(tm, am), ac, tc,
+            C.ratio(tc, ac),
             g(job, "alignkit", "outside_loop_s"), g(job, "trl", "outside_loop_s"),
             g(job, "alignkit", "process_wall_s"), g(job, "trl", "process_wall_s"),
         ])
@@ -391,8 +427,8 @@ def summary_tables(best: dict[str, dict[str, dict]], peak: dict) -> str:
                           "alignkit peak RSS MiB", "TRL peak RSS MiB", "alignkit final loss", "TRL final loss"],
                          main_rows),
         "",
-        C.markdown_table(["job", "alignkit tokens", "TRL tokens", "alignkit loop CPU s", "TRL loop CPU s",
-                          "CPU ratio TRL/alignkit", "alignkit outside-loop s", "TRL outside-loop s",
+        C.markdown_table(["job", "alignkit tokens", "TRL tokens", "alignkit median loop s", "TRL median loop s",
+                          "ratio", "alignkit median CPU s", "TRL median CPU s", "CPU ratio", "alignkit outside-loop s", "TRL outside-loop s",
                           "alignkit process s", "TRL process s"], time_rows),
         "",
         f"matmul peak: {peak['peak_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f}; fp32 "
@@ -439,7 +475,6 @@ def parent_main(args: argparse.Namespace) -> int:
     config = C.truncated_config(args.layers)
     runs: dict[str, dict[str, list[dict]]] = {}
     for job in jobs:
-        n_params = C.matmul_params(config, lm_head=job != "rm")
         for rep in range(args.repeats):
             order = frameworks if rep % 2 == 0 else frameworks[::-1]  # alternate who runs first
             for fw in order:
@@ -448,15 +483,20 @@ def parent_main(args: argparse.Namespace) -> int:
                 r = C.run_worker([__file__, "--worker", fw, "--job", job, "--repeat", str(rep), "--spec",
                                   str(spec_path), "--worker-out", str(out)],
                                  out, workdir / f"log-{fw}-{job}-{rep}.txt", args.timeout)
-                r.update(derived(r, n_params, peak["peak_gflops"]))
                 runs.setdefault(job, {}).setdefault(fw, []).append(r)
                 status = r["error"].splitlines()[-1] if "error" in r else (
-                    f"loop {r['loop_s']:.1f} s (CPU {r['loop_cpu_s']:.1f} s), {r['tokens_per_s']:.0f} tok/s, "
+                    f"loop {r['loop_s']:.1f} s (CPU {r['loop_cpu_s']:.1f} s), {r['tokens'] / r['loop_s']:.0f} tok/s, "
                     f"peak RSS {r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']:.4f}, "
                     f"load {r['load_average_before'][0]:.1f}")
                 print(f"    {status}", flush=True)
 
-    best = {job: {fw: best_run(rs) for fw, rs in fws.items()} for job, fws in runs.items()}
+    best: dict[str, dict[str, dict]] = {}
+    for job, fws in runs.items():
+        n_params = C.matmul_params(config, lm_head=job != "rm")
+        for fw, rs in fws.items():
+            row = aggregate(rs)
+            row.update(derived(row, n_params, peak["peak_gflops"]))
+            best.setdefault(job, {})[fw] = row
     tables = summary_tables(best, peak)
     print("\n" + tables)
     out_path = args.out or C.results_path("offline")

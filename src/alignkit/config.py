@@ -475,8 +475,8 @@ class QuickstartConfig(Section):
     output_dir: str = "runs/quickstart"
     seed: int = 0
     policy: str = "smollm2-135m-instruct"
-    reward_layers: int = Field(6, gt=0)
-    """The sentiment reward model is the policy's first N transformer layers + a score head (same tokenizer)."""
+    reward_model: str = "minilm"
+    """Backbone of the sentiment reward model (MiniLM encoder: fast on CPU, good at sentiment)."""
     hhh_reward_model: str = "minilm"
     """Backbone of the reward model trained on the BIG-bench HHH pairs."""
     lora_layers: int = Field(6, gt=0)
@@ -493,8 +493,8 @@ class QuickstartConfig(Section):
     n_annotators: int = Field(5, gt=0)
     sft_epochs: int = Field(1, gt=0)
     sft_lr: float = Field(3e-4, gt=0)
-    rm_epochs: int = Field(2, gt=0)
-    rm_lr: float = Field(5e-5, gt=0)
+    rm_epochs: int = Field(3, gt=0)
+    rm_lr: float = Field(1e-4, gt=0)
     hhh_epochs: int = Field(2, gt=0)
     dpo_pairs_per_prompt: int = Field(3, gt=0)
     """DPO trains on this many of each prompt's annotated pairs (the reward model sees all of them)."""

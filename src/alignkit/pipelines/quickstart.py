@@ -2,7 +2,7 @@
 
     base --SFT (LoRA) on demonstrations--> SFT policy
     SFT policy --samples K reviews/prompt--> simulated annotators (Bradley–Terry noise around VADER) -> pairs
-    pairs -> reward model (held-out accuracy vs gold);  BIG-bench HHH train pairs -> reward model (HHH test accuracy)
+    pairs -> reward model (MiniLM encoder; held-out accuracy vs gold);  BIG-bench HHH train pairs -> reward model (HHH test accuracy)
     pairs -> DPO (LoRA, reference = SFT policy)
     report: gold (VADER) reward of base / SFT / DPO on held-out prompts, proxy reward, KL to the SFT reference.
 
@@ -214,14 +214,14 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     # 4. reward models: sentiment (from our labels) and HHH (real human preferences)
     t = time.time()
     from alignkit.algorithms import reward_model
-    rm_cfg = RMConfig(model=ModelConfig(name_or_path=q.policy, num_hidden_layers=q.reward_layers),
+    rm_cfg = RMConfig(model=ModelConfig(name_or_path=q.reward_model),
                       data=DataConfig(train=str(pref_file), eval=str(test_pair_file), max_length=256),
                       train=_train_cfg(q, out / "rm_sentiment", q.rm_lr, q.rm_epochs), rm=RMSection(normalize=True))
     rm_res = reward_model.train(rm_cfg)
     timings["rm_sentiment"] = time.time() - t
     t = time.time()
     hhh_cfg = RMConfig(model=ModelConfig(name_or_path=q.hhh_reward_model),
-                       data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=512),
+                       data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=512, max_prompt_length=384),
                        train=_train_cfg(q, out / "rm_hhh", 5e-5, q.hhh_epochs))
     hhh_res = reward_model.train(hhh_cfg)
     timings["rm_hhh"] = time.time() - t
