@@ -5,35 +5,48 @@ from __future__ import annotations
 import copy
 import json
 import math
+import string
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from alignkit import cli
 from alignkit.algorithms import ppo as ppo_mod
 from alignkit.algorithms.ppo import (
     PolicyAndValue,
+    TextRewardModel,
     build_kl_controller,
     build_reference,
+    build_value_model,
     last_response_index,
     make_experience,
     per_token_rewards,
     ppo_update,
+    reward_prompt_texts,
     score_rollout,
     values_of,
     whitened_advantages,
 )
-from alignkit.config import LoraConfig, PPOSection
-from alignkit.models.loading import apply_lora, disable_dropout
+from alignkit.algorithms.reward_model import reward_scores
+from alignkit.config import DataConfig, LoraConfig, ModelConfig, PPOConfig, PPOSection, RLDataConfig
+from alignkit.data.tokenize import tokenize_preference
+from alignkit.models.loading import apply_lora, disable_dropout, load_tokenizer
 from alignkit.models.tiny import save_tiny_models, tiny_causal_lm, tiny_config, tiny_reward_model
 from alignkit.models.value import ValueModel
 from alignkit.ops.kl import AdaptiveKLController
-from alignkit.rewards.reward_model import RewardModelScorer, last_token_index
+from alignkit.rewards.reward_model import RewardModelScorer, last_token_index, load_reward_model_scorer
 from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, postprocess_responses
-from alignkit.rollout.prompts import prompt_batch
+from alignkit.rollout.prompts import load_prompts, prompt_batch
 from alignkit.train.logging import read_metrics
 
 LOGGED_KEYS = [
@@ -71,6 +84,38 @@ def paths(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"count to {i}"}) + "\n" for i in range(8)), encoding="utf-8")
     return {"policy": str(p["policy"]), "reward": str(p["reward"]), "prompts": str(prompts), "root": root}
+
+
+def save_tiny_encoder_reward_model(out_dir) -> str:
+    """A 1-layer BERT classifier with its own lower-casing WordPiece tokenizer (single characters, "##" continuations,
+    no chat template; load_tokenizer makes [SEP] its EOS): a reward model whose vocabulary differs from the
+    policy's char-level ChatML one, as the quickstart's MiniLM does from SmolLM2's."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in string.ascii_lowercase + string.digits + string.punctuation:
+        vocab.setdefault(ch, len(vocab))
+    for ch in string.ascii_lowercase + string.digits:
+        vocab["##" + ch] = len(vocab)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(2)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=len(fast), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=1, pad_token_id=0, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0))
+    model.save_pretrained(out_dir)
+    fast.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def encoder_rm(paths):
+    return save_tiny_encoder_reward_model(paths["root"] / "tiny-encoder-rm")
 
 
 def overrides(paths, out, *extra: str) -> list[str]:
@@ -343,13 +388,128 @@ def test_config_errors_are_reported(paths, tmp_path, capsys):
     assert "ppo.reward_model is not set" in capsys.readouterr().err
     assert cli.main(["ppo", *overrides(paths, out, "ppo.rollout_batch_size=3")]) == 1
     assert "must be divisible by ppo.num_minibatches (2)" in capsys.readouterr().err
+    assert cli.main(["ppo", *overrides(paths, out, "ppo.reward_model=", "reward.components=[{type: format, pattern: x}]")]) == 1
+    assert (f"ppo.value_model is not set: without ppo.reward_model the value model needs a backbone, e.g. "
+            f"ppo.value_model={paths['policy']} ppo.value_layers=4") in capsys.readouterr().err
     assert not out.exists()  # nothing written for an invalid config
 
 
-def test_reward_model_with_another_tokenizer_is_rejected(paths, tmp_path, capsys):
-    rm, tok = tiny_reward_model(seed=1)
-    tok.add_tokens(["<extra>"])
-    rm.save_pretrained(tmp_path / "rm2")
-    tok.save_pretrained(tmp_path / "rm2")
-    assert cli.main(["ppo", *overrides(paths, tmp_path / "run", f"ppo.reward_model={tmp_path / 'rm2'}")]) == 1
-    assert "uses a different tokenizer than the policy" in capsys.readouterr().err
+def test_reward_model_with_another_tokenizer_needs_a_value_model(paths, encoder_rm, tmp_path, capsys):
+    """The error names both tokenizers and suggests the policy as the value backbone; nothing is written.
+    A value backbone with yet another tokenizer is refused too (it would read the policy's ids)."""
+    out = tmp_path / "run"
+    assert cli.main(["ppo", *overrides(paths, out, f"ppo.reward_model={encoder_rm}")]) == 1
+    err = capsys.readouterr().err
+    assert f"ppo.reward_model '{encoder_rm}' has a different tokenizer ({encoder_rm} (TokenizersBackend, 109 tokens))" in err
+    assert f"than the policy ({paths['policy']} (" in err
+    assert f"e.g. ppo.value_model={paths['policy']} ppo.value_layers=4" in err
+    assert cli.main(["ppo", *overrides(paths, out, f"ppo.reward_model={encoder_rm}",
+                                       f"ppo.value_model={encoder_rm}")]) == 1
+    assert f"ppo.value_model '{encoder_rm}' has a different tokenizer" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- reward model with another tokenizer
+def test_text_reward_model_sees_the_format_it_was_trained_on(paths, encoder_rm):
+    """`alignkit rm` trained the encoder on {"prompt": user text, "chosen", "rejected"} tokenised by
+    tokenize_preference: render_prompt without a chat template = "count to 3\n\n", then "One, two" + "[SEP]".
+    At PPO time the policy's prompt is ChatML markup; TextRewardModel maps it back to "count to 3\n\n" and the
+    reward model gets exactly the training ids, so its PPO score equals the training-time score (reward_scores).
+    Scores [s0, s1] with row 1 lacking EOS and penalty 1: [s0, s1 - 1]."""
+    tok = load_tokenizer(paths["policy"])
+    scorer = load_reward_model_scorer(encoder_rm)
+    texts = reward_prompt_texts(RLDataConfig(train=paths["prompts"]), tok, scorer.tokenizer)
+    chatml = [f"<|im_start|>user\ncount to {i}<|im_end|>\n<|im_start|>assistant\n" for i in (3, 5)]
+    assert len(texts) == 8 and [texts[t] for t in chatml] == ["count to 3\n\n", "count to 5\n\n"]
+    prompts = load_prompts(RLDataConfig(train=paths["prompts"]), tok, 6)
+    assert {p["prompt_text"] for p in prompts} == set(texts)  # every policy prompt has its rendering
+    assert scorer.render(texts[chatml[0]], "One, two") == "count to 3\n\nOne, two[SEP]"
+
+    records = [{"prompt": [{"role": "user", "content": f"count to {i}"}], "chosen": c, "rejected": "no"}
+               for i, c in ((3, "One, two"), (5, "three!"))]
+    pairs, _ = tokenize_preference(records, scorer.tokenizer, DataConfig(max_length=64))
+    trained = [torch.tensor([p["chosen_input_ids"]]) for p in pairs]
+    expected = torch.cat([reward_scores(scorer.model, ids, torch.ones_like(ids)) for ids in trained])  # [2]
+    ids, mask = scorer.tokenize([texts[t] for t in chatml], ["One, two", "three!"])
+    assert [row[m.bool()].tolist() for row, m in zip(ids, mask)] == [t[0].tolist() for t in trained]
+
+    prompt_ids = torch.tensor([[5, 6], [7, 8]])
+    response_ids, response_mask, has_eos = postprocess_responses(torch.tensor([[9, 2], [9, 9]]), 2, 0)
+    rollout = Rollout(prompt_ids, torch.ones_like(prompt_ids), response_ids, response_mask, has_eos, chatml,
+                      ["One, two", "three!"], [{}, {}])
+    scores, raw, parts = score_rollout(TextRewardModel(scorer, texts), None, rollout, penalty=1.0)
+    assert_close(raw, expected)
+    assert_close(parts["rewards/reward_model"], expected)
+    assert_close(scores, expected - torch.tensor([0.0, 1.0]))
+    assert not torch.allclose(raw, scorer(chatml, ["One, two", "three!"]))  # the ChatML text scores differently
+    unknown = Rollout(prompt_ids[:1], torch.ones_like(prompt_ids[:1]), response_ids[:1], response_mask[:1],
+                      has_eos[:1], ["other"], ["x"], [{}])
+    with pytest.raises(ValueError, match="no reward-model rendering of prompt 'other'"):
+        score_rollout(TextRewardModel(scorer, texts), None, unknown, penalty=None)
+
+
+def test_value_model_from_a_backbone_cut_to_its_first_layers(paths):
+    """ppo.value_model=<policy> value_layers=1: the policy's embeddings and first layer under a fresh reward-style
+    head N(0, 1/sqrt(d + 1)) = N(0, 1/sqrt(33) ~ 0.174) (transformers' default would be N(0, 0.02)).
+    value_layers alone: the reward model's checkpoint cut to 1 layer, keeping its trained head."""
+    tok = load_tokenizer(paths["policy"])
+    torch.manual_seed(0)
+    value_model = ValueModel.from_pretrained(ModelConfig(name_or_path=paths["policy"], num_hidden_layers=1), tok)
+    policy = AutoModelForCausalLM.from_pretrained(paths["policy"])
+    assert value_model.config.num_hidden_layers == 1 and len(value_model.backbone.layers) == 1
+    assert_close(value_model.backbone.embed_tokens.weight, policy.model.embed_tokens.weight)
+    assert_close(value_model.backbone.layers[0].mlp.up_proj.weight, policy.model.layers[0].mlp.up_proj.weight)
+    assert 0.1 < float(value_model.head.weight.detach().std()) < 0.26
+    assert all(p.requires_grad for p in value_model.parameters()) and value_model.training
+    ids = torch.tensor([[40, 41, 42]])
+    assert value_model(ids, torch.ones_like(ids)).shape == (1, 3)
+    with pytest.raises(ValueError, match="without LoRA"):
+        ValueModel.from_pretrained(ModelConfig(name_or_path=paths["policy"], lora=LoraConfig(enabled=True)), tok)
+    with pytest.raises(ValueError, match="3 layers asked for, but .* has only 2"):
+        ValueModel.from_pretrained(ModelConfig(name_or_path=paths["policy"], num_hidden_layers=3), tok)
+
+    cut_rm = build_value_model(PPOConfig(ppo=PPOSection(reward_model=paths["reward"], value_layers=1)), tok, None)
+    rm = AutoModelForSequenceClassification.from_pretrained(paths["reward"])
+    assert len(cut_rm.backbone.layers) == 1
+    assert_close(cut_rm.head.weight, rm.score.weight)
+
+
+def test_cli_ppo_with_reward_model_of_another_tokenizer(paths, encoder_rm, tmp_path, monkeypatch):
+    """`alignkit ppo` with the encoder reward model, ppo.value_model=<tiny policy>, value_layers=1: runs, logs every
+    key, the reward model only ever sees its own prompt format, and the saved critic has 1 layer + the policy's
+    tokenizer."""
+    seen: list[str] = []
+    real_call = RewardModelScorer.__call__
+
+    def recording_call(self, prompts, completions, extras=None):
+        seen.extend(prompts)
+        return real_call(self, prompts, completions, extras)
+
+    monkeypatch.setattr(RewardModelScorer, "__call__", recording_call)
+    out = tmp_path / "run"
+    assert cli.main(["ppo", *overrides(paths, out, f"ppo.reward_model={encoder_rm}", f"ppo.value_model={paths['policy']}",
+                                       "ppo.value_layers=1", f"data.eval={paths['prompts']}", "data.eval_limit=2",
+                                       "reward.missing_eos_penalty=2.0")]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    train_records = [r for r in records if "objective/kl" in r]
+    assert [r["step"] for r in train_records] == [1, 2]
+    for r in train_records:
+        assert set(LOGGED_KEYS) <= set(r), set(LOGGED_KEYS) - set(r)
+        assert all(math.isfinite(v) for v in r.values())
+        # penalty 2 on the rows without EOS: scores after the penalty = before - 2 * no_eos_frac
+        assert_close(torch.tensor(r["objective/scores"]), torch.tensor(r["scores"] - 2.0 * r["no_eos_frac"]))
+    assert any("eval/scores" in r for r in records)
+    assert len(seen) == 2 * 4 + 2 and set(seen) <= {f"count to {i}\n\n" for i in range(8)}  # train + eval rows
+    saved = AutoModelForSequenceClassification.from_pretrained(out / "value_model")
+    assert saved.config.num_hidden_layers == 1
+    assert load_tokenizer(str(out / "value_model")).get_vocab() == load_tokenizer(paths["policy"]).get_vocab()
+
+
+def test_cli_ppo_without_reward_model_scores_with_components_only(paths, tmp_path):
+    """ppo.reward_model empty + reward.components: the score is the combined reward alone (no reward_model part)."""
+    out = tmp_path / "run"
+    assert cli.main(["ppo", *overrides(paths, out, "ppo.reward_model=", f"ppo.value_model={paths['policy']}",
+                                       "reward.components=[{type: length, target_length: 3}]")]) == 0
+    for r in read_metrics(out / "metrics.jsonl"):
+        assert "rewards/reward_model" not in r and math.isfinite(r["loss/value"])
+        assert_close(torch.tensor(r["scores"]), torch.tensor(r["rewards/length"]))

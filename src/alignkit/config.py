@@ -327,7 +327,14 @@ class PPOSection(Section):
     """PPO as InstructGPT did it (Ouyang et al. 2022; Huang et al. 2024, "The N+ implementation details")."""
 
     reward_model: str = ""
-    """Checkpoint of the trained reward model; the value model is initialised from it."""
+    """Checkpoint of the trained reward model. May be empty when ``reward.components`` is not (the score is then
+    the combined reward only). One with another tokenizer than the policy scores the decoded text."""
+    value_model: str | None = None
+    """Checkpoint for the value model's backbone, loaded as a 1-label sequence classifier with a fresh head
+    initialised like a reward head (a reward-model checkpoint keeps its head); default: the reward model
+    (N+ details), which must then share the policy's tokenizer."""
+    value_layers: int | None = Field(None, gt=0)
+    """Keep only the first N transformer layers of the value backbone: a cheap critic."""
     rollout_batch_size: int = Field(32, gt=0)
     """Prompts sampled per PPO iteration."""
     num_iterations: int = Field(10, gt=0)
@@ -486,6 +493,8 @@ class QuickstartConfig(Section):
     samples_per_prompt: int = Field(4, ge=2)
     n_eval_prompts: int = Field(42, gt=0)
     eval_samples: int = Field(2, gt=0)
+    bon_n: int = Field(4, ge=1)
+    """Best-of-n by the proxy reward model among this many SFT samples per held-out prompt."""
     max_new_tokens: int = Field(32, gt=0)
     generation_batch_size: int = Field(48, gt=0)
     annotator_agreement: float = Field(0.72, gt=0.5, lt=1.0)

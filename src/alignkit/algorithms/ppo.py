@@ -3,7 +3,12 @@
 Ziegler et al. (2019); Stiennon et al. (2020); Ouyang et al. (2022); Huang et al. (2024), "The N+
 implementation details of RLHF with PPO". Four models: the policy pi (trainable, LoRA optional),
 the frozen reference pi_ref (adapter-disabled policy under LoRA, else a frozen copy), the frozen
-reward model r_phi, and the value model V (a trainable copy of the reward model).
+reward model r_phi, and the value model V (a trainable copy of the reward model, or ``ppo.value_model``).
+
+A reward model with the policy's tokenizer scores the rollout's token ids. One with another tokenizer
+(e.g. a MiniLM encoder) scores text in the format ``alignkit rm`` trained it on: the prompt messages
+rendered with ITS tokenizer (``render_prompt``: its chat template, else the plain contents) + the
+decoded response + its EOS; the value model then needs a backbone of its own (``ppo.value_model``).
 
 One iteration:
   1. rollout: sample ``rollout_batch_size`` prompts, generate one response each (``generation.*``);
@@ -26,7 +31,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from alignkit.config import PPOConfig, PPOSection
+from alignkit.config import ModelConfig, PPOConfig, PPOSection, RLDataConfig
+from alignkit.data.formats import load_examples
+from alignkit.data.tokenize import render_prompt
 from alignkit.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_tokenizer, reference_context, save_model
 from alignkit.models.value import ValueModel, response_values
@@ -34,7 +41,7 @@ from alignkit.ops.advantages import compute_gae
 from alignkit.ops.kl import AdaptiveKLController, FixedKLController, kl_k1
 from alignkit.ops.stats import masked_mean, masked_sum, masked_whiten
 from alignkit.rewards.combine import apply_missing_eos_penalty, build_reward
-from alignkit.rewards.reward_model import load_reward_model_scorer
+from alignkit.rewards.reward_model import RewardModelScorer, load_reward_model_scorer
 from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, response_logprobs
 from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
 from alignkit.train.checkpoint import atomic_save_dir, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -126,16 +133,56 @@ def values_of(value_model: ValueModel, rollout: Rollout, micro_batch_size: int |
                            rollout.response_mask, micro_batch_size)  # [B, R]
 
 
+# ---------------------------------------------------------------- a reward model with another tokenizer
+def reward_prompt_texts(rl: RLDataConfig, tokenizer, rm_tokenizer) -> dict[str, str]:
+    """The policy's prompt text -> the reward model's rendering of the same messages, for every train/eval record.
+
+    ``alignkit rm`` trained r_phi on ``render_prompt(rm_tokenizer, messages) + completion + EOS``; for an encoder
+    without a chat template that is ``"<user text>\n\n"``, not the policy's chat markup.
+    """
+    texts: dict[str, str] = {}
+    for spec, split, limit in ((rl.train, "train", rl.limit), (rl.eval, "test", rl.eval_limit)):
+        if spec:
+            records, _ = load_examples(spec, "prompt", on_error=rl.on_error, split=split, limit=limit)
+            for ex in records:
+                key = render_prompt(tokenizer, ex["prompt"], rl.system_prompt)
+                texts[key] = render_prompt(rm_tokenizer, ex["prompt"], rl.system_prompt)
+    return texts
+
+
+class TextRewardModel:
+    """r_phi(x, y) for a reward model whose tokenizer differs from the policy's: the reward model's rendering
+    of the prompt + the decoded response + its EOS (``RewardModelScorer.__call__``), read at its last token."""
+
+    def __init__(self, scorer: RewardModelScorer, prompt_texts: dict[str, str]) -> None:
+        self.scorer, self.prompt_texts = scorer, prompt_texts
+
+    def __call__(self, rollout: Rollout) -> Tensor:
+        missing = [t for t in rollout.prompt_texts if t not in self.prompt_texts]
+        if missing:
+            raise ValueError(f"no reward-model rendering of prompt {missing[0]!r} (not in data.train/data.eval)")
+        return self.scorer([self.prompt_texts[t] for t in rollout.prompt_texts], rollout.response_texts)  # [B]
+
+
+def reward_model_scores(reward_model: RewardModelScorer | TextRewardModel, rollout: Rollout) -> Tensor:
+    """[B] r_phi(x, y): on the rollout's own ids (shared tokenizer) or through text (:class:`TextRewardModel`)."""
+    if isinstance(reward_model, TextRewardModel):
+        return reward_model(rollout)
+    return reward_model.score_ids(rollout.input_ids, rollout.attention_mask)
+
+
 # ---------------------------------------------------------------- experience
 def score_rollout(scorer, extra_reward, rollout: Rollout, penalty: float | None, mode: str = "subtract"):
     """s = r_phi(prompt + response) at the last real token (+ Σ_k w_k r_k), minus the missing-EOS penalty.
 
+    ``scorer``: a RewardModelScorer (shared tokenizer), a TextRewardModel, or None (components only).
     Returns (scores [B] after the penalty, raw scores [B] before it, {"rewards/<name>": [B]}).
     """
     device = rollout.prompt_ids.device
-    rm_scores = scorer.score_ids(rollout.input_ids, rollout.attention_mask).to(device)  # [B]
-    parts = {"rewards/reward_model": rm_scores}
-    raw = rm_scores
+    raw, parts = torch.zeros(len(rollout), device=device), {}
+    if scorer is not None:
+        raw = reward_model_scores(scorer, rollout).to(device)  # [B]
+        parts["rewards/reward_model"] = raw
     if extra_reward is not None:
         total, extra_parts = extra_reward(rollout.prompt_texts, rollout.response_texts, rollout.extras)
         raw = raw + total.to(device)
@@ -297,23 +344,58 @@ def evaluate_policy(policy, ref_model, ref_ctx, scorer, extra_reward, tokenizer,
 
 def check_config(cfg: PPOConfig) -> None:
     ppo = cfg.ppo
-    if not ppo.reward_model:
-        raise ValueError("ppo.reward_model is not set: give the directory of a reward model trained with `alignkit rm`")
+    if not ppo.reward_model and not cfg.reward.components:
+        raise ValueError("ppo.reward_model is not set: give the directory of a reward model trained with `alignkit rm` "
+                         "(or reward.components, whose combined reward is then the score)")
+    if not ppo.reward_model and not ppo.value_model:
+        raise ValueError("ppo.value_model is not set: without ppo.reward_model the value model needs a backbone, e.g. "
+                         f"ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
     if ppo.rollout_batch_size % ppo.num_minibatches != 0:
         raise ValueError(f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by "
                          f"ppo.num_minibatches ({ppo.num_minibatches})")
 
 
-def check_same_tokenizer(rm_tokenizer, tokenizer, path: str) -> None:
-    if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"ppo.reward_model {path!r} uses a different tokenizer than the policy; the value model "
-                         "(initialised from it) reads the policy's token ids, so both must share one vocabulary")
+def check_tokenizers(cfg: PPOConfig, tokenizer, rm_tokenizer) -> bool:
+    """Whether the reward model shares the policy's vocabulary (else it scores text). The value model reads
+    the policy's token ids: its backbone (``ppo.value_model``, default the reward model) must share it."""
+    ppo = cfg.ppo
+
+    def describe_tokenizer(tok) -> str:
+        return f"{tok.name_or_path} ({type(tok).__name__}, {len(tok)} tokens)"
+
+    shared = rm_tokenizer is not None and rm_tokenizer.get_vocab() == tokenizer.get_vocab()
+    if ppo.value_model:
+        value_tokenizer = load_tokenizer(ppo.value_model)
+        if value_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"ppo.value_model {ppo.value_model!r} has a different tokenizer "
+                             f"({describe_tokenizer(value_tokenizer)}) than the policy ({describe_tokenizer(tokenizer)}); "
+                             "the value model reads the policy's token ids, so they must share one vocabulary")
+    elif rm_tokenizer is not None and not shared:
+        raise ValueError(
+            f"ppo.reward_model {ppo.reward_model!r} has a different tokenizer ({describe_tokenizer(rm_tokenizer)}) than "
+            f"the policy ({describe_tokenizer(tokenizer)}). It can score the decoded text, but the value model reads "
+            "the policy's token ids and cannot start from it: give it a backbone with the policy's tokenizer, e.g. "
+            f"ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
+    return shared
+
+
+def build_value_model(cfg: PPOConfig, tokenizer, scorer: RewardModelScorer | None) -> ValueModel:
+    """N+ details: a trainable copy of the reward model; else ``ppo.value_model`` (or the reward model's checkpoint
+    when only ``ppo.value_layers`` is set) loaded as a one-label classifier, cut to ``ppo.value_layers`` layers."""
+    ppo = cfg.ppo
+    if not ppo.value_model and ppo.value_layers is None:
+        return ValueModel.from_reward_model(scorer.model)
+    value_cfg = ModelConfig(name_or_path=ppo.value_model or ppo.reward_model, dtype=cfg.model.dtype,
+                            trust_remote_code=cfg.model.trust_remote_code, num_hidden_layers=ppo.value_layers)
+    return ValueModel.from_pretrained(value_cfg, tokenizer)
 
 
 # ---------------------------------------------------------------- main loop
 def train(cfg: PPOConfig, resume: bool = False) -> dict:
     ppo, gen = cfg.ppo, cfg.generation
     check_config(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    shared_vocab = check_tokenizers(cfg, tokenizer, load_tokenizer(ppo.reward_model) if ppo.reward_model else None)
     run_dir = prepare_run_dir(cfg, cfg.train.output_dir, resume, "ppo")
     set_seed(cfg.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
@@ -321,17 +403,21 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
     penalty_mode = cfg.reward.missing_eos_mode
 
     # ---- data and the four models
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
     prompts = load_prompts(cfg.data, tokenizer, gen.max_new_tokens, "train", log)
     eval_prompts = load_prompts(cfg.data, tokenizer, gen.max_new_tokens, "eval", log)
     policy = load_policy(cfg.model, tokenizer).to(device)
     policy.train()  # dropout is off (load_policy); train mode only matters for gradient checkpointing
     ref_model, ref_ctx = build_reference(policy)
-    scorer = load_reward_model_scorer(ppo.reward_model, batch_size=ppo.micro_batch_size)
-    check_same_tokenizer(scorer.tokenizer, tokenizer, ppo.reward_model)
-    scorer.model.to(device)
-    value_model = ValueModel.from_reward_model(scorer.model)
-    extra_reward = build_reward(cfg.reward, tokenizer, {ppo.reward_model: scorer}) if cfg.reward.components else None
+    scorer = load_reward_model_scorer(ppo.reward_model, batch_size=ppo.micro_batch_size) if ppo.reward_model else None
+    value_model = build_value_model(cfg, tokenizer, scorer).to(device)
+    reward_models = {ppo.reward_model: scorer} if scorer else {}
+    extra_reward = build_reward(cfg.reward, tokenizer, reward_models) if cfg.reward.components else None
+    if scorer is not None:
+        scorer.model.to(device)
+        if not shared_vocab:  # the reward model reads text in its own format
+            texts = reward_prompt_texts(cfg.data, tokenizer, scorer.tokenizer)
+            log(f"reward model with its own tokenizer: scoring text, e.g. {next(iter(texts.values()))!r} + response")
+            scorer = TextRewardModel(scorer, texts)
     models = PolicyAndValue(policy, value_model)
 
     # ---- one optimizer, two param groups (policy lr, value lr); one schedule over all updates

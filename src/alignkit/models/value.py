@@ -1,10 +1,14 @@
-"""Per-token value model for PPO, initialised from the reward model.
+"""Per-token value model for PPO, initialised from the reward model (or another backbone).
 
 Huang et al. (2024), "The N+ implementation details of RLHF with PPO": the critic is a
 separate copy of the reward model; its value at position t is the reward model's score head
 applied to that position's last hidden state,
 
     V(x, y_<=t) = w · h_L[t]      (the reward model's score is V at the last real token).
+
+When the reward model cannot be the critic (another tokenizer than the policy), any checkpoint
+sharing the policy's tokenizer (e.g. the policy itself, optionally cut to its first layers) is
+loaded as a one-label classifier with a fresh head w ~ N(0, 1/(d+1)), b = 0 (Stiennon et al. 2020).
 
 :class:`ValueModel` wraps an ``AutoModelForSequenceClassification`` (one label) whose backbone
 is found through ``base_model_prefix`` (``model.model`` for Llama) and whose head is a linear
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from alignkit.config import ModelConfig
 from alignkit.ops.logprobs import position_ids_from_mask
 
 HEAD_NAMES = ("score", "classifier")
@@ -73,6 +78,28 @@ class ValueModel(nn.Module):
     def from_reward_model(cls, reward_model: nn.Module) -> "ValueModel":
         """A trainable deep copy of ``reward_model`` (the reward model itself stays frozen)."""
         model = copy.deepcopy(reward_model)
+        model.requires_grad_(True)
+        model.train()
+        return cls(model)
+
+    @classmethod
+    def from_pretrained(cls, model_cfg: ModelConfig, tokenizer) -> "ValueModel":
+        """A trainable one-label classifier loaded from ``model_cfg.name_or_path`` (``models.loading.load_reward_model``):
+        a reward-model checkpoint keeps its trained head; any other (e.g. a causal LM) gets a fresh reward-style
+        head. ``model_cfg.num_hidden_layers`` keeps only the first N layers (a cheap critic)."""
+        from transformers import AutoConfig
+
+        from alignkit.models.loading import load_reward_model, resolve_path
+
+        if model_cfg.lora.enabled:
+            raise ValueError("the value model is trained in full; give it a ModelConfig without LoRA")
+        if model_cfg.num_hidden_layers is not None:
+            n_layers = AutoConfig.from_pretrained(resolve_path(model_cfg.name_or_path),
+                                                  trust_remote_code=model_cfg.trust_remote_code).num_hidden_layers
+            if model_cfg.num_hidden_layers > n_layers:  # the missing layers would be random
+                raise ValueError(f"value model: {model_cfg.num_hidden_layers} layers asked for, but "
+                                 f"{model_cfg.name_or_path!r} has only {n_layers}")
+        model = load_reward_model(model_cfg, tokenizer)
         model.requires_grad_(True)
         model.train()
         return cls(model)

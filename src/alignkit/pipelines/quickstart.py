@@ -27,6 +27,9 @@ from alignkit.config import (
     SFTConfig, TrainConfig,
 )
 from alignkit.data.builtin import sentiment_prompts
+from alignkit.data.tokenize import render_prompt
+from alignkit.eval.bon import best_indices, bon_curve, bon_kl
+from alignkit.eval.report import html_report, plot_reward_vs_kl
 from alignkit.eval.policy import PolicyEval, evaluate_policy, mean_se, sample
 from alignkit.models.loading import load_policy, load_tokenizer, resolve_path
 from alignkit.rewards.gold import vader_scores
@@ -101,6 +104,27 @@ def subsample_pairs(records: list[dict], per_prompt: int, seed: int) -> list[dic
     for rows in by_prompt.values():
         out += rng.sample(rows, min(per_prompt, len(rows)))
     return out
+
+
+def add_proxy_scores(result: PolicyEval, proxy, raw_prompts: list[str]) -> None:
+    """Score samples with the reward model in its training format (plain user text, no chat markup)."""
+    prompts = [render_prompt(proxy.tokenizer, [{"role": "user", "content": p}]) for p in raw_prompts]
+    scores = proxy(prompts, [s["response"] for s in result.samples], [{}] * len(prompts)).tolist()
+    result.proxy_mean, result.proxy_se = mean_se(scores)
+    for s, v in zip(result.samples, scores):
+        s["proxy"] = v
+
+
+def best_of_n_from_samples(sft: PolicyEval, n_prompts: int, n_samples: int, n: int) -> tuple[PolicyEval, list[dict]]:
+    """Best-of-n by proxy among the SFT policy's samples; KL = log n - (n-1)/n (analytic)."""
+    proxy = torch.tensor([s["proxy"] for s in sft.samples]).view(n_prompts, n_samples)
+    gold = torch.tensor([s["gold"] for s in sft.samples]).view(n_prompts, n_samples)
+    best = best_indices(proxy[:, :n])
+    picks = [sft.samples[i * n_samples + int(b)] for i, b in enumerate(best)]
+    g_mean, g_se = mean_se([p["gold"] for p in picks])
+    p_mean, p_se = mean_se([p["proxy"] for p in picks])
+    result = PolicyEval(f"best-of-{n}", g_mean, g_se, p_mean, p_se, kl_mean=bon_kl(n), kl_se=0.0, samples=picks)
+    return result, bon_curve(proxy, gold)
 
 
 def gold_pairs(prompts: list[str], responses: list[list[str]], gold: list[list[float]]) -> list[dict]:
@@ -195,19 +219,22 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
         f"with gold on {ann['agreement_with_gold']:.1%} of pairs (tau={ann['tau']:.3f})")
     timings["collect"] = time.time() - t
 
-    # 3. held-out evaluation of base and SFT (SFT samples also give gold-labelled held-out RM pairs)
+    # 3. held-out evaluation of base and SFT; SFT draws bon_n samples per prompt (best-of-n picks from them later),
+    #    and its samples, labelled by gold, are the reward model's held-out pairs
     t = time.time()
     base_model = load_policy(ModelConfig(name_or_path=q.policy), tok, trainable=False)
     ev: dict[str, PolicyEval] = {}
     ev["base"], _ = evaluate_policy("base", base_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
                                     batch_size=q.generation_batch_size, seed=q.seed + 2)
     del base_model
-    ev["sft"], sft_roll = evaluate_policy("sft", sft_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
+    n_sft = max(q.eval_samples, q.bon_n)
+    ev["sft"], sft_roll = evaluate_policy("sft", sft_model, tok, eval_prompts, vader_scores, params, n_sft,
                                           batch_size=q.generation_batch_size, seed=q.seed + 3)
     ev["sft"].kl_mean, ev["sft"].kl_se = 0.0, 0.0  # the SFT policy is the reference: KL(pi_sft || pi_sft) = 0 exactly
-    E = q.eval_samples
-    test_pairs = gold_pairs([r["prompt"] for r in eval_records], [sft_roll.response_texts[i * E:(i + 1) * E] for i in range(len(eval_prompts))],
-                            [[s["gold"] for s in ev["sft"].samples[i * E:(i + 1) * E]] for i in range(len(eval_prompts))])
+    raw_eval = [r["prompt"] for r in eval_records]
+    sft_gold = [[s["gold"] for s in ev["sft"].samples[i * n_sft:(i + 1) * n_sft]] for i in range(len(raw_eval))]
+    sft_texts = [sft_roll.response_texts[i * n_sft:(i + 1) * n_sft] for i in range(len(raw_eval))]
+    test_pairs = gold_pairs(raw_eval, [t_[:q.eval_samples] for t_ in sft_texts], [g[:q.eval_samples] for g in sft_gold])
     test_pair_file = write_jsonl(out / "data/preferences_test_gold.jsonl", test_pairs)
     timings["eval_base_sft"] = time.time() - t
 
@@ -236,19 +263,16 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     dpo_dir = dpo.train(dpo_cfg)["model_dir"]
     timings["dpo"] = time.time() - t
 
-    # 6. evaluate DPO; proxy reward for every policy
+    # 6. evaluate DPO; proxy reward for every policy; best-of-n from the SFT samples by the proxy
     t = time.time()
     proxy = load_reward_model_scorer(rm_res["model_dir"], batch_size=32)
     dpo_model = load_policy(ModelConfig(name_or_path=dpo_dir), tok, trainable=False)
     ev["dpo"], _ = evaluate_policy("dpo", dpo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                   proxy_fn=proxy, reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 4)
-    for name in ("base", "sft"):
-        s = ev[name].samples
-        scores = proxy([x["prompt"] for x in s], [x["response"] for x in s], [{}] * len(s)).tolist()
-        ev[name].proxy_mean, ev[name].proxy_se = mean_se(scores)
-        for x, v in zip(s, scores):
-            x["proxy"] = v
-    timings["eval_dpo"] = time.time() - t
+                                   reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 4)
+    for name, n in (("base", q.eval_samples), ("sft", n_sft), ("dpo", q.eval_samples)):
+        add_proxy_scores(ev[name], proxy, [p for p in raw_eval for _ in range(n)])
+    ev["bon"], bon_curve_rows = best_of_n_from_samples(ev["sft"], len(raw_eval), n_sft, q.bon_n)
+    timings["eval_dpo_bon"] = time.time() - t
 
     total = time.time() - t_start
     summary = {
@@ -266,11 +290,21 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
         "artifacts": {"sft_model": sft_dir, "dpo_model": dpo_dir, "reward_model": rm_res["model_dir"],
                       "hhh_reward_model": hhh_res["model_dir"], "preferences": str(pref_file),
                       "heldout_gold_pairs": str(test_pair_file)},
-        "samples": {k: v.samples[: max(q.show_samples * q.eval_samples, 0)] for k, v in ev.items()},
+        "best_of_n_curve": bon_curve_rows,
+        "samples": {k: _first_per_prompt(v, q.show_samples) for k, v in ev.items()},
     }
+    plot = plot_reward_vs_kl(summary["policies"], out / "reward_vs_kl.png")
+    summary["artifacts"]["plot"] = str(plot)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     text = render_summary(summary, q)
     (out / "summary.md").write_text(text, encoding="utf-8")
+    rows = [{"policy": k, **{c: v[c] for c in ("gold_mean", "gold_se", "proxy_mean", "kl_mean")}}
+            for k, v in summary["policies"].items()]
+    report = out / "report.html"
+    report.write_text(html_report("alignkit quickstart", text, plot, [("Policies on held-out prompts", rows),
+                                                                        ("Best-of-n curve (SFT samples)", bon_curve_rows)]),
+                      encoding="utf-8")
+    summary["artifacts"]["report"] = str(report)
     (out / MARKER).write_text(json.dumps({"status": "done", "total_s": total}), encoding="utf-8")
     print(text)
     return summary
@@ -278,8 +312,9 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
 
 def render_summary(s: dict, q: QuickstartConfig) -> str:
     lines = ["# alignkit quickstart", "",
-             f"Held-out prompts: {q.n_eval_prompts} x {q.eval_samples} samples (temperature 1). "
-             "Gold = VADER compound sentiment in [-1, 1]; proxy = our reward model; KL = KL(policy || SFT) in nats.", "",
+             f"Held-out prompts: {q.n_eval_prompts}, {q.eval_samples} samples each (SFT: {max(q.eval_samples, q.bon_n)}), "
+             "temperature 1. Gold = VADER compound sentiment in [-1, 1]; proxy = our reward model; "
+             f"KL = KL(policy || SFT) in nats (best-of-{q.bon_n}: analytic log n - (n-1)/n).", "",
              "| policy | gold reward | proxy reward | KL to SFT | length | no EOS |",
              "|---|---|---|---|---|---|"]
     for name, r in s["policies"].items():
@@ -302,6 +337,16 @@ def render_summary(s: dict, q: QuickstartConfig) -> str:
     lines += ["", "## Artifacts"] + [f"- {k}: {v}" for k, v in s["artifacts"].items()]
     lines += ["", "Time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["timings_s"].items()) + f"; total {s['total_s']:.0f}s"]
     return "\n".join(lines) + "\n"
+
+
+def _first_per_prompt(result: PolicyEval, k: int) -> list[dict]:
+    """The first sample of each of the first k prompts (policies draw different numbers of samples per prompt)."""
+    seen, out = set(), []
+    for s in result.samples:
+        if s["prompt"] not in seen:
+            seen.add(s["prompt"])
+            out.append(s)
+    return out[:k]
 
 
 def _pct(x) -> str:
