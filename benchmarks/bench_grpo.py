@@ -3,7 +3,7 @@
 Part 1, GRPO. Both frameworks get the same policy (the embedded SmolLM2-135M-Instruct cut to its first
 ``--layers`` layers, loaded from the same folder; the reference is the same initial weights), the same
 prompts in the same order (``builtin:arithmetic`` train, alignkit's prompt-sampler order; TRL reads
-the dataset unshuffled), the same reward (``common.arithmetic_correct``, a plain function both call),
+the dataset unshuffled), the same reward (``common.arithmetic_reward``: one plain Python function, called by both),
 G completions per prompt, ``--max-new-tokens``, temperature, top_p 1 / no top-k, ``loss_type=grpo``
 (per-sequence token mean, rewards scaled by the group std), clip eps 0.2, KL beta, lr, fp32,
 one optimizer step per iteration over all P*G samples (TRL: generation batch = P*G, one gradient
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="GRPO runs per framework, alternating which goes first; iterations 2..n of all runs are pooled")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per worker (0: torch default)")
     p.add_argument("--skip-ppo", action="store_true")
     p.add_argument("--ppo-iterations", type=int, default=2)
     p.add_argument("--ppo-rollout", type=int, default=8, help="prompts (= responses) per PPO iteration")
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/<date>-grpo.json)")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--worker", choices=("alignkit", "trl", "ppo", "sft"), help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     return p
@@ -99,7 +103,7 @@ def alignkit_grpo_config(spec: dict, run_dir: Path):
         generation=AC.GenerationSection(max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
                                         top_p=1.0, top_k=0, batch_size=spec["prompts"]),
         reward=AC.RewardSection(components=[AC.RewardComponent(type="callable", name="arithmetic",
-                                                               path="common:alignkit_arithmetic_reward")]),
+                                                               path="common:arithmetic_reward")]),
         grpo=AC.GRPOSection(loss_type="grpo", num_generations=spec["G"], prompts_per_iteration=spec["prompts"],
                             num_iterations=spec["iterations"], ppo_epochs=1, micro_batch_size=spec["micro_batch_size"],
                             beta=spec["beta"], eps_low=0.2, scale_rewards=True),
@@ -110,7 +114,7 @@ def alignkit_grpo_worker(spec: dict, t_start: float) -> dict[str, Any]:
     from alignkit.algorithms import grpo
     from alignkit.train.logging import read_metrics
 
-    run_dir = Path(spec["workdir"]) / "alignkit-grpo"
+    run_dir = Path(spec["workdir"]) / f"alignkit-grpo-{spec['repeat']}"
     cfg = alignkit_grpo_config(spec, run_dir)
     rss_import, load_before = C.peak_rss_mb(), C.load_average()
     t0 = time.perf_counter()
@@ -162,7 +166,7 @@ def trl_grpo_worker(spec: dict, t_start: float) -> dict[str, Any]:
     tokenizer = load_tokenizer(C.EMBEDDED_MODEL)
     rows = spec["prompts"] * spec["G"]
     args = trl.GRPOConfig(
-        output_dir=str(Path(spec["workdir"]) / "trl-grpo"), max_steps=spec["iterations"],
+        output_dir=str(Path(spec["workdir"]) / f"trl-grpo-{spec['repeat']}"), max_steps=spec["iterations"],
         per_device_train_batch_size=spec["micro_batch_size"],
         gradient_accumulation_steps=rows // spec["micro_batch_size"], num_generations=spec["G"],
         max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=0,
@@ -175,7 +179,7 @@ def trl_grpo_worker(spec: dict, t_start: float) -> dict[str, Any]:
         model_init_kwargs={"num_hidden_layers": spec["layers"], "dtype": "float32"},
     )
     timer = StepTimer()
-    trainer = trl.GRPOTrainer(model=C.embedded_model_dir(), reward_funcs=C.trl_arithmetic_reward, args=args,
+    trainer = trl.GRPOTrainer(model=C.embedded_model_dir(), reward_funcs=C.arithmetic_reward, args=args,
                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
     t0 = time.perf_counter()
     trainer.train()
@@ -208,7 +212,7 @@ def save_fresh_reward_model(spec: dict) -> str:
     torch.manual_seed(spec["seed"])
     tokenizer = load_tokenizer(C.EMBEDDED_MODEL)
     model = load_reward_model(ModelConfig(name_or_path=C.EMBEDDED_MODEL, num_hidden_layers=spec["layers"]), tokenizer)
-    return str(save_model(model, tokenizer, Path(spec["workdir"]) / "fresh-rm"))
+    return str(save_model(model, tokenizer, Path(spec["workdir"]) / f"fresh-rm-{spec['repeat']}"))
 
 
 def alignkit_ppo_worker(spec: dict, t_start: float) -> dict[str, Any]:
@@ -217,7 +221,7 @@ def alignkit_ppo_worker(spec: dict, t_start: float) -> dict[str, Any]:
     from alignkit.train.logging import read_metrics
 
     rm_dir = save_fresh_reward_model(spec)
-    run_dir = Path(spec["workdir"]) / "alignkit-ppo"
+    run_dir = Path(spec["workdir"]) / f"alignkit-ppo-{spec['repeat']}"
     micro = spec["ppo_rollout"] // spec["ppo_minibatches"]
     cfg = AC.PPOConfig(
         model=AC.ModelConfig(name_or_path=C.EMBEDDED_MODEL, num_hidden_layers=spec["layers"], dtype="float32"),
@@ -234,7 +238,8 @@ def alignkit_ppo_worker(spec: dict, t_start: float) -> dict[str, Any]:
     ppo.train(cfg)
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "time/generation" in r]
     return {"iterations": [{"generation_s": r["time/generation"], "scoring_s": r["time/scoring"],
-                            "training_s": r["time/training"], "response_length": r["response_length"]} for r in rows],
+                            "training_s": r["time/training"], "response_length": r["response_length"],
+                            "step_s": r["time/generation"] + r["time/scoring"] + r["time/training"]} for r in rows],
             "optimizer_steps_per_iteration": spec["ppo_epochs"] * spec["ppo_minibatches"],
             "peak_rss_mb": C.peak_rss_mb(), "rss_after_import_mb": rss_import,
             "load_average": C.load_average(), "worker_total_s": time.perf_counter() - t_start}
@@ -267,21 +272,23 @@ def sft_like_ppo_worker(spec: dict, t_start: float) -> dict[str, Any]:
     steps = spec["ppo_iterations"] * spec["ppo_epochs"] * spec["ppo_minibatches"]
     batch = spec["ppo_rollout"] // spec["ppo_minibatches"]
     rows = sft_records_like_ppo(steps * batch, spec["sft_response_tokens"], prompts, tokenizer)
-    path = Path(spec["workdir"]) / "sft_like_ppo.jsonl"
+    path = Path(spec["workdir"]) / f"sft_like_ppo-{spec['repeat']}.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     offline_spec = {"layers": spec["layers"], "steps": steps, "batch_size": batch, "grad_accum": 1,
                     "max_length": 1024, "lr": spec["lr"], "seed": spec["seed"], "workdir": spec["workdir"],
-                    "data": {"sft": str(path)}, "repeat": "like-ppo"}
+                    "data": {"sft": str(path)}, "repeat": f"like-ppo-{spec['repeat']}"}
     return bench_offline.alignkit_worker("sft", offline_spec, t_start)
 
 
 # ================================================================================================ dispatch
 def worker_main(args: argparse.Namespace, t_start: float) -> int:
-    spec = json.loads(args.spec.read_text(encoding="utf-8"))
+    spec = {**json.loads(args.spec.read_text(encoding="utf-8")), "repeat": args.repeat}
     fn = {"alignkit": alignkit_grpo_worker, "trl": trl_grpo_worker, "ppo": alignkit_ppo_worker,
           "sft": sft_like_ppo_worker}[args.worker]
+    threads = C.set_threads(spec.get("threads"))
     try:
         result = fn(spec, t_start)
+        result["threads"] = threads
     except Exception as e:  # noqa: BLE001 - recorded verbatim in the results
         import traceback
 
@@ -297,68 +304,88 @@ def mean(xs: list[float | None]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def per_iteration_summary(result: dict) -> dict[str, float | None]:
-    """Means over iterations 2.. (the first one carries one-off warm-up), and over all of them."""
-    its = result.get("iterations") or []
-    steady = its[1:] if len(its) > 1 else its
-    out: dict[str, float | None] = {f"{k}_mean": mean([i[k] for i in steady])
-                                    for k in ("generation_s", "scoring_s", "training_s", "step_s")}
-    out["step_s_first"] = its[0]["step_s"] if its else None
-    out["completion_length_mean"] = mean([i["completion_length"] for i in its])
-    out["reward_mean"] = mean([i["reward"] for i in its])
+def median(xs: list[float | None]) -> float | None:
+    import statistics
+
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def per_iteration_summary(runs: list[dict]) -> dict[str, Any]:
+    """Pool iterations 2..n of every run (the first carries one-off warm-up: imports, allocator, the
+    first TensorBoard write): median and min of each part; first iterations separately."""
+    ok = [r for r in runs if "error" not in r]
+    steady = [i for r in ok for i in (r["iterations"][1:] or r["iterations"])]
+    out: dict[str, Any] = {}
+    for k in ("generation_s", "scoring_s", "training_s", "step_s"):
+        values = [i[k] for i in steady]
+        out[f"{k}_median"], out[f"{k}_min"] = median(values), min(values) if values else None
+    out["step_s_first_median"] = median([r["iterations"][0]["step_s"] for r in ok if r["iterations"]])
+    out["completion_length_mean"] = mean([i["completion_length"] for r in ok for i in r["iterations"]])
+    out["reward_mean"] = mean([i["reward"] for r in ok for i in r["iterations"]])
+    out["peak_rss_mb"] = max((r["peak_rss_mb"] for r in ok), default=None)
+    out["process_wall_s_median"] = median([r["process_wall_s"] for r in ok])
+    out["n_steady_iterations"] = len(steady)
     return out
 
 
-def grpo_table(results: dict[str, dict]) -> str:
+def grpo_table(summary: dict[str, dict]) -> str:
     rows = []
-    for key, label in (("step_s_mean", "step s (iterations 2..n)"), ("generation_s_mean", "  generation s"),
-                       ("scoring_s_mean", "  scoring s"), ("training_s_mean", "  training s"),
-                       ("step_s_first", "first step s"), ("completion_length_mean", "completion tokens (mean)"),
-                       ("reward_mean", "reward (mean)"), ("peak_rss_mb", "peak RSS MiB"),
-                       ("process_wall_s", "process wall s")):
-        a = results.get("alignkit", {}).get(key)
-        t = results.get("trl", {}).get(key)
-        rows.append([label, a, t, C.ratio(t, a) if key.endswith("_s_mean") or key == "step_s_first" else None])
-    return C.markdown_table(["GRPO", "alignkit", "TRL", "ratio TRL/alignkit"], rows)
+    for key, label in (("step_s_median", "step s, median"), ("generation_s_median", "  generation s, median"),
+                       ("scoring_s_median", "  scoring s, median"), ("training_s_median", "  training s, median"),
+                       ("step_s_min", "step s, min"), ("generation_s_min", "  generation s, min"),
+                       ("training_s_min", "  training s, min"), ("step_s_first_median", "first step s, median"),
+                       ("completion_length_mean", "completion tokens (mean)"), ("reward_mean", "reward (mean)"),
+                       ("peak_rss_mb", "peak RSS MiB"), ("process_wall_s_median", "process wall s, median")):
+        a = summary.get("alignkit", {}).get(key)
+        t = summary.get("trl", {}).get(key)
+        timed = key.startswith(("step_s", "generation_s", "training_s"))
+        rows.append([label, a, t, C.ratio(t, a) if timed else None])
+    return C.markdown_table(["GRPO (iterations 2..n)", "alignkit", "TRL", "ratio TRL/alignkit"], rows)
 
 
-def ppo_sft_summary(ppo: dict, sft: dict, spec: dict) -> tuple[dict[str, Any], str]:
-    """Per optimizer step and per 1k trained tokens: PPO (whole iteration / training part) vs SFT."""
-    its = ppo["iterations"]
-    steady = its[1:] if len(its) > 1 else its
-    steps_per_it = ppo["optimizer_steps_per_iteration"]
-    prompt_tokens = spec["ppo_prompt_tokens_mean"]
-    resp = mean([i["response_length"] for i in its])
-    # tokens through forward+backward per PPO iteration: every rollout sequence, ppo_epochs times
-    ppo_tokens = spec["ppo_epochs"] * spec["ppo_rollout"] * (prompt_tokens + resp)
-    it_s = mean([i["generation_s"] + i["scoring_s"] + i["training_s"] for i in steady])
-    train_s = mean([i["training_s"] for i in steady])
-    sft_step_s = sft["loop_s"] / sft["steps"]
+def ppo_sft_summary(ppo_runs: list[dict], sft_runs: list[dict], spec: dict) -> tuple[dict[str, Any], str]:
+    """Seconds per optimizer step, PPO (whole iteration / its training part) vs SFT on the same sequences.
+
+    PPO: iterations 2..n of every run pooled (median, min). SFT: per run, loop / steps (median); and the
+    sum over steps of each step's fastest repeat / steps (min). Both see ``rollout / num_minibatches``
+    sequences of the same prompt + response lengths per optimizer step, so the per-step ratio is
+    also the per-token ratio.
+    """
+    ppo_ok = [r for r in ppo_runs if "error" not in r]
+    sft_ok = [r for r in sft_runs if "error" not in r]
+    steps_per_it = ppo_ok[0]["optimizer_steps_per_iteration"]
+    steady = [i for r in ppo_ok for i in (r["iterations"][1:] or r["iterations"])]
+    whole = [(i["generation_s"] + i["scoring_s"] + i["training_s"]) / steps_per_it for i in steady]
+    training = [i["training_s"] / steps_per_it for i in steady]
+    resp = mean([i["response_length"] for r in ppo_ok for i in r["iterations"]])
+    ppo_tokens_per_step = spec["ppo_rollout"] / spec["ppo_minibatches"] * (spec["ppo_prompt_tokens_mean"] + resp)
+    sft_steps = sft_ok[0]["steps"]
+    sft_median = median([r["loop_s"] / r["steps"] for r in sft_ok])
+    sft_min = sum(min(x) for x in zip(*(r["step_s"] for r in sft_ok))) / sft_steps
     summary = {
-        "ppo_iteration_s": it_s, "ppo_generation_s": mean([i["generation_s"] for i in steady]),
-        "ppo_scoring_s": mean([i["scoring_s"] for i in steady]), "ppo_training_s": train_s,
-        "ppo_step_s_whole": it_s / steps_per_it, "ppo_step_s_training": train_s / steps_per_it,
-        "ppo_trained_tokens_per_iteration": ppo_tokens, "ppo_response_length": resp,
-        "sft_step_s": sft_step_s, "sft_tokens": sft["tokens"], "sft_steps": sft["steps"],
-        "ppo_ms_per_1k_tokens_whole": 1e6 * it_s / ppo_tokens, "ppo_ms_per_1k_tokens_training": 1e6 * train_s / ppo_tokens,
-        "sft_ms_per_1k_tokens": 1e6 * sft["loop_s"] / sft["tokens"],
+        "ppo_step_s_whole_median": median(whole), "ppo_step_s_whole_min": min(whole),
+        "ppo_step_s_training_median": median(training), "ppo_step_s_training_min": min(training),
+        "ppo_generation_s_median": median([i["generation_s"] for i in steady]),
+        "ppo_scoring_s_median": median([i["scoring_s"] for i in steady]),
+        "ppo_training_s_median": median([i["training_s"] for i in steady]),
+        "ppo_optimizer_steps_per_iteration": steps_per_it, "ppo_response_length": resp,
+        "ppo_tokens_per_step": ppo_tokens_per_step, "sft_tokens_per_step": sft_ok[0]["tokens"] / sft_steps,
+        "sft_step_s_median": sft_median, "sft_step_s_min": sft_min, "n_ppo_iterations": len(steady),
+        "n_sft_runs": len(sft_ok),
     }
-    summary["ratio_step_whole"] = summary["ppo_step_s_whole"] / sft_step_s
-    summary["ratio_step_training"] = summary["ppo_step_s_training"] / sft_step_s
-    summary["ratio_per_token_whole"] = summary["ppo_ms_per_1k_tokens_whole"] / summary["sft_ms_per_1k_tokens"]
-    summary["ratio_per_token_training"] = summary["ppo_ms_per_1k_tokens_training"] / summary["sft_ms_per_1k_tokens"]
-    rows = [
-        ["s per optimizer step", summary["ppo_step_s_whole"], summary["ppo_step_s_training"], sft_step_s,
-         summary["ratio_step_whole"], summary["ratio_step_training"]],
-        ["ms per 1k trained tokens", summary["ppo_ms_per_1k_tokens_whole"], summary["ppo_ms_per_1k_tokens_training"],
-         summary["sft_ms_per_1k_tokens"], summary["ratio_per_token_whole"], summary["ratio_per_token_training"]],
-    ]
+    for est in ("median", "min"):
+        for part in ("whole", "training"):
+            summary[f"ratio_{part}_{est}"] = summary[f"ppo_step_s_{part}_{est}"] / summary[f"sft_step_s_{est}"]
+    rows = [[f"s per optimizer step, {est}", summary[f"ppo_step_s_whole_{est}"], summary[f"ppo_step_s_training_{est}"],
+             summary[f"sft_step_s_{est}"], summary[f"ratio_whole_{est}"], summary[f"ratio_training_{est}"]]
+            for est in ("median", "min")]
     table = C.markdown_table(["alignkit", "PPO (whole iteration)", "PPO (training part)", "SFT",
                               "ratio PPO whole / SFT", "ratio PPO training / SFT"], rows)
-    table += (f"\n\nPPO iteration (iterations 2..n): generation {summary['ppo_generation_s']:.2f} s, scoring + "
-              f"experience {summary['ppo_scoring_s']:.2f} s, training {train_s:.2f} s "
-              f"({steps_per_it} optimizer steps, {ppo_tokens:.0f} trained tokens); SFT: {sft['steps']} steps, "
-              f"{sft['tokens']} tokens, {sft['loop_s']:.2f} s")
+    table += (f"\n\nPPO iteration (median of iterations 2..n): generation {summary['ppo_generation_s_median']:.2f} s, "
+              f"scoring + experience {summary['ppo_scoring_s_median']:.2f} s, training "
+              f"{summary['ppo_training_s_median']:.2f} s ({steps_per_it} optimizer steps). Tokens per optimizer step: "
+              f"PPO {ppo_tokens_per_step:.0f}, SFT {summary['sft_tokens_per_step']:.0f}.")
     return summary, table
 
 
@@ -376,44 +403,46 @@ def parent_main(args: argparse.Namespace) -> int:
             "max_new_tokens": args.max_new_tokens, "micro_batch_size": mb, "lr": args.lr, "beta": args.beta,
             "temperature": args.temperature, "seed": args.seed, "workdir": str(workdir),
             "ppo_iterations": args.ppo_iterations, "ppo_rollout": args.ppo_rollout, "ppo_epochs": args.ppo_epochs,
-            "ppo_minibatches": args.ppo_minibatches}
+            "ppo_minibatches": args.ppo_minibatches, "threads": args.threads}
     spec_path = workdir / "spec.json"
     C.write_json(spec_path, spec)
 
-    def run(worker: str) -> dict:
-        out = workdir / f"result-{worker}.json"
-        print(f"[{time.strftime('%H:%M:%S')}] {worker} ...", flush=True)
-        r = C.run_worker([__file__, "--worker", worker, "--spec", str(spec_path), "--worker-out", str(out)],
-                         out, workdir / f"log-{worker}.txt", args.timeout)
-        print("    " + (r["error"].splitlines()[-1] if "error" in r else f"done in {r['process_wall_s']:.1f} s"),
-              flush=True)
+    def run(worker: str, rep: int = 0) -> dict:
+        out = workdir / f"result-{worker}-{rep}.json"
+        print(f"[{time.strftime('%H:%M:%S')}] {worker} (repeat {rep}) ...", flush=True)
+        r = C.run_worker([__file__, "--worker", worker, "--repeat", str(rep), "--spec", str(spec_path),
+                          "--worker-out", str(out)], out, workdir / f"log-{worker}-{rep}.txt", args.timeout,
+                         args.threads)
+        print("    " + (r["error"].splitlines()[-1] if "error" in r else f"done in {r['process_wall_s']:.1f} s, "
+              f"steps {[round(i['step_s'], 1) for i in r.get('iterations', [])]}"), flush=True)
         return r
 
-    grpo: dict[str, dict] = {}
-    for fw in frameworks:
-        r = run(fw)
-        if "error" not in r:
-            r.update(per_iteration_summary(r))
-        grpo[fw] = r
-    table = grpo_table(grpo)
+    grpo_runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+    for rep in range(args.repeats):
+        for fw in (frameworks if rep % 2 == 0 else frameworks[::-1]):
+            grpo_runs[fw].append(run(fw, rep))
+    summary = {fw: per_iteration_summary(rs) for fw, rs in grpo_runs.items()}
+    table = grpo_table(summary)
     print("\n" + table)
-    payload: dict[str, Any] = {"command": C.command_line(), "spec": spec, "machine": C.machine_info(), "grpo": grpo,
-                               "grpo_table_markdown": table}
+    payload: dict[str, Any] = {"command": C.command_line(), "spec": spec, "machine": C.machine_info(),
+                               "grpo_summary": summary, "grpo_runs": grpo_runs, "grpo_table_markdown": table}
 
     if not args.skip_ppo:
-        ppo = run("ppo")
-        payload["ppo"] = ppo
-        if "error" not in ppo:
-            resp = round(mean([i["response_length"] for i in ppo["iterations"]]))
+        ppo_runs, sft_runs = [run("ppo", 0)], []
+        if "error" not in ppo_runs[0]:
+            resp = round(mean([i["response_length"] for i in ppo_runs[0]["iterations"]]))
             spec.update(sft_response_tokens=resp, ppo_prompt_tokens_mean=mean_prompt_tokens(spec))
             C.write_json(spec_path, spec)
-            sft = run("sft")
-            payload["sft_like_ppo"] = sft
-            if "error" not in sft:
-                summary, ppo_table = ppo_sft_summary(ppo, sft, spec)
-                payload["ppo_vs_sft"] = summary
-                payload["ppo_vs_sft_table_markdown"] = ppo_table
-                print("\n" + ppo_table)
+            sft_runs.append(run("sft", 0))
+            for rep in range(1, args.repeats):
+                for worker in (("sft", "ppo") if rep % 2 else ("ppo", "sft")):
+                    (sft_runs if worker == "sft" else ppo_runs).append(run(worker, rep))
+        payload.update(ppo_runs=ppo_runs, sft_like_ppo_runs=sft_runs)
+        if any("error" not in r for r in ppo_runs) and any("error" not in r for r in sft_runs):
+            summary, ppo_table = ppo_sft_summary(ppo_runs, sft_runs, spec)
+            payload["ppo_vs_sft"] = summary
+            payload["ppo_vs_sft_table_markdown"] = ppo_table
+            print("\n" + ppo_table)
     out_path = args.out or C.results_path("grpo")
     C.write_json(out_path, payload)
     print(f"\nresults: {out_path}")

@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TRL optimizer; alignkit uses torch.optim.AdamW (= adamw_torch). TRL's default is adamw_torch_fused")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per (job, framework), alternating which framework goes first; per step the fastest counts")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per worker (0: torch default)")
     p.add_argument("--matmul-seconds", type=float, default=4.0)
     p.add_argument("--timeout", type=float, default=900.0, help="per worker, seconds")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/<date>-offline.json)")
@@ -347,8 +348,10 @@ def trl_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
 def worker_main(args: argparse.Namespace, t_start: float) -> int:
     spec = {**json.loads(args.spec.read_text(encoding="utf-8")), "repeat": args.repeat}
     fn = alignkit_worker if args.worker == "alignkit" else trl_worker
+    threads = C.set_threads(spec.get("threads"))
     try:
         result = fn(args.job, spec, t_start)
+        result["threads"] = threads
     except Exception as e:  # noqa: BLE001 - recorded verbatim in the results
         import traceback
 
@@ -457,7 +460,7 @@ def prepare_inputs(args: argparse.Namespace, jobs: list[str], workdir: Path) -> 
         data[job] = str(path)
     return {"layers": args.layers, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "trl_optim": args.trl_optim,
-            "workdir": str(workdir), "data": data, "n_examples": n}
+            "workdir": str(workdir), "data": data, "n_examples": n, "threads": args.threads}
 
 
 def parent_main(args: argparse.Namespace) -> int:
@@ -469,6 +472,7 @@ def parent_main(args: argparse.Namespace) -> int:
     spec_path = workdir / "spec.json"
     C.write_json(spec_path, spec)
     print(f"workdir {workdir}; {spec['n_examples']} records per job; measuring the matmul peak...", flush=True)
+    C.set_threads(args.threads)
     peak = C.matmul_peak_gflops(seconds=args.matmul_seconds)
     print(f"matmul peak {peak['peak_gflops']:.1f} GFLOP/s", flush=True)
 
@@ -482,7 +486,7 @@ def parent_main(args: argparse.Namespace) -> int:
                 print(f"[{time.strftime('%H:%M:%S')}] {job} / {fw} (repeat {rep}) ...", flush=True)
                 r = C.run_worker([__file__, "--worker", fw, "--job", job, "--repeat", str(rep), "--spec",
                                   str(spec_path), "--worker-out", str(out)],
-                                 out, workdir / f"log-{fw}-{job}-{rep}.txt", args.timeout)
+                                 out, workdir / f"log-{fw}-{job}-{rep}.txt", args.timeout, args.threads)
                 runs.setdefault(job, {}).setdefault(fw, []).append(r)
                 status = r["error"].splitlines()[-1] if "error" in r else (
                     f"loop {r['loop_s']:.1f} s (CPU {r['loop_cpu_s']:.1f} s), {r['tokens'] / r['loop_s']:.0f} tok/s, "

@@ -70,14 +70,27 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def run_worker(argv: list[str], out_json: Path, log_path: Path, timeout_s: float) -> dict[str, Any]:
+def set_threads(n: int | None) -> int:
+    """Use ``n`` intra-op threads in this process (None or 0: torch's default); returns the count in use."""
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def run_worker(argv: list[str], out_json: Path, log_path: Path, timeout_s: float,
+               threads: int | None = None) -> dict[str, Any]:
     """Run ``python <argv...>`` as a subprocess that writes its result to ``out_json``.
 
-    stdout/stderr go to ``log_path``. Returns the worker's JSON plus ``process_wall_s`` (spawn to exit,
-    imports included) and ``returncode``; on failure ``error`` holds the tail of the log.
+    stdout/stderr go to ``log_path``; ``threads`` sets ``OMP_NUM_THREADS`` (the worker also calls
+    :func:`set_threads`). Returns the worker's JSON plus ``process_wall_s`` (spawn to exit, imports
+    included) and ``returncode``; on failure ``error`` holds the tail of the log.
     """
     t0 = time.perf_counter()
     env = dict(os.environ, TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "w", encoding="utf-8") as log:
         try:
             proc = subprocess.run([sys.executable, *argv], stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -189,16 +202,11 @@ def arithmetic_correct(completion: str, answer: str) -> float:
         return 0.0
 
 
-def alignkit_arithmetic_reward(prompts: list[str], completions: list[str], extras: list[dict]):
-    """alignkit's reward signature ``(prompts, completions, extras) -> [B] float32 tensor``."""
-    import torch
-
-    return torch.tensor([arithmetic_correct(c, e["answer"]) for c, e in zip(completions, extras)],
-                        dtype=torch.float32)
-
-
-def trl_arithmetic_reward(prompts, completions, answer, **kwargs) -> list[float]:
-    """TRL's reward signature: ``completions`` are message lists for conversational prompts."""
+def arithmetic_reward(prompts: list, completions: list, answer: list[str], **kwargs) -> list[float]:
+    """The reward both GRPO runs call, with the calling convention both accept: TRL's
+    ``(prompts, completions, **dataset_columns)`` and alignkit's ``callable`` reward component (each
+    prompt-record field as a list keyword). ``completions`` are strings (alignkit) or, for
+    conversational prompts in TRL, ``[{"role": "assistant", "content": ...}]`` lists."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
     return [arithmetic_correct(t, a) for t, a in zip(texts, answer)]
 

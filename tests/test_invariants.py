@@ -121,3 +121,16 @@ def test_dpo_step_at_policy_equal_reference_is_log2(lm):
     out = step(model, collate_preference(_pref_examples(tok), tok.pad_token_id))
     assert_close(out.loss, torch.tensor(0.6931471805599453), atol=1e-6, rtol=0)
     assert out.metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_skipping_prompt_logits_gives_identical_response_logprobs(lm):
+    model, tok = lm
+    ids = torch.tensor([[5, 17, 23, 9, 40, 2, 0], [6, 7, 8, 9, 10, 11, 2]])
+    att = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1]])
+    full = token_logprobs(model, ids, att)
+    for first in (2, 4, 6):
+        part = token_logprobs(model, ids, att, first_index=first)
+        assert_close(part[:, first:], full[:, first:], atol=1e-6, rtol=1e-6)
+        assert torch.all(part[:, :first] == 0)
+    resp = torch.tensor([[0, 0, 0, 1, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1]])
+    assert_close(sequence_logprobs(model, ids, att, resp), (full * resp).sum(-1), atol=1e-6, rtol=1e-6)

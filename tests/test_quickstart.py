@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -37,14 +38,18 @@ def test_gold_pairs_orient_by_gold_and_drop_ties():
 def test_quickstart_reduced_budget(tmp_path):
     out = tmp_path / "qs"
     rc = main(["quickstart", f"output_dir={out}", "n_train_prompts=3", "samples_per_prompt=2", "n_eval_prompts=2",
-               "eval_samples=2", "max_new_tokens=6", "max_steps=1", "hhh_epochs=1", "show_samples=1"])
+               "eval_samples=2", "max_new_tokens=6", "max_steps=1", "hhh_epochs=1", "show_samples=1", "bon_n=2",
+               "ppo_iterations=1", "ppo_rollout_batch_size=2", "value_layers=1"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["policies"]) >= {"base", "sft", "dpo"}
+    assert set(summary["policies"]) == {"base", "sft", "dpo", "ppo", "bon"}
     for row in summary["policies"].values():
         assert -1.0 <= row["gold_mean"] <= 1.0
     assert summary["policies"]["sft"]["kl_mean"] == pytest.approx(0.0, abs=1e-4)  # KL of the reference to itself
     assert 0.0 <= summary["reward_model_hhh"]["test_accuracy"] <= 1.0
+    assert summary["policies"]["bon"]["kl_mean"] == pytest.approx(math.log(2) - 0.5)
     for path in summary["artifacts"].values():
-        assert (tmp_path / path).exists() or __import__("pathlib").Path(path).exists()
+        assert Path(path).exists(), path
+    assert (out / "reward_vs_kl.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (out / "report.html").read_text()
     assert "DPO - SFT gold reward" in (out / "summary.md").read_text()

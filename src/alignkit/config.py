@@ -510,6 +510,13 @@ class QuickstartConfig(Section):
     dpo_epochs: int = Field(1, gt=0)
     dpo_lr: float = Field(3e-4, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
+    ppo_iterations: int = Field(4, ge=0)
+    """PPO iterations (0 skips PPO); each samples ppo_rollout_batch_size training prompts."""
+    ppo_rollout_batch_size: int = Field(16, gt=0)
+    ppo_lr: float = Field(2e-4, gt=0)
+    ppo_kl_coef: float = Field(0.05, ge=0)
+    value_layers: int = Field(4, gt=0)
+    """PPO critic: the SFT backbone's first N layers + a value head."""
     batch_size: int = Field(8, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Cap every training stage at this many optimizer steps (for smoke runs)."""

@@ -39,7 +39,7 @@ from alignkit.data.collate import collate_sft
 from alignkit.eval.bon import best_indices
 from alignkit.losses import sft_loss
 from alignkit.models.loading import load_policy, load_tokenizer, save_model
-from alignkit.ops.logprobs import token_logprobs
+from alignkit.ops.logprobs import first_response_index, token_logprobs
 from alignkit.rewards.combine import apply_missing_eos_penalty, build_reward
 from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts
 from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
@@ -53,7 +53,8 @@ _ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 
 # ---------------------------------------------------------------- SFT step on the selected samples
 def sft_step(model, batch: dict) -> StepOutput:
-    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                           first_index=first_response_index(batch["response_mask"]))  # [B, T]
     losses = sft_loss(logps, batch["response_mask"])  # [B]
     return StepOutput(loss=losses.mean(), num_tokens=int(batch["attention_mask"].sum()))
 

@@ -13,13 +13,14 @@ from alignkit.data.collate import collate_sft
 from alignkit.data.pipeline import prepare_data
 from alignkit.losses import sft_loss
 from alignkit.models.loading import load_policy, load_tokenizer, save_model
-from alignkit.ops.logprobs import token_logprobs
+from alignkit.ops.logprobs import first_response_index, token_logprobs
 from alignkit.train.loop import StepOutput, train_loop
 from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed, write_summary
 
 
 def sft_step(model, batch: dict) -> StepOutput:
-    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # [B, T]
+    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                           first_index=first_response_index(batch["response_mask"]))  # [B, T]
     losses = sft_loss(logps, batch["response_mask"])  # [B]
     n_resp = batch["response_mask"].sum()
     return StepOutput(

@@ -44,13 +44,15 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Causal-LM logits [B, T, V] with padding-aware position ids."""
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    """Causal-LM logits with padding-aware position ids: [B, T, V], or [B, k, V] for the last k positions."""
+    kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        **kwargs,
     )
     return out.logits
 
@@ -61,19 +63,32 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    first_index: int = 1,
 ):
     """Log-prob of each token given its prefix, aligned to ``input_ids``.
 
-    Returns [B, T] where column t is log p(input_ids[:, t] | input_ids[:, :t]); column 0 is 0
-    (no prediction for the first token). Mask it with ``response_mask``.
+    Returns [B, T] where column t is log p(input_ids[:, t] | input_ids[:, :t]); columns before
+    ``first_index`` (at least column 0, which has no prediction) are 0. Mask it with ``response_mask``.
+    ``first_index`` = the first response column lets the LM head skip the prompt positions
+    (``logits_to_keep``): the vocabulary projection is a fifth of a small model's forward.
     """
-    logits = forward_logits(model, input_ids, attention_mask)  # [B, T, V]
-    shifted = gather_logprobs(logits[:, :-1], input_ids[:, 1:], temperature)  # [B, T-1]
-    logps = F.pad(shifted, (1, 0), value=0.0)  # [B, T]
+    T = input_ids.shape[1]
+    first = max(int(first_index), 1)
+    keep = T - first + 1  # logits at positions first-1 .. T-1 predict tokens first .. T
+    logits = forward_logits(model, input_ids, attention_mask, logits_to_keep=keep if first > 1 else 0)
+    logits = logits[:, -keep:]  # [B, keep, V] (a model that ignores logits_to_keep returns all T)
+    shifted = gather_logprobs(logits[:, :-1], input_ids[:, first:], temperature)  # [B, T-first]
+    logps = F.pad(shifted, (first, 0), value=0.0)  # [B, T]
     if not return_entropy:
         return logps
-    ent = F.pad(entropy_from_logits(logits[:, :-1], temperature), (1, 0), value=0.0)
+    ent = F.pad(entropy_from_logits(logits[:, :-1], temperature), (first, 0), value=0.0)
     return logps, ent
+
+
+def first_response_index(response_mask: torch.Tensor) -> int:
+    """Smallest column holding a response token in the batch (0 if there is none)."""
+    cols = response_mask.any(dim=0).nonzero()
+    return int(cols[0]) if len(cols) else 0
 
 
 def sequence_logprobs(
@@ -85,7 +100,8 @@ def sequence_logprobs(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Summed (or per-token averaged) response log-prob: [B]. The DPO reference repo sums."""
-    logps = token_logprobs(model, input_ids, attention_mask, temperature)  # [B, T]
+    logps = token_logprobs(model, input_ids, attention_mask, temperature,
+                           first_index=first_response_index(response_mask))  # [B, T]
     mask = response_mask.to(logps.dtype)
     total = (logps * mask).sum(-1)
     if average:

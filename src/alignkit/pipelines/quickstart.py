@@ -23,8 +23,8 @@ import torch
 from transformers import AutoConfig
 
 from alignkit.config import (
-    DataConfig, DPOConfig, DPOSection, LoraConfig, ModelConfig, QuickstartConfig, RLDataConfig, RMConfig, RMSection,
-    SFTConfig, TrainConfig,
+    DataConfig, DPOConfig, DPOSection, GenerationSection, LoraConfig, ModelConfig, PPOConfig, PPOSection,
+    QuickstartConfig, RLDataConfig, RMConfig, RMSection, SFTConfig, TrainConfig,
 )
 from alignkit.data.builtin import sentiment_prompts
 from alignkit.data.tokenize import render_prompt
@@ -263,16 +263,42 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     dpo_dir = dpo.train(dpo_cfg)["model_dir"]
     timings["dpo"] = time.time() - t
 
-    # 6. evaluate DPO; proxy reward for every policy; best-of-n from the SFT samples by the proxy
+    # 6. PPO from the SFT policy against the sentiment reward model (KL penalty to the SFT reference;
+    #    the critic is the SFT backbone's first layers, since the MiniLM reward model has another tokenizer)
+    ppo_dir = None
+    if q.ppo_iterations > 0:
+        t = time.time()
+        from alignkit.algorithms import ppo
+        ppo_cfg = PPOConfig(
+            model=ModelConfig(name_or_path=sft_dir, lora=lora),
+            data=RLDataConfig(train=str(train_file)),
+            train=TrainConfig(output_dir=str(out / "ppo"), seed=q.seed, lr=q.ppo_lr, scheduler="constant"),
+            generation=GenerationSection(max_new_tokens=q.max_new_tokens, temperature=1.0,
+                                         batch_size=q.generation_batch_size),
+            ppo=PPOSection(reward_model=rm_res["model_dir"], value_model=sft_dir, value_layers=q.value_layers,
+                           rollout_batch_size=q.ppo_rollout_batch_size, num_iterations=q.ppo_iterations, ppo_epochs=2,
+                           num_minibatches=2, micro_batch_size=q.batch_size, kl_coef=q.ppo_kl_coef, value_lr=5e-5,
+                           missing_eos_penalty=None),
+        )
+        ppo_dir = ppo.train(ppo_cfg)["model_dir"]
+        timings["ppo"] = time.time() - t
+
+    # 7. evaluate DPO and PPO; proxy reward for every policy; best-of-n from the SFT samples by the proxy
     t = time.time()
     proxy = load_reward_model_scorer(rm_res["model_dir"], batch_size=32)
     dpo_model = load_policy(ModelConfig(name_or_path=dpo_dir), tok, trainable=False)
     ev["dpo"], _ = evaluate_policy("dpo", dpo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
                                    reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 4)
-    for name, n in (("base", q.eval_samples), ("sft", n_sft), ("dpo", q.eval_samples)):
+    del dpo_model
+    if ppo_dir is not None:
+        ppo_model = load_policy(ModelConfig(name_or_path=ppo_dir), tok, trainable=False)
+        ev["ppo"], _ = evaluate_policy("ppo", ppo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
+                                       reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 5)
+        del ppo_model
+    for name, n in [("base", q.eval_samples), ("sft", n_sft)] + [(k, q.eval_samples) for k in ("dpo", "ppo") if k in ev]:
         add_proxy_scores(ev[name], proxy, [p for p in raw_eval for _ in range(n)])
     ev["bon"], bon_curve_rows = best_of_n_from_samples(ev["sft"], len(raw_eval), n_sft, q.bon_n)
-    timings["eval_dpo_bon"] = time.time() - t
+    timings["eval_rl_bon"] = time.time() - t
 
     total = time.time() - t_start
     summary = {
@@ -287,7 +313,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
                              "test_margin": hhh_res.get("eval", {}).get("margin")},
         "timings_s": timings, "total_s": total,
         "n_dpo_pairs": sum(1 for _ in open(dpo_file, encoding="utf-8")),
-        "artifacts": {"sft_model": sft_dir, "dpo_model": dpo_dir, "reward_model": rm_res["model_dir"],
+        "artifacts": {"sft_model": sft_dir, "dpo_model": dpo_dir, "ppo_model": ppo_dir, "reward_model": rm_res["model_dir"],
                       "hhh_reward_model": hhh_res["model_dir"], "preferences": str(pref_file),
                       "heldout_gold_pairs": str(test_pair_file)},
         "best_of_n_curve": bon_curve_rows,

@@ -322,6 +322,7 @@ def response_logprobs(
             attention_mask[start : start + step],
             temperature=temperature,
             return_entropy=return_entropy,
+            first_index=rollout.prompt_length,  # the LM head skips prompt positions
         )
         if return_entropy:
             logps_chunks.append(out[0])
