@@ -178,3 +178,12 @@ def test_rm_groups_all_pairs_of_a_prompt_into_one_element():
     assert batch["chosen_idx"].tolist() == [0, 0, 3] and batch["rejected_idx"].tolist() == [1, 2, 4]
     assert batch["pair_group"].tolist() == [0, 0, 1]
     assert len(group_pairs(pairs, by_prompt=False)) == 3
+
+
+def test_dpo_bf16_autocast_reference_matches_first_step(tiny, tmp_path):
+    out = tmp_path / "dpo_bf16"
+    assert main(["dpo", *_common(tiny, out, "prefs.jsonl", **{"train.mixed_precision": "bf16"})]) == 0
+    first = next(m for m in _metrics(out) if "rewards/margins" in m)
+    # reference log-probs precomputed under the same autocast as the policy's first forward: exactly at the reference
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)

@@ -505,10 +505,10 @@ class QuickstartConfig(Section):
     rm_epochs: int = Field(3, gt=0)
     rm_lr: float = Field(1e-4, gt=0)
     hhh_epochs: int = Field(2, gt=0)
-    dpo_pairs_per_prompt: int = Field(3, gt=0)
+    dpo_pairs_per_prompt: int = Field(6, gt=0)
     """DPO trains on this many of each prompt's annotated pairs (the reward model sees all of them)."""
-    dpo_epochs: int = Field(1, gt=0)
-    dpo_lr: float = Field(3e-4, gt=0)
+    dpo_epochs: int = Field(2, gt=0)
+    dpo_lr: float = Field(1e-3, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
     ppo_iterations: int = Field(0, ge=0)
     """PPO iterations (0 skips PPO); each samples ppo_rollout_batch_size training prompts. Off by default until
@@ -518,6 +518,8 @@ class QuickstartConfig(Section):
     ppo_kl_coef: float = Field(0.05, ge=0)
     value_layers: int = Field(4, gt=0)
     """PPO critic: the SFT backbone's first N layers + a value head."""
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    """Autocast for policy training (SFT, DPO, PPO): bf16 matmuls are ~3x faster on CPUs with AVX512-BF16."""
     batch_size: int = Field(8, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Cap every training stage at this many optimizer steps (for smoke runs)."""

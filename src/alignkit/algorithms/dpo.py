@@ -23,7 +23,9 @@ from alignkit.losses import PREFERENCE_LOSSES
 from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_reference, load_tokenizer, reference_context, save_model
 from alignkit.ops.logprobs import sequence_logprobs
 from alignkit.train.loop import StepOutput, train_loop
-from alignkit.train.run import batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, write_summary
+from alignkit.train.run import (
+    batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, with_autocast, write_summary,
+)
 
 
 def collate_with_ref(examples: list[dict], pad_token_id: int) -> dict:
@@ -130,6 +132,7 @@ def train(cfg: DPOConfig, resume: bool = False) -> dict:
         if cfg.dpo.precompute_ref_logps:
             source = ref_model if ref_model is not None else model
             ctx = (lambda: reference_context(model)) if ref_model is None else (lambda: torch.no_grad())
+            ctx = with_autocast(ctx, cfg.train, model_device(source))
             log(f"precomputing reference log-probs for {len(data.train) + len(data.eval)} pairs")
             precompute_reference_logps(source, data.train + data.eval, pad, eval_bs, ctx)
             ref_model = None  # freed: reference log-probs now live in the examples

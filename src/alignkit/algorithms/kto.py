@@ -20,7 +20,9 @@ from alignkit.losses import kto_loss
 from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_tokenizer, reference_context, save_model
 from alignkit.ops.logprobs import sequence_logprobs
 from alignkit.train.loop import StepOutput, train_loop
-from alignkit.train.run import batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, write_summary
+from alignkit.train.run import (
+    batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, with_autocast, write_summary,
+)
 
 
 def add_mismatched_pairs(examples: list[dict], max_length: int) -> None:
@@ -114,7 +116,8 @@ def train(cfg: KTOConfig, resume: bool = False) -> dict:
     ref_model = None
     if cfg.kto.precompute_ref_logps:
         log(f"precomputing reference log-probs for {len(data.train) + len(data.eval)} examples")
-        precompute_reference(model, data.train + data.eval, pad, eval_bs, lambda: reference_context(model))
+        precompute_reference(model, data.train + data.eval, pad, eval_bs,
+                             with_autocast(lambda: reference_context(model), cfg.train, model_device(model)))
     elif not is_peft(model):
         ref_model = copy_frozen(model)
     step_fn = make_kto_step(cfg, ref_model)

@@ -165,9 +165,10 @@ def _clear(out: Path) -> None:
     (out / MARKER).write_text(json.dumps({"status": "running"}), encoding="utf-8")
 
 
-def _train_cfg(q: QuickstartConfig, out: Path, lr: float, epochs: int, **kw) -> TrainConfig:
+def _train_cfg(q: QuickstartConfig, out: Path, lr: float, epochs: int, policy: bool = True) -> TrainConfig:
     return TrainConfig(output_dir=str(out), seed=q.seed, lr=lr, epochs=epochs, max_steps=q.max_steps,
-                       batch_size=q.batch_size, scheduler="cosine", warmup_steps=0, log_every=1, **kw)
+                       batch_size=q.batch_size, scheduler="cosine", warmup_steps=0, log_every=1,
+                       mixed_precision=q.mixed_precision if policy else "no")
 
 
 def _fmt(x: float | None, se: float | None = None, digits: int = 3) -> str:
@@ -243,13 +244,13 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     from alignkit.algorithms import reward_model
     rm_cfg = RMConfig(model=ModelConfig(name_or_path=q.reward_model),
                       data=DataConfig(train=str(pref_file), eval=str(test_pair_file), max_length=256),
-                      train=_train_cfg(q, out / "rm_sentiment", q.rm_lr, q.rm_epochs), rm=RMSection(normalize=True))
+                      train=_train_cfg(q, out / "rm_sentiment", q.rm_lr, q.rm_epochs, policy=False), rm=RMSection(normalize=True))
     rm_res = reward_model.train(rm_cfg)
     timings["rm_sentiment"] = time.time() - t
     t = time.time()
     hhh_cfg = RMConfig(model=ModelConfig(name_or_path=q.hhh_reward_model),
                        data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=512, max_prompt_length=384),
-                       train=_train_cfg(q, out / "rm_hhh", 5e-5, q.hhh_epochs))
+                       train=_train_cfg(q, out / "rm_hhh", 5e-5, q.hhh_epochs, policy=False))
     hhh_res = reward_model.train(hhh_cfg)
     timings["rm_hhh"] = time.time() - t
 
@@ -272,7 +273,8 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
         ppo_cfg = PPOConfig(
             model=ModelConfig(name_or_path=sft_dir, lora=lora),
             data=RLDataConfig(train=str(train_file)),
-            train=TrainConfig(output_dir=str(out / "ppo"), seed=q.seed, lr=q.ppo_lr, scheduler="constant"),
+            train=TrainConfig(output_dir=str(out / "ppo"), seed=q.seed, lr=q.ppo_lr, scheduler="constant",
+                              mixed_precision=q.mixed_precision),
             generation=GenerationSection(max_new_tokens=q.max_new_tokens, temperature=1.0,
                                          batch_size=q.generation_batch_size),
             ppo=PPOSection(reward_model=rm_res["model_dir"], value_model=sft_dir, value_layers=q.value_layers,

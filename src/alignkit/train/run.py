@@ -116,3 +116,23 @@ def evaluate(model, examples: list, collate_fn, metrics_fn, batch_size: int) -> 
         count += n
     model.train(was_training)
     return {k: v / max(count, 1) for k, v in totals.items()}
+
+
+def autocast_for(train_cfg, device: torch.device):
+    """The autocast the training loop runs under (accelerate's ``mixed_precision``), for passes made outside it —
+    e.g. precomputed reference log-probs, which must match the policy's first forward exactly."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.mixed_precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def with_autocast(context_factory, train_cfg, device: torch.device):
+    """``context_factory()`` entered together with :func:`autocast_for`."""
+    import contextlib
+
+    def both():
+        stack = contextlib.ExitStack()
+        stack.enter_context(context_factory())
+        stack.enter_context(autocast_for(train_cfg, device))
+        return stack
+
+    return both
