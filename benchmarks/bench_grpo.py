@@ -3,8 +3,8 @@
 Part 1, GRPO. Both frameworks get the same policy (the embedded SmolLM2-135M-Instruct cut to its first
 ``--layers`` layers, loaded from the same folder; the reference is the same initial weights), the same
 prompts in the same order (``builtin:arithmetic`` train, alignkit's prompt-sampler order; TRL reads
-the dataset unshuffled), the same reward (``common.arithmetic_reward``: one plain Python function, called by both),
-G completions per prompt, ``--max-new-tokens``, temperature, top_p 1 / no top-k, ``loss_type=grpo``
+the dataset unshuffled), the same reward (``common.arithmetic_reward``: one plain Python function that
+both call), G completions per prompt, ``--max-new-tokens``, temperature, top_p 1 / no top-k, ``loss_type=grpo``
 (per-sequence token mean, rewards scaled by the group std), clip eps 0.2, KL beta, lr, fp32,
 one optimizer step per iteration over all P*G samples (TRL: generation batch = P*G, one gradient
 step per generation), grad clip 1.0, AdamW (torch, non-fused), no checkpoints, no eval.
@@ -20,10 +20,14 @@ Part 2, alignkit PPO vs SFT on the same tokens (alignkit only): ``alignkit ppo``
 fresh one-output score head on the truncated model as reward model (its value model is a copy), then an
 SFT run whose records have the same prompt and response lengths as the PPO rollouts and whose optimizer
 steps see the same sequences per step (``rollout / num_minibatches``) as PPO's. Reported: seconds per
-optimizer step and per 1k trained tokens, and the ratio PPO / SFT (whole iteration, and its training
-part alone).
+optimizer step and the ratio PPO / SFT (whole iteration, and its training part alone); with equal
+tokens per step this is also the per-token ratio.
+
+Each run is a subprocess (its own peak RSS). ``--repeats R`` alternates which framework goes first and
+pools iterations 2..n of all runs (median and min); ``--threads 1`` gives stable timings on a shared CPU.
 
     .venv/bin/python benchmarks/bench_grpo.py                 # the defaults: a few minutes
+    .venv/bin/python benchmarks/bench_grpo.py --threads 1 --repeats 2
     .venv/bin/python benchmarks/bench_grpo.py --skip-ppo --iterations 2
 """
 
@@ -406,6 +410,7 @@ def parent_main(args: argparse.Namespace) -> int:
             "ppo_minibatches": args.ppo_minibatches, "threads": args.threads}
     spec_path = workdir / "spec.json"
     C.write_json(spec_path, spec)
+    machine = C.machine_info()  # before the runs: alignkit_git is the code the workers import
 
     def run(worker: str, rep: int = 0) -> dict:
         out = workdir / f"result-{worker}-{rep}.json"
@@ -424,7 +429,7 @@ def parent_main(args: argparse.Namespace) -> int:
     summary = {fw: per_iteration_summary(rs) for fw, rs in grpo_runs.items()}
     table = grpo_table(summary)
     print("\n" + table)
-    payload: dict[str, Any] = {"command": C.command_line(), "spec": spec, "machine": C.machine_info(),
+    payload: dict[str, Any] = {"command": C.command_line(), "spec": spec, "machine": machine,
                                "grpo_summary": summary, "grpo_runs": grpo_runs, "grpo_table_markdown": table}
 
     if not args.skip_ppo:
@@ -444,6 +449,7 @@ def parent_main(args: argparse.Namespace) -> int:
             payload["ppo_vs_sft_table_markdown"] = ppo_table
             print("\n" + ppo_table)
     out_path = args.out or C.results_path("grpo")
+    payload["alignkit_git_at_end"] = C.git_revision()
     C.write_json(out_path, payload)
     print(f"\nresults: {out_path}")
     return 0

@@ -27,6 +27,7 @@ tokenisation, reference precompute and saving are outside the loop and reported 
 step's fastest repeat: the CPU is shared, and that is the least-disturbed estimate of the same work.
 
     .venv/bin/python benchmarks/bench_offline.py                      # the defaults: a few minutes
+    .venv/bin/python benchmarks/bench_offline.py --threads 1 --repeats 2   # stable on a shared CPU
     .venv/bin/python benchmarks/bench_offline.py --jobs dpo --layers 2 --steps 4
 """
 
@@ -61,13 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trl-optim", default="adamw_torch",
-                   help="TRL optimizer; alignkit uses torch.optim.AdamW (= adamw_torch). TRL's default is adamw_torch_fused")
+                   help="TRL optimizer; alignkit uses torch.optim.AdamW (= adamw_torch). "
+                        "TRL's default is adamw_torch_fused")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs per (job, framework), alternating which framework goes first; per step the fastest counts")
+                   help="runs per (job, framework), alternating which framework goes first; "
+                        "per step the fastest counts")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per worker (0: torch default)")
     p.add_argument("--matmul-seconds", type=float, default=4.0)
     p.add_argument("--timeout", type=float, default=900.0, help="per worker, seconds")
-    p.add_argument("--out", type=Path, default=None, help="results JSON (default benchmarks/results/<date>-offline.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default benchmarks/results/<date>-offline.json)")
     p.add_argument("--workdir", type=Path, default=None, help="keep data, logs and run dirs here (default: a temp dir)")
     # internal: one worker run
     p.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -431,8 +435,9 @@ def summary_tables(best: dict[str, dict[str, dict]], peak: dict) -> str:
                          main_rows),
         "",
         C.markdown_table(["job", "alignkit tokens", "TRL tokens", "alignkit median loop s", "TRL median loop s",
-                          "ratio", "alignkit median CPU s", "TRL median CPU s", "CPU ratio", "alignkit outside-loop s", "TRL outside-loop s",
-                          "alignkit process s", "TRL process s"], time_rows),
+                          "ratio", "alignkit median CPU s", "TRL median CPU s", "CPU ratio",
+                          "alignkit outside-loop s", "TRL outside-loop s", "alignkit process s", "TRL process s"],
+                         time_rows),
         "",
         f"matmul peak: {peak['peak_gflops']:.1f} GFLOP/s (median {peak['median_gflops']:.1f}; fp32 "
         f"{peak['n']}x{peak['n']}, {peak['threads']} threads)",
@@ -468,6 +473,7 @@ def parent_main(args: argparse.Namespace) -> int:
     frameworks = [f for f in args.frameworks.split(",") if f]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="alignkit-bench-offline-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    machine = C.machine_info()  # before the runs: alignkit_git is the code the workers import
     spec = prepare_inputs(args, jobs, workdir)
     spec_path = workdir / "spec.json"
     C.write_json(spec_path, spec)
@@ -505,8 +511,8 @@ def parent_main(args: argparse.Namespace) -> int:
     print("\n" + tables)
     out_path = args.out or C.results_path("offline")
     C.write_json(out_path, {"command": C.command_line(), "spec": spec, "repeats": args.repeats,
-                            "machine": C.machine_info(), "matmul_peak": peak, "best": best, "runs": runs,
-                            "tables_markdown": tables})
+                            "machine": machine, "alignkit_git_at_end": C.git_revision(), "matmul_peak": peak,
+                            "best": best, "runs": runs, "tables_markdown": tables})
     print(f"\nresults: {out_path}")
     return 0
 

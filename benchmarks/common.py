@@ -61,6 +61,7 @@ def machine_info() -> dict[str, Any]:
         except Exception:  # noqa: BLE001 - a missing version is reported as such
             versions[name] = "n/a"
     return {
+        "alignkit_git": git_revision(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -77,6 +78,18 @@ def set_threads(n: int | None) -> int:
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def git_revision() -> str:
+    """``HEAD`` of the repo, with ``+dirty`` when ``src/`` has uncommitted changes (what alignkit code ran)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO_ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def run_worker(argv: list[str], out_json: Path, log_path: Path, timeout_s: float,

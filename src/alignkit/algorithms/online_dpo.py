@@ -29,7 +29,6 @@ import math
 import time
 
 import torch
-from accelerate import Accelerator
 from torch import Tensor
 from transformers import get_scheduler
 
@@ -43,7 +42,7 @@ from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, 
 from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
 from alignkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.train.logging import MetricsLogger
-from alignkit.train.run import log, prepare_run_dir, set_seed, to_device, write_summary
+from alignkit.train.run import log, make_accelerator, prepare_run_dir, set_seed, to_device, write_summary
 
 
 # ---------------------------------------------------------------- pairs from scored groups
@@ -97,7 +96,7 @@ def train(cfg: OnlineDPOConfig, resume: bool = False) -> dict:
     odpo, tcfg = cfg.online_dpo, cfg.train
     run_dir = prepare_run_dir(cfg, tcfg.output_dir, resume, f"online {odpo.loss}")
     set_seed(tcfg.seed)
-    accelerator = Accelerator(mixed_precision=tcfg.mixed_precision, cpu=tcfg.cpu)
+    accelerator = make_accelerator(tcfg.mixed_precision, tcfg.cpu)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     prompts = load_prompts(cfg.data, tokenizer, cfg.generation.max_new_tokens, "train", log)
     sampler = PromptSampler(prompts, tcfg.seed)

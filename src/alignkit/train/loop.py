@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from alignkit.config import TrainConfig
+from alignkit.train.run import make_accelerator
 from alignkit.train.checkpoint import (
     checkpoints_dir,
     latest_checkpoint,
@@ -218,7 +219,7 @@ def train_loop(
     if not trainable:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
 
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.cpu)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
     resume_from = _resume_checkpoint(run_dir, resume)

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from torch import Tensor
 from transformers import get_scheduler
 
@@ -52,7 +51,7 @@ from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, 
 from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
 from alignkit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.train.logging import MetricsLogger
-from alignkit.train.run import RunError, log, prepare_run_dir, set_seed, write_summary
+from alignkit.train.run import RunError, log, make_accelerator, prepare_run_dir, set_seed, write_summary
 
 TokenLossFn = Callable[[Tensor, Tensor, "Tensor | None", Tensor], "tuple[Tensor, dict[str, Tensor]]"]
 """``(logprobs [b, T], old_logprobs [b, T], ref_logprobs [b, T] | None, advantages [b] or [b, T])
@@ -323,7 +322,7 @@ class PolicyRun:
     # ------------------------------------------------------------ setup
     @classmethod
     def start(cls, cfg, name: str, resume: bool, total_steps: int, needs_reference: bool) -> "PolicyRun":
-        accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision)
+        accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.cpu)
         if accelerator.num_processes > 1:
             raise RunError(f"{name} runs in a single process for now; got {accelerator.num_processes} processes")
         # data and rewards are validated before anything is written

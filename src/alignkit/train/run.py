@@ -136,3 +136,17 @@ def with_autocast(context_factory, train_cfg, device: torch.device):
         return stack
 
     return both
+
+
+def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
+    """A fresh ``accelerate.Accelerator`` for this run.
+
+    accelerate keeps one process-wide ``AcceleratorState``; a second run in the same process (the
+    quickstart chains several, with different mixed precision) must reset it first. The distributed
+    ``PartialState`` is kept, so multi-process launches are unaffected.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
