@@ -505,7 +505,7 @@ class QuickstartConfig(Section):
     rm_epochs: int = Field(3, gt=0)
     rm_lr: float = Field(1e-4, gt=0)
     hhh_epochs: int = Field(2, gt=0)
-    dpo_pairs_per_prompt: int = Field(6, gt=0)
+    dpo_pairs_per_prompt: int = Field(3, gt=0)
     """DPO trains on this many of each prompt's annotated pairs (the reward model sees all of them)."""
     dpo_epochs: int = Field(2, gt=0)
     dpo_lr: float = Field(1e-3, gt=0)
