@@ -225,11 +225,7 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
                 metrics["objective/kl_k3"] = masked_token_mean(kl_k3(old_logprobs, ref_logprobs), mask)
             metrics["advantages/std"] = float(advantages.std()) if advantages.numel() > 1 else 0.0
             metrics["advantages/abs_mean"] = float(advantages.abs().mean())
-        metrics.update({f"time/{k}": v for k, v in run.timings.items()})
-        run.logger.log(metrics, step=iteration)
-        run.iteration = iteration
+        run.end_iteration(iteration, metrics, save_every)
         log(f"grpo iteration {iteration}/{g.num_iterations}: scores {metrics['scores']:.4f}, "
             f"frac_equal_groups {metrics['frac_equal_groups']:.2f}, response_length {metrics['response_length']:.1f}")
-        if save_every and iteration % save_every == 0:
-            run.save_checkpoint(iteration)
     return run.finish("grpo", metrics, {"loss_type": g.loss_type, "variant": variant._asdict()})

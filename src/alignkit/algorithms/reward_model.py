@@ -76,7 +76,8 @@ def collate_groups(groups: list[list[dict]], pad_token_id: int) -> dict:
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Raw score at the last real token: [N]. Inputs are right-padded with pad != eos."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask))
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False)
     return out.logits[:, 0].float()
 
 

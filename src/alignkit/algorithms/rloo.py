@@ -115,11 +115,7 @@ def train(cfg: RLOOConfig, resume: bool = False) -> dict:
             metrics["objective/kl"] = float(kl.mean())
             metrics["objective/non_score_reward"] = float((-r.kl_coef * kl).mean())
         metrics["advantages/std"] = float(advantages.std())
-        metrics.update({f"time/{name}": v for name, v in run.timings.items()})
-        run.logger.log(metrics, step=iteration)
-        run.iteration = iteration
+        run.end_iteration(iteration, metrics, save_every)
         log(f"rloo iteration {iteration}/{r.num_iterations}: scores {metrics['scores']:.4f}, "
             f"kl {metrics.get('objective/kl', 0.0):.4f}, response_length {metrics['response_length']:.1f}")
-        if save_every and iteration % save_every == 0:
-            run.save_checkpoint(iteration)
     return run.finish("rloo", metrics)

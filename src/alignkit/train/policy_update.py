@@ -443,6 +443,14 @@ class PolicyRun:
             self.logger.log(metrics, step=0, prefix="eval/")
 
     # ------------------------------------------------------------ end
+    def end_iteration(self, iteration: int, metrics: dict[str, float], save_every: int) -> None:
+        """Add the time split, log one metrics line, and checkpoint every ``save_every`` iterations."""
+        metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+        self.logger.log(metrics, step=iteration)
+        self.iteration = iteration
+        if save_every and iteration % save_every == 0:
+            self.save_checkpoint(iteration)
+
     def finish(self, name: str, last_metrics: dict[str, float], extra: dict | None = None) -> dict:
         """Final checkpoint, eval after training, final model (``model/``), summary.json."""
         if self.last_saved != self.iteration:
