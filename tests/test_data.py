@@ -470,7 +470,8 @@ def test_tokenize_kto_and_prompts(tok):
     assert tok.decode(out["completion_input_ids"]) == "hello<|im_end|>"
     (p,), _ = tokenize_prompts([{"prompt": ex["prompt"], "answer": "4", "_source": "d", "_line": 1}], tok,
                                DataConfig(max_length=64, system_prompt="sys"))
-    assert p["extras"] == {"answer": "4"}
+    # the record's own fields, plus the prompt as messages (system prompt included) for reward models
+    assert p["extras"] == {"answer": "4", "prompt_messages": [{"role": "system", "content": "sys"}, *ex["prompt"]]}
     assert p["prompt_text"].startswith("<|im_start|>system\nsys<|im_end|>")
     assert p["prompt_input_ids"] == tok(p["prompt_text"], add_special_tokens=False)["input_ids"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import string
@@ -281,6 +282,29 @@ def test_first_minibatch_ratio_is_one_and_approxkl_zero(tiny):
     assert first["policy/approxkl"] == 0.0
     assert first["policy/clipfrac"] == 0.0 and first["val/clipfrac"] == 0.0
     assert stats[-1]["policy/approxkl"] > 1e-8  # the policy moved: the check above can fail
+
+
+def test_mixed_precision_updates_see_the_new_weights(tiny):
+    """Under bf16 autocast each micro-batch forward must use the weights after the previous optimizer step.
+    One autocast context around the whole update would serve torch.autocast's cached bf16 copies of the old
+    weights: every minibatch would see ratio == 1 exactly, however far the policy moved."""
+    policy0, rm, tok = tiny
+    policy = copy.deepcopy(policy0)
+    rollout = tiny_rollout(policy, tok, temperature=1.0)
+    ref_model, ref_ctx = build_reference(policy)
+    value_model = ValueModel.from_reward_model(rm)
+    section = PPOSection(rollout_batch_size=4, num_minibatches=2, micro_batch_size=2, ppo_epochs=2)
+    amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    with amp():
+        exp = make_experience(policy, ref_model, ref_ctx, value_model, RewardModelScorer(rm, tok), None, rollout,
+                              section, kl_coef=0.05, temperature=1.0, penalty=None)
+    models = PolicyAndValue(policy, value_model)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=5e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    torch.manual_seed(0)
+    stats = ppo_update(models, optimizer, scheduler, exp, section, temperature=1.0, max_grad_norm=None, amp=amp)
+    assert all(s["policy/approxkl"] > 1e-6 for s in stats[2:])  # second epoch: the policy has moved
+    assert any(s["policy/ratio_min"] != s["policy/ratio_max"] for s in stats[1:])
 
 
 # ---------------------------------------------------------------- end to end

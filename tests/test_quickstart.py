@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from alignkit.cli import main
-from alignkit.pipelines.quickstart import annotate, calibrate_temperature, gold_pairs
+from alignkit.pipelines.quickstart import annotate, calibrate_temperature, best_vs_worst_pairs, gold_pairs
 
 
 def test_annotator_temperature_hits_target_agreement():
@@ -27,6 +27,36 @@ def test_simulated_annotators_agree_with_gold_near_target():
     assert stats["n_pairs"] == 200 * 6 == len(records)
     assert 0.68 < stats["agreement_with_gold"] < 0.76
     assert all(r["chosen"] != r["rejected"] for r in records)
+
+
+def test_majority_of_three_votes_agrees_more_than_one_annotator():
+    import random
+
+    rng = random.Random(1)
+    groups = [(f"p{i}", [f"r{i}-{k}" for k in range(4)], [rng.uniform(-1, 1) for _ in range(4)]) for i in range(300)]
+    records, stats = annotate(groups, 0.72, n_annotators=5, seed=0, votes_per_pair=3)
+    assert 0.69 < stats["agreement_with_gold"] < 0.75  # each vote is still a 72% annotator
+    assert stats["majority_agreement_with_gold"] > stats["agreement_with_gold"] + 0.05
+    assert all(len(set(r["annotators"])) == 3 and r["votes"] in (2, 3) for r in records)
+
+
+def test_votes_per_pair_must_be_odd_and_fit_the_pool():
+    for bad in (2, 7, 0):
+        with pytest.raises(ValueError, match="votes_per_pair must be odd and in \\[1, n_annotators=5\\], got"):
+            annotate([("p", ["a", "b"], [0.1, 0.2])], 0.72, n_annotators=5, seed=0, votes_per_pair=bad)
+
+
+def test_best_vs_worst_pairs_follow_the_vote_ranking():
+    # 4 responses; votes received: a 3+3+2 = 8, b 0+3+3 = 6, c 0+0+1 = 1, d 1+0+2 = 3 -> order a, b, d, c
+    def rec(c, r, v):
+        return {"prompt": "p", "chosen": c, "rejected": r, "votes": v, "n_votes": 3, "gold_chosen": 0.0,
+                "gold_rejected": 0.0}
+
+    rows = [rec("a", "b", 3), rec("a", "c", 3), rec("a", "d", 2), rec("b", "c", 3), rec("b", "d", 3), rec("d", "c", 2)]
+    assert [(r["chosen"], r["rejected"]) for r in best_vs_worst_pairs(rows, per_prompt=2)] == [("a", "c"), ("b", "d")]
+    assert len(best_vs_worst_pairs(rows, per_prompt=1)) == 1
+    tied = [rec("x", "y", 2), rec("y", "z", 2), rec("z", "x", 2)]  # a vote cycle: every response gets 3 votes
+    assert best_vs_worst_pairs(tied, per_prompt=1) == []
 
 
 def test_gold_pairs_orient_by_gold_and_drop_ties():
@@ -52,4 +82,15 @@ def test_quickstart_reduced_budget(tmp_path):
         assert Path(path).exists(), path
     assert (out / "reward_vs_kl.png").stat().st_size > 1000
     assert "data:image/png;base64," in (out / "report.html").read_text()
-    assert "DPO - SFT gold reward" in (out / "summary.md").read_text()
+    assert "dpo " in (out / "summary.md").read_text().split("paired by prompt")[1]
+    assert set(summary["vs_sft"]) == {"base", "dpo", "ppo", "bon"}
+
+
+def test_paired_difference_cancels_prompt_effects():
+    from alignkit.eval.policy import paired_difference
+
+    # prompt q is much more positive under both policies; a beats b by exactly 0.1 on each prompt
+    a = [{"prompt": "p", "gold": 0.1}, {"prompt": "p", "gold": 0.3}, {"prompt": "q", "gold": 0.9}]
+    b = [{"prompt": "p", "gold": 0.1}, {"prompt": "q", "gold": 0.8}, {"prompt": "r", "gold": 0.0}]
+    mean, se, n = paired_difference(a, b)
+    assert n == 2 and mean == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)

@@ -385,3 +385,29 @@ def test_reward_tensor_accepts_numpy_and_tensor():
 
     assert_close(as_reward_tensor(np.array([1, 2]), 2, "x"), t(1, 2))
     assert_close(as_reward_tensor(torch.tensor([1.0, 2.0], dtype=torch.float64), 2, "x"), t(1, 2))
+
+
+def test_model_component_with_another_tokenizer_rerenders_the_prompt_in_its_own_format(tmp_path):
+    """A reward model whose vocabulary differs from the policy's scores ``render_prompt(its tokenizer, messages)``
+    + completion (its training format), not the policy's chat-formatted prompt text."""
+    from alignkit.data.tokenize import render_prompt
+
+    paths = save_tiny_models(tmp_path)
+
+    class OtherPolicyTokenizer:  # only the vocabulary matters for the decision
+        def get_vocab(self):
+            return {"<policy-only>": 0}
+
+    section = RewardSection(components=[RewardComponent(type="model", path=str(paths["reward"]), name="rm")])
+    cache: dict = {}
+    reward = build_reward(section, OtherPolicyTokenizer(), reward_models=cache)
+    scorer = cache[str(paths["reward"])]
+    messages = [{"role": "user", "content": "rate me"}]
+    total, _ = reward(["[policy markup] rate me [/policy markup]"], ["fine"], [{"prompt_messages": messages}])
+    assert_close(total, scorer([render_prompt(scorer.tokenizer, messages)], ["fine"]))
+    assert not torch.allclose(total, scorer(["[policy markup] rate me [/policy markup]"], ["fine"]))
+    with pytest.raises(RewardSpecError, match="re-renders each prompt in its own format from extras\\['prompt_messages'\\]"):
+        reward(["x"], ["fine"], [{}])
+    # the same vocabulary: the policy's prompt text is used as is
+    same = build_reward(section, scorer.tokenizer, reward_models=cache)
+    assert_close(same(["abc"], ["fine"], [{}])[0], scorer(["abc"], ["fine"]))

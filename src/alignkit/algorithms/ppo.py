@@ -46,7 +46,7 @@ from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, 
 from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
 from alignkit.train.checkpoint import atomic_save_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.train.logging import MetricsLogger
-from alignkit.train.run import log, prepare_run_dir, set_seed, write_summary
+from alignkit.train.run import autocast_for, log, prepare_run_dir, set_seed, write_summary
 
 
 # ---------------------------------------------------------------- rewards with KL
@@ -235,11 +235,13 @@ def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
 
 
 def ppo_update(models: PolicyAndValue, optimizer, scheduler, exp: Experience, ppo: PPOSection, temperature: float,
-               max_grad_norm: float | None) -> list[dict[str, float]]:
+               max_grad_norm: float | None, amp=contextlib.nullcontext) -> list[dict[str, float]]:
     """ppo_epochs x num_minibatches optimizer steps on one batch of experience; stats per minibatch.
 
     Micro-batch losses are token sums divided by the minibatch's token count, so accumulating them
-    equals the masked mean over the whole minibatch.
+    equals the masked mean over the whole minibatch. ``amp()`` (mixed precision) is entered around each
+    micro-batch forward only: one autocast context spanning optimizer steps would keep serving its cached
+    low-precision copies of the OLD weights (torch.autocast's weight-cast cache) — stale forwards, ratio == 1.
     """
     policy, value_model = models.policy, models.value_model
     policy_params = [p for p in policy.parameters() if p.requires_grad]
@@ -259,8 +261,9 @@ def ppo_update(models: PolicyAndValue, optimizer, scheduler, exp: Experience, pp
                 inds = mb_inds[micro_start : micro_start + ppo.micro_batch_size]
                 micro = select_rows(exp.rollout, inds)
                 mask = micro.response_mask.float()  # [b, R]
-                new_logprobs = response_logprobs(policy, micro, temperature)  # [b, R]
-                vpred = values_of(value_model, micro)  # [b, R]
+                with amp():
+                    new_logprobs = response_logprobs(policy, micro, temperature)  # [b, R]
+                    vpred = values_of(value_model, micro)  # [b, R]
                 pg = ppo_policy_loss(new_logprobs, exp.logprobs[inds], exp.advantages[inds], ppo.cliprange)
                 vf = ppo_value_loss(vpred, exp.values[inds], exp.returns[inds], ppo.cliprange_value)
                 pg_loss = masked_sum(pg.pg_losses, mask) / n_tokens
@@ -450,7 +453,10 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
         save_checkpoint(run_dir, iteration, models, optimizer, scheduler, {"iteration": iteration},
                         {"kl_ctl": kl_ctl.state_dict(), "sampler": sampler.state_dict()})
 
-    backend = HFGenerateBackend(policy, tokenizer)
+    # train.mixed_precision: generation, experience and updates all run under the same autocast (bf16 matmuls on
+    # CPU/GPU); the loss itself is fp32 (log_softmax upcasts), so ratio == 1 on the first minibatch still holds
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    backend = HFGenerateBackend(policy, tokenizer, amp_dtype)
     params = SamplingParams.from_section(gen)
     metrics: dict[str, float] = {}
     for iteration in tqdm(range(start + 1, ppo.num_iterations + 1), initial=start, total=ppo.num_iterations,
@@ -461,10 +467,12 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
                                     batch["attention_mask"].to(device), params, 1, batch["prompt_texts"],
                                     batch["extras"], batch_size=gen.batch_size)
         t1 = time.perf_counter()
-        exp = make_experience(policy, ref_model, ref_ctx, value_model, scorer, extra_reward, rollout, ppo,
-                              kl_ctl.value, gen.temperature, penalty, penalty_mode)
+        with autocast_for(cfg.train, device):
+            exp = make_experience(policy, ref_model, ref_ctx, value_model, scorer, extra_reward, rollout, ppo,
+                                  kl_ctl.value, gen.temperature, penalty, penalty_mode)
         t2 = time.perf_counter()
-        mb_stats = ppo_update(models, optimizer, scheduler, exp, ppo, gen.temperature, cfg.train.max_grad_norm)
+        mb_stats = ppo_update(models, optimizer, scheduler, exp, ppo, gen.temperature, cfg.train.max_grad_norm,
+                              amp=lambda: autocast_for(cfg.train, device))
         t3 = time.perf_counter()
         kl_ctl.update(float(exp.kl.sum(1).mean()), n_steps=ppo.rollout_batch_size)  # Ziegler: n = batch size
         metrics = iteration_metrics(exp, mb_stats)

@@ -161,7 +161,9 @@ def train(cfg: RMConfig, resume: bool = False) -> dict:
                                                                  "eval_fraction": 0.0}), "sft", tokenizer, 0, log)
             seqs = [e["input_ids"] for e in norm_data.train]
         else:
-            seqs = [p[k] for p in data.train for k in ("chosen_input_ids", "rejected_input_ids")]
+            # each distinct response once (with all K-choose-2 pairs a response appears in K - 1 of them)
+            seqs = [list(t) for t in dict.fromkeys(tuple(p[k]) for p in data.train
+                                                   for k in ("chosen_input_ids", "rejected_input_ids"))]
         stats = normalization_stats(model, seqs, pad, eval_bs)
         getattr(model, "module", model).config.alignkit_reward_norm = {"gain": stats["gain"], "bias": stats["bias"]}
         result["normalization"] = stats

@@ -64,6 +64,10 @@ class _Prompt:
 
 
 # ---------------------------------------------------------------- text
+PROMPT_MESSAGES_KEY = "prompt_messages"
+"""Key of an RL prompt's ``extras`` holding its messages (reward functions receive it with the other fields)."""
+
+
 def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], system_prompt: str | None = None) -> str:
     """The prompt text that precedes the response.
 
@@ -223,12 +227,19 @@ def tokenize_prompts(
     examples: list[dict[str, Any]], tokenizer: Any, data_cfg: Any
 ) -> tuple[list[dict], TruncationStats]:
     """RL prompts -> ``{"prompt_input_ids", "prompt_text", "extras"}``; ``extras`` holds the record's other
-    fields (e.g. ``answer``) for reward functions. The prompt must leave room to generate (``< max_length``)."""
+    fields (e.g. ``answer``) for reward functions, plus the prompt's messages under ``"prompt_messages"``.
+    The prompt must leave room to generate (``< max_length``)."""
 
     def one(ex: dict[str, Any], stats: TruncationStats) -> dict[str, Any]:
         prompt = _encode_prompt(ex, tokenizer, data_cfg)
         _record(stats, prompt, [(0, False)])
         extras = {k: v for k, v in ex.items() if k != "prompt" and not k.startswith("_")}
+        system = getattr(data_cfg, "system_prompt", None)
+        messages = ex["prompt"]
+        if system is not None and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        # the prompt as messages, so a reward model with another tokenizer can render it in its own format
+        extras.setdefault(PROMPT_MESSAGES_KEY, messages)
         return {"prompt_input_ids": prompt.ids, "prompt_text": prompt.text, "extras": extras}
 
     return _map(examples, data_cfg, one)

@@ -30,6 +30,25 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def paired_difference(a: list[dict], b: list[dict], key: str = "gold") -> tuple[float, float, int]:
+    """Mean ± s.e. of (a - b) paired by prompt: each prompt's mean ``key`` under a minus under b.
+
+    Prompts are the sampling unit, so the prompt-to-prompt variance (some subjects are simply more
+    positive) cancels; policies may draw different numbers of samples per prompt. Returns
+    (mean, se, number of prompts both evaluated).
+    """
+    def per_prompt(samples: list[dict]) -> dict[str, float]:
+        sums: dict[str, list[float]] = {}
+        for s in samples:
+            sums.setdefault(s["prompt"], []).append(float(s[key]))
+        return {p: sum(v) / len(v) for p, v in sums.items()}
+
+    pa, pb = per_prompt(a), per_prompt(b)
+    diffs = [pa[p] - pb[p] for p in pa if p in pb]
+    mean, se = mean_se(diffs)
+    return mean, se, len(diffs)
+
+
 @dataclass
 class PolicyEval:
     name: str
@@ -51,11 +70,11 @@ class PolicyEval:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[dict], params: SamplingParams, num_samples: int, batch_size: int,
-           seed: int) -> Rollout:
+           seed: int, autocast_dtype: torch.dtype | None = None) -> Rollout:
     torch.manual_seed(seed)
     batch = prompt_batch(prompts, tokenizer.pad_token_id)
     return generate_rollouts(
-        HFGenerateBackend(model, tokenizer), tokenizer, batch["input_ids"], batch["attention_mask"], params,
+        HFGenerateBackend(model, tokenizer, autocast_dtype), tokenizer, batch["input_ids"], batch["attention_mask"], params,
         num_samples=num_samples, prompt_texts=batch["prompt_texts"], extras=batch["extras"], batch_size=batch_size,
     )
 
@@ -86,10 +105,13 @@ def evaluate_policy(
     batch_size: int = 32,
     seed: int = 0,
     rollout: Rollout | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[PolicyEval, Rollout]:
-    """Sample (unless ``rollout`` is given), then score with gold/proxy and estimate KL to ``reference``."""
+    """Sample (unless ``rollout`` is given), then score with gold/proxy and estimate KL to ``reference``.
+
+    ``autocast_dtype`` applies to sampling only; the KL is computed from fp32 log-probs of both models."""
     if rollout is None:
-        rollout = sample(model, tokenizer, prompts, params, num_samples, batch_size, seed)
+        rollout = sample(model, tokenizer, prompts, params, num_samples, batch_size, seed, autocast_dtype)
     gold = [float(x) for x in gold_fn(rollout.response_texts)]
     g_mean, g_se = mean_se(gold)
     result = PolicyEval(
@@ -104,8 +126,9 @@ def evaluate_policy(
     if reference is not None:
         kl = sequence_kl(model, reference, rollout, params.temperature).tolist()
         result.kl_mean, result.kl_se = mean_se(kl)
+    lengths, has_eos = rollout.response_lengths.tolist(), rollout.has_eos.tolist()
     for i, (p, r) in enumerate(zip(rollout.prompt_texts, rollout.response_texts)):
-        s = {"prompt": p, "response": r, "gold": gold[i]}
+        s = {"prompt": p, "response": r, "gold": gold[i], "length": int(lengths[i]), "eos": bool(has_eos[i])}
         if proxy is not None:
             s["proxy"] = proxy[i]
         result.samples.append(s)

@@ -126,6 +126,8 @@ def load_policy(cfg: ModelConfig, tokenizer, trainable: bool = True):
         return freeze(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
+    elif cfg.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
     return model
 
 
@@ -197,6 +199,8 @@ def load_reward_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
         return freeze(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    elif cfg.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
     return model
 
 

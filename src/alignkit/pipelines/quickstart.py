@@ -30,7 +30,7 @@ from alignkit.data.builtin import sentiment_prompts
 from alignkit.data.tokenize import render_prompt
 from alignkit.eval.bon import best_indices, bon_curve, bon_kl
 from alignkit.eval.report import html_report, plot_reward_vs_kl
-from alignkit.eval.policy import PolicyEval, evaluate_policy, mean_se, sample
+from alignkit.eval.policy import PolicyEval, evaluate_policy, mean_se, paired_difference, sample
 from alignkit.models.loading import load_policy, load_tokenizer, resolve_path
 from alignkit.rewards.gold import vader_scores
 from alignkit.rewards.reward_model import load_reward_model_scorer
@@ -60,12 +60,16 @@ def calibrate_temperature(gaps: list[float], target: float) -> float:
 
 
 def annotate(groups: list[tuple[str, list[str], list[float]]], target_agreement: float, n_annotators: int,
-             seed: int) -> tuple[list[dict], dict]:
-    """All K-choose-2 pairs of each prompt's samples, each labelled by one annotator of a pool.
+             seed: int, votes_per_pair: int = 1) -> tuple[list[dict], dict]:
+    """All K-choose-2 pairs of each prompt's samples, each labelled by ``votes_per_pair`` annotators of a pool.
 
     Annotator a prefers i over j with probability sigma((g_i - g_j) / tau_a) (Bradley–Terry around the
-    gold score g); the pool's taus spread around a tau calibrated to ``target_agreement`` with gold.
+    gold score g); the pool's taus spread around a tau calibrated so that ONE annotator agrees with gold
+    ``target_agreement`` of the time. With several votes (odd, <= pool size: distinct annotators) the
+    pair's label is the majority and ``votes`` records how many of them chose ``chosen``.
     """
+    if votes_per_pair < 1 or votes_per_pair % 2 == 0 or votes_per_pair > n_annotators:
+        raise ValueError(f"votes_per_pair must be odd and in [1, n_annotators={n_annotators}], got {votes_per_pair}")
     rng = random.Random(seed)
     pairs = []
     for prompt, responses, gold in groups:
@@ -78,31 +82,52 @@ def annotate(groups: list[tuple[str, list[str], list[float]]], target_agreement:
                 pairs.append((prompt, items[i], items[j]))
     tau = calibrate_temperature([a[1] - b[1] for _, a, b in pairs], target_agreement)
     taus = [tau * f for f in torch.linspace(0.6, 1.4, n_annotators).tolist()]
-    records, agree, decided = [], 0, 0
+    records, agree, majority_agree, votes_cast, decided = [], 0, 0, 0, 0
     for prompt, (ri, gi), (rj, gj) in pairs:
-        a = rng.randrange(n_annotators)
-        p_i = 1.0 / (1.0 + math.exp(-(gi - gj) / taus[a]))
-        i_wins = rng.random() < p_i
+        voters = rng.sample(range(n_annotators), votes_per_pair)
+        i_votes = sum(rng.random() < 1.0 / (1.0 + math.exp(-(gi - gj) / taus[a])) for a in voters)
+        i_wins = 2 * i_votes > votes_per_pair
         chosen, rejected = ((ri, gi), (rj, gj)) if i_wins else ((rj, gj), (ri, gi))
         if gi != gj:
             decided += 1
-            agree += chosen[1] > rejected[1]
-        records.append({"prompt": prompt, "chosen": chosen[0], "rejected": rejected[0], "annotator": a,
+            votes_cast += votes_per_pair
+            agree += i_votes if gi > gj else votes_per_pair - i_votes
+            majority_agree += chosen[1] > rejected[1]
+        records.append({"prompt": prompt, "chosen": chosen[0], "rejected": rejected[0], "annotators": voters,
+                        "votes": max(i_votes, votes_per_pair - i_votes), "n_votes": votes_per_pair,
                         "gold_chosen": chosen[1], "gold_rejected": rejected[1]})
-    stats = {"n_pairs": len(records), "tau": tau, "agreement_with_gold": agree / max(decided, 1),
-             "n_gold_ties": len(records) - decided}
+    stats = {"n_pairs": len(records), "tau": tau, "votes_per_pair": votes_per_pair,
+             "agreement_with_gold": agree / max(votes_cast, 1),
+             "majority_agreement_with_gold": majority_agree / max(decided, 1), "n_gold_ties": len(records) - decided}
     return records, stats
 
 
-def subsample_pairs(records: list[dict], per_prompt: int, seed: int) -> list[dict]:
-    """At most ``per_prompt`` annotated pairs per prompt (DPO costs ~2 forwards + 1 partial backward per pair on CPU)."""
-    rng = random.Random(seed + 7)
-    by_prompt: dict[str, list[dict]] = {}
+def vote_counts(records: list[dict]) -> dict[str, dict[str, tuple[int, float]]]:
+    """Per prompt, each response's (votes received over all its pairs, gold score): a Borda-style ranking."""
+    out: dict[str, dict[str, tuple[int, float]]] = {}
     for r in records:
-        by_prompt.setdefault(r["prompt"], []).append(r)
+        tally = out.setdefault(r["prompt"], {})
+        for text, gold, votes in ((r["chosen"], r["gold_chosen"], r["votes"]),
+                                  (r["rejected"], r["gold_rejected"], r["n_votes"] - r["votes"])):
+            tally[text] = (tally.get(text, (0, gold))[0] + votes, gold)
+    return out
+
+
+def best_vs_worst_pairs(records: list[dict], per_prompt: int) -> list[dict]:
+    """DPO pairs from the annotators' votes: per prompt, rank responses by votes received (over all K-choose-2
+    comparisons) and pair 1st with last, 2nd with 2nd-last, ... (at most ``per_prompt`` pairs, only strict
+    vote differences). Extreme pairs carry the largest preference signal per pair, the usual way to turn
+    rankings into DPO data (e.g. Yuan et al. 2024, self-rewarding LMs: highest vs lowest scored); every pair
+    still reaches the reward model. Gold scores are carried for reporting only.
+    """
     out = []
-    for rows in by_prompt.values():
-        out += rng.sample(rows, min(per_prompt, len(rows)))
+    for prompt, tally in vote_counts(records).items():
+        order = sorted(tally, key=lambda t: -tally[t][0])  # stable: ties keep first-seen order
+        for i in range(min(per_prompt, len(order) // 2)):
+            best, worst = order[i], order[-1 - i]
+            if tally[best][0] > tally[worst][0]:
+                out.append({"prompt": prompt, "chosen": best, "rejected": worst,
+                            "gold_chosen": tally[best][1], "gold_rejected": tally[worst][1]})
     return out
 
 
@@ -123,7 +148,9 @@ def best_of_n_from_samples(sft: PolicyEval, n_prompts: int, n_samples: int, n: i
     picks = [sft.samples[i * n_samples + int(b)] for i, b in enumerate(best)]
     g_mean, g_se = mean_se([p["gold"] for p in picks])
     p_mean, p_se = mean_se([p["proxy"] for p in picks])
-    result = PolicyEval(f"best-of-{n}", g_mean, g_se, p_mean, p_se, kl_mean=bon_kl(n), kl_se=0.0, samples=picks)
+    result = PolicyEval(f"best-of-{n}", g_mean, g_se, p_mean, p_se, kl_mean=bon_kl(n), kl_se=0.0, samples=picks,
+                        response_length=sum(p["length"] for p in picks) / len(picks),
+                        no_eos_frac=sum(not p["eos"] for p in picks) / len(picks))
     return result, bon_curve(proxy, gold)
 
 
@@ -165,10 +192,10 @@ def _clear(out: Path) -> None:
     (out / MARKER).write_text(json.dumps({"status": "running"}), encoding="utf-8")
 
 
-def _train_cfg(q: QuickstartConfig, out: Path, lr: float, epochs: int, policy: bool = True) -> TrainConfig:
+def _train_cfg(q: QuickstartConfig, out: Path, lr: float, epochs: int) -> TrainConfig:
     return TrainConfig(output_dir=str(out), seed=q.seed, lr=lr, epochs=epochs, max_steps=q.max_steps,
                        batch_size=q.batch_size, scheduler="cosine", warmup_steps=0, log_every=1,
-                       mixed_precision=q.mixed_precision if policy else "no")
+                       mixed_precision=q.mixed_precision)
 
 
 def _fmt(x: float | None, se: float | None = None, digits: int = 3) -> str:
@@ -188,13 +215,15 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     lora = LoraConfig(enabled=True, r=q.lora_r, alpha=2 * q.lora_r, target_modules=LLAMA_LINEAR,
                       layers_to_transform=list(range(n_layers - q.lora_layers, n_layers)))
     params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=1.0)
+    amp = torch.bfloat16 if q.mixed_precision == "bf16" else None  # sampling under bf16 autocast: ~1.6x faster on CPU
     tok = load_tokenizer(q.policy)
     eval_records = _prompt_records("test", q.n_eval_prompts, q.seed)
     train_records = _prompt_records("train", q.n_train_prompts, q.seed)
     eval_file = write_jsonl(out / "data/eval_prompts.jsonl", eval_records)
     train_file = write_jsonl(out / "data/train_prompts.jsonl", train_records)
-    eval_prompts = load_prompts(RLDataConfig(train=str(eval_file)), tok, q.max_new_tokens, log=log)
-    train_prompts = load_prompts(RLDataConfig(train=str(train_file)), tok, q.max_new_tokens, log=log)
+    prompt_data = RLDataConfig(train=str(train_file), eval=str(eval_file))
+    train_prompts = load_prompts(prompt_data, tok, q.max_new_tokens, "train", log=log)
+    eval_prompts = load_prompts(prompt_data, tok, q.max_new_tokens, "eval", log=log)
 
     # 1. SFT (LoRA on the last layers) on our demonstrations
     t = time.time()
@@ -208,16 +237,18 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     # 2. preference collection from the SFT policy + simulated annotators
     t = time.time()
     sft_model = load_policy(ModelConfig(name_or_path=sft_dir), tok, trainable=False)
-    roll = sample(sft_model, tok, train_prompts, params, q.samples_per_prompt, q.generation_batch_size, q.seed + 1)
+    roll = sample(sft_model, tok, train_prompts, params, q.samples_per_prompt, q.generation_batch_size, q.seed + 1,
+                  amp)
     gold = vader_scores(roll.response_texts)
     K = q.samples_per_prompt
     groups = [(train_records[i]["prompt"], roll.response_texts[i * K:(i + 1) * K], gold[i * K:(i + 1) * K])
               for i in range(len(train_records))]
-    pref_records, ann = annotate(groups, q.annotator_agreement, q.n_annotators, q.seed)
+    pref_records, ann = annotate(groups, q.annotator_agreement, q.n_annotators, q.seed, q.votes_per_pair)
     pref_file = write_jsonl(out / "data/preferences.jsonl", pref_records)
-    dpo_file = write_jsonl(out / "data/preferences_dpo.jsonl", subsample_pairs(pref_records, q.dpo_pairs_per_prompt, q.seed))
-    log(f"collected {ann['n_pairs']} pairs from {len(train_prompts)} prompts x {K} samples; simulated annotators agree "
-        f"with gold on {ann['agreement_with_gold']:.1%} of pairs (tau={ann['tau']:.3f})")
+    dpo_file = write_jsonl(out / "data/preferences_dpo.jsonl", best_vs_worst_pairs(pref_records, q.dpo_pairs_per_prompt))
+    log(f"collected {ann['n_pairs']} pairs from {len(train_prompts)} prompts x {K} samples; each simulated annotator "
+        f"agrees with gold on {ann['agreement_with_gold']:.1%} of pairs (tau={ann['tau']:.3f}), the majority of "
+        f"{q.votes_per_pair} on {ann['majority_agreement_with_gold']:.1%}")
     timings["collect"] = time.time() - t
 
     # 3. held-out evaluation of base and SFT; SFT draws bon_n samples per prompt (best-of-n picks from them later),
@@ -226,11 +257,13 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     base_model = load_policy(ModelConfig(name_or_path=q.policy), tok, trainable=False)
     ev: dict[str, PolicyEval] = {}
     ev["base"], _ = evaluate_policy("base", base_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                    batch_size=q.generation_batch_size, seed=q.seed + 2)
+                                    batch_size=q.generation_batch_size, seed=q.seed + 2,
+                                   autocast_dtype=amp)
     del base_model
     n_sft = max(q.eval_samples, q.bon_n)
     ev["sft"], sft_roll = evaluate_policy("sft", sft_model, tok, eval_prompts, vader_scores, params, n_sft,
-                                          batch_size=q.generation_batch_size, seed=q.seed + 3)
+                                          batch_size=q.generation_batch_size, seed=q.seed + 3,
+                                   autocast_dtype=amp)
     ev["sft"].kl_mean, ev["sft"].kl_se = 0.0, 0.0  # the SFT policy is the reference: KL(pi_sft || pi_sft) = 0 exactly
     raw_eval = [r["prompt"] for r in eval_records]
     sft_gold = [[s["gold"] for s in ev["sft"].samples[i * n_sft:(i + 1) * n_sft]] for i in range(len(raw_eval))]
@@ -242,15 +275,15 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     # 4. reward models: sentiment (from our labels) and HHH (real human preferences)
     t = time.time()
     from alignkit.algorithms import reward_model
-    rm_cfg = RMConfig(model=ModelConfig(name_or_path=q.reward_model),
+    rm_cfg = RMConfig(model=ModelConfig(name_or_path=q.reward_model, freeze_embeddings=True),
                       data=DataConfig(train=str(pref_file), eval=str(test_pair_file), max_length=256),
-                      train=_train_cfg(q, out / "rm_sentiment", q.rm_lr, q.rm_epochs, policy=False), rm=RMSection(normalize=True))
+                      train=_train_cfg(q, out / "rm_sentiment", q.rm_lr, q.rm_epochs), rm=RMSection(normalize=True))
     rm_res = reward_model.train(rm_cfg)
     timings["rm_sentiment"] = time.time() - t
     t = time.time()
-    hhh_cfg = RMConfig(model=ModelConfig(name_or_path=q.hhh_reward_model),
-                       data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=512, max_prompt_length=384),
-                       train=_train_cfg(q, out / "rm_hhh", 5e-5, q.hhh_epochs, policy=False))
+    hhh_cfg = RMConfig(model=ModelConfig(name_or_path=q.hhh_reward_model, freeze_embeddings=True),
+                       data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=384, max_prompt_length=256),
+                       train=_train_cfg(q, out / "rm_hhh", q.hhh_lr, q.hhh_epochs))
     hhh_res = reward_model.train(hhh_cfg)
     timings["rm_hhh"] = time.time() - t
 
@@ -290,12 +323,14 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     proxy = load_reward_model_scorer(rm_res["model_dir"], batch_size=32)
     dpo_model = load_policy(ModelConfig(name_or_path=dpo_dir), tok, trainable=False)
     ev["dpo"], _ = evaluate_policy("dpo", dpo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                   reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 4)
+                                   reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 4,
+                                   autocast_dtype=amp)
     del dpo_model
     if ppo_dir is not None:
         ppo_model = load_policy(ModelConfig(name_or_path=ppo_dir), tok, trainable=False)
         ev["ppo"], _ = evaluate_policy("ppo", ppo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                       reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 5)
+                                       reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 5,
+                                   autocast_dtype=amp)
         del ppo_model
     for name, n in [("base", q.eval_samples), ("sft", n_sft)] + [(k, q.eval_samples) for k in ("dpo", "ppo") if k in ev]:
         add_proxy_scores(ev[name], proxy, [p for p in raw_eval for _ in range(n)])
@@ -305,8 +340,8 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     total = time.time() - t_start
     summary = {
         "policies": {k: v.row() for k, v in ev.items()},
-        "dpo_minus_sft_gold": ev["dpo"].gold_mean - ev["sft"].gold_mean,
-        "dpo_minus_sft_gold_se": math.sqrt(ev["dpo"].gold_se ** 2 + ev["sft"].gold_se ** 2),
+        "vs_sft": {k: dict(zip(("gold_diff", "gold_diff_se", "n_prompts"), paired_difference(v.samples, ev["sft"].samples)))
+                   for k, v in ev.items() if k != "sft"},
         "annotators": ann,
         "reward_model_sentiment": {"heldout_accuracy_vs_gold": rm_res.get("eval", {}).get("accuracy"),
                                    "heldout_margin": rm_res.get("eval", {}).get("margin"),
@@ -349,8 +384,10 @@ def render_summary(s: dict, q: QuickstartConfig) -> str:
         lines.append(f"| {name} | {_fmt(r['gold_mean'], r['gold_se'])} | {_fmt(r['proxy_mean'], r['proxy_se'])} | "
                      f"{_fmt(r['kl_mean'], r['kl_se'], 2)} | {r['response_length']:.1f} | {r['no_eos_frac']:.0%} |")
     a = s["annotators"]
-    lines += ["", f"DPO - SFT gold reward: {s['dpo_minus_sft_gold']:+.3f} ± {s['dpo_minus_sft_gold_se']:.3f} (1 s.e.)",
-              f"Simulated annotators: {a['n_pairs']} pairs, agreement with gold {a['agreement_with_gold']:.1%}.",
+    lines += ["", "Gold reward minus the SFT policy's, paired by prompt (mean ± s.e. over prompts): " + ", ".join(
+        f"{k} {d['gold_diff']:+.3f} ± {d['gold_diff_se']:.3f}" for k, d in s["vs_sft"].items()) + ".",
+              f"Simulated annotators: {a['n_pairs']} pairs, {a['votes_per_pair']} votes each; one annotator agrees with gold "
+              f"{a['agreement_with_gold']:.1%} of the time, the majority label {a['majority_agreement_with_gold']:.1%}.",
               f"Sentiment reward model: held-out accuracy vs gold {_pct(s['reward_model_sentiment']['heldout_accuracy_vs_gold'])}"
               f" on {s['reward_model_sentiment']['n_test_pairs']} pairs.",
               f"HHH reward model (BIG-bench hhh_alignment): test accuracy {_pct(s['reward_model_hhh']['test_accuracy'])}.",

@@ -67,7 +67,7 @@ def apply_missing_eos_penalty(
     raise ValueError(f"missing_eos_mode must be 'subtract' or 'set', got {mode!r}")
 
 
-def _model_scorer(comp: RewardComponent, reward_models: dict):
+def _model_scorer(comp: RewardComponent, reward_models: dict, policy_tokenizer=None):
     from alignkit.rewards.reward_model import RewardModelScorer, load_reward_model_scorer
 
     cached = reward_models.get(comp.path)
@@ -80,9 +80,33 @@ def _model_scorer(comp: RewardComponent, reward_models: dict):
             f"reward_models[{comp.path!r}] must be a RewardModelScorer, got {type(cached).__name__}"
         )
     # one loaded model per path; each component gets its own view (name, normalisation)
-    return RewardModelScorer(
+    view = RewardModelScorer(
         cached.model, cached.tokenizer, cached.batch_size, normalize=comp.normalize, name=name
     )
+    if policy_tokenizer is None or policy_tokenizer.get_vocab() == cached.tokenizer.get_vocab():
+        return view
+    return _OwnPromptFormat(view)
+
+
+class _OwnPromptFormat:
+    """A reward model scored on the prompt rendered in ITS format (``render_prompt`` with its own tokenizer: e.g.
+    plain ``"<user text>\n\n"`` for an encoder), as ``alignkit rm`` trained it, not the policy's chat markup."""
+
+    def __init__(self, scorer) -> None:
+        self.scorer, self.name = scorer, scorer.name
+
+    def __call__(self, prompts: list[str], completions: list[str], extras: list[dict] | None = None) -> Tensor:
+        from alignkit.data.tokenize import PROMPT_MESSAGES_KEY, render_prompt
+
+        extras = extras or [{}] * len(prompts)
+        if any(PROMPT_MESSAGES_KEY not in e for e in extras):
+            raise RewardSpecError(
+                f"reward model {self.name!r} has another tokenizer than the policy and re-renders each prompt in its "
+                f"own format from extras[{PROMPT_MESSAGES_KEY!r}], which these prompts lack (load them with "
+                "alignkit.rollout.prompts.load_prompts)"
+            )
+        own = [render_prompt(self.scorer.tokenizer, e[PROMPT_MESSAGES_KEY]) for e in extras]
+        return self.scorer(own, completions, extras)
 
 
 def build_component(comp: RewardComponent, tokenizer=None, reward_models: dict | None = None) -> RewardFn:
@@ -91,7 +115,7 @@ def build_component(comp: RewardComponent, tokenizer=None, reward_models: dict |
 
     name = comp.name or comp.type
     if comp.type == "model":
-        return _model_scorer(comp, reward_models if reward_models is not None else {})
+        return _model_scorer(comp, reward_models if reward_models is not None else {}, tokenizer)
     if comp.type == "arithmetic":
         return _Named(rules.arithmetic_reward, name)
     if comp.type == "format":

@@ -96,11 +96,14 @@ class HFGenerateBackend:
 
     The model's training/eval mode is restored afterwards. ``top_k = 0`` is passed as ``None``
     (disabled); greedy decoding (``do_sample=False``) passes no sampling knobs at all.
+    ``autocast_dtype`` (e.g. ``torch.bfloat16``) samples under ``torch.autocast``: ~1.6x faster on CPUs
+    with AVX512-BF16; log-probs for the loss are recomputed by the caller anyway.
     """
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, autocast_dtype: torch.dtype | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.autocast_dtype = autocast_dtype
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError(
                 "HFGenerateBackend needs a tokenizer with both pad_token_id and eos_token_id set"
@@ -130,8 +133,10 @@ class HFGenerateBackend:
         model = unwrap_for_generation(self.model)
         was_training = model.training
         model.eval()
+        device_type = next(model.parameters()).device.type
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device_type, dtype=self.autocast_dtype,
+                                                 enabled=self.autocast_dtype is not None):
                 out = model.generate(
                     input_ids=prompt_ids,
                     attention_mask=prompt_mask,
