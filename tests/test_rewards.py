@@ -411,3 +411,20 @@ def test_model_component_with_another_tokenizer_rerenders_the_prompt_in_its_own_
     # the same vocabulary: the policy's prompt text is used as is
     same = build_reward(section, scorer.tokenizer, reward_models=cache)
     assert_close(same(["abc"], ["fine"], [{}])[0], scorer(["abc"], ["fine"]))
+
+
+def test_freeze_embeddings_leaves_only_the_embedding_matrix_frozen(tmp_path):
+    """model.freeze_embeddings (full fine-tuning): the input embeddings get no gradient, everything else does;
+    with LoRA the option is moot (adapters are the only trainable weights)."""
+    from alignkit.config import ModelConfig
+    from alignkit.models.loading import load_policy, load_reward_model
+
+    paths = save_tiny_models(tmp_path)
+    tok = tiny_tokenizer()
+    for load, path in ((load_reward_model, paths["reward"]), (load_policy, paths["policy"])):
+        model = load(ModelConfig(name_or_path=str(path), freeze_embeddings=True), tok)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert frozen and all("embed" in n for n in frozen), frozen
+        assert not model.get_input_embeddings().weight.requires_grad
+        default = load(ModelConfig(name_or_path=str(path)), tok)
+        assert all(p.requires_grad for p in default.parameters())
