@@ -420,7 +420,14 @@ def test_arithmetic_train_test_disjoint_and_correct():
 
 
 def test_builtin_registry():
-    assert set(BUILTIN_DATASETS) == {"hhh", "sentiment", "sft_demos", "arithmetic"}
+    assert set(BUILTIN_DATASETS) == {"hhh", "sentiment", "sft_demos", "arithmetic", "arithmetic_1digit"}
+    easy_train, easy_test = load_builtin("builtin:arithmetic_1digit", "train"), load_builtin("builtin:arithmetic_1digit", "test")
+    assert (len(easy_train), len(easy_test)) == (180, 45)
+    assert {r["question"] for r in easy_train}.isdisjoint(r["question"] for r in easy_test)
+    for r in easy_train + easy_test:  # "Calculate a op b." with operands 0..10 (reasoning_gym's one-digit range)
+        a, op, b = r["question"].removeprefix("Calculate ").removesuffix(".").split()
+        assert 0 <= int(a) <= 10 and 0 <= int(b) <= 10
+        assert int(r["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
     assert load_builtin("builtin:sentiment", "test") == sentiment_prompts("test")
     assert load_builtin("builtin:sft_demos", "train") == sft_demonstrations()
     assert len(BUILTIN_DATASETS["arithmetic"]("test")) == 100

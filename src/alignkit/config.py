@@ -480,7 +480,7 @@ class OnlineDPOConfig(Section):
 
 
 class QuickstartConfig(Section):
-    """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 10 minutes)."""
+    """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 8 minutes)."""
 
     output_dir: str = "runs/quickstart"
     seed: int = 0

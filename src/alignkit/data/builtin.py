@@ -31,6 +31,11 @@ Usable in configs as ``data.train = "builtin:<name>"`` (see :data:`BUILTIN_DATAS
     ``reasoning_gym`` ``basic_arithmetic`` questions (two terms of 1-2 digits, + and - by default) with
     ``{"prompt", "answer", "question"}``; train 200 / test 100 by default. A question belongs to test iff
     sha1(question) % 5 == 0, so train and test are disjoint for every n and seed.
+
+``builtin:arithmetic_1digit``
+    The same with small operands (reasoning_gym's one-digit range, which reaches 10; 180 train / 45 test of the
+    ~240 distinct questions): the level where
+    SmolLM2-135M is right often enough for GRPO's group baseline to see differences.
 """
 
 from __future__ import annotations
@@ -600,6 +605,7 @@ BUILTIN_DATASETS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "sentiment": sentiment_prompts,
     "sft_demos": _sft_demos_split,
     "arithmetic": lambda split: arithmetic_prompts(split, n=200 if split == "train" else 100),
+    "arithmetic_1digit": lambda split: arithmetic_prompts(split, n=180 if split == "train" else 45, max_digits=1),
 }
 BUILTIN_PREFIX = "builtin:"
 

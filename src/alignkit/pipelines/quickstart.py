@@ -1,14 +1,16 @@
 """``alignkit quickstart``: the InstructGPT pipeline in miniature, on the embedded SmolLM2-135M, on a CPU.
 
     base --SFT (LoRA) on demonstrations--> SFT policy
-    SFT policy --samples K reviews/prompt--> simulated annotators (Bradley–Terry noise around VADER) -> pairs
-    pairs -> reward model (MiniLM encoder; held-out accuracy vs gold);  BIG-bench HHH train pairs -> reward model (HHH test accuracy)
-    pairs -> DPO (LoRA, reference = SFT policy)
-    report: gold (VADER) reward of base / SFT / DPO on held-out prompts, proxy reward, KL to the SFT reference.
+    SFT policy --samples K reviews/prompt--> simulated annotators (3 votes per pair, Bradley–Terry noise
+        around VADER) -> all K-choose-2 labelled pairs
+    pairs -> reward model (MiniLM encoder; held-out accuracy vs gold);  BIG-bench HHH train pairs -> reward model
+    best-vs-worst pairs by votes -> DPO (LoRA, reference = SFT policy)
+    reward model -> PPO (LoRA, KL penalty to the SFT policy);  reward model -> best-of-n among SFT samples
+    report: gold (VADER) and proxy reward of base / SFT / DPO / PPO / best-of-n on held-out prompts against
+        KL to the SFT reference; gains over SFT paired by prompt; plot + HTML.
 
 Every stage is an ordinary alignkit run (its own run dir, config.yaml, metrics.jsonl, model/) driven by
-the same ``train(cfg)`` functions as the CLI, so each one can be re-run alone with ``alignkit <cmd>``.
-"""
+the same ``train(cfg)`` functions as the CLI, so each one can be re-run alone with ``alignkit <cmd>``."""
 
 from __future__ import annotations
 
