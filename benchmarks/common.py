@@ -128,8 +128,13 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def results_path(kind: str) -> Path:
-    """``benchmarks/results/<YYYY-MM-DD>-<kind>.json``."""
-    return RESULTS_DIR / f"{time.strftime('%Y-%m-%d')}-{kind}.json"
+    """``benchmarks/results/<YYYY-MM-DD>-<kind>.json``, or ``...-<kind>-2.json``, ``-3``, ... so that an earlier
+    result of the same day (one the docs may cite) is never overwritten."""
+    stem = f"{time.strftime('%Y-%m-%d')}-{kind}"
+    path, n = RESULTS_DIR / f"{stem}.json", 2
+    while path.exists():
+        path, n = RESULTS_DIR / f"{stem}-{n}.json", n + 1
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs

@@ -94,3 +94,40 @@ def test_paired_difference_cancels_prompt_effects():
     b = [{"prompt": "p", "gold": 0.1}, {"prompt": "q", "gold": 0.8}, {"prompt": "r", "gold": 0.0}]
     mean, se, n = paired_difference(a, b)
     assert n == 2 and mean == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-12)
+
+
+def test_evaluate_policy_scores_samples_and_estimates_kl_on_a_subset_of_rows():
+    """evaluate_policy: gold per sample with its length/EOS; KL exactly 0 against itself; with kl_samples=1 of 3
+    the KL is the mean summed log-ratio over each prompt's FIRST sample only (rows 0, 3)."""
+    import torch
+
+    from alignkit.config import DataConfig
+    from alignkit.data.tokenize import tokenize_prompts
+    from alignkit.eval.policy import evaluate_policy, sequence_kl
+    from alignkit.models.loading import disable_dropout
+    from alignkit.models.tiny import tiny_causal_lm
+    from alignkit.rollout.engine import SamplingParams
+
+    policy, tok = tiny_causal_lm(seed=0)
+    reference, _ = tiny_causal_lm(seed=5)
+    for m in (policy, reference):
+        disable_dropout(m)
+        m.eval()
+    prompts, _ = tokenize_prompts([{"prompt": [{"role": "user", "content": c}]} for c in ("ab", "xyz")], tok,
+                                  DataConfig(max_length=64))
+    params = SamplingParams(max_new_tokens=5)
+
+    def gold(texts):
+        return [float(len(t)) for t in texts]
+
+    same, rollout = evaluate_policy("p", policy, tok, prompts, gold, params, num_samples=3, reference=policy, seed=1)
+    assert len(same.samples) == 6 and same.kl_mean == 0.0
+    assert [s["gold"] for s in same.samples] == [float(len(t)) for t in rollout.response_texts]
+    assert [s["length"] for s in same.samples] == rollout.response_lengths.tolist()
+    assert [s["eos"] for s in same.samples] == rollout.has_eos.tolist()
+    sub, _ = evaluate_policy("p", policy, tok, prompts, gold, params, num_samples=3, reference=reference,
+                             rollout=rollout, kl_samples=1)
+    expected = sequence_kl(policy, reference, rollout.select(torch.tensor([0, 3])))
+    assert sub.kl_mean == pytest.approx(float(expected.mean()), abs=1e-6)
+    full = sequence_kl(policy, reference, rollout)
+    assert float(full.mean()) != pytest.approx(sub.kl_mean)  # the subset really is a subset

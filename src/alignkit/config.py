@@ -497,10 +497,12 @@ class QuickstartConfig(Section):
     """Responses per training prompt; the annotators compare all K-choose-2 pairs (the reward model trains on all)."""
     n_eval_prompts: int = Field(42, gt=0)
     eval_samples: int = Field(4, gt=0)
+    kl_samples: int = Field(2, gt=0)
+    """KL to the SFT reference is estimated on this many of each held-out prompt's samples (fp32, 2 forwards each)."""
     bon_n: int = Field(4, ge=1)
     """Best-of-n by the proxy reward model among this many SFT samples per held-out prompt."""
     max_new_tokens: int = Field(24, gt=0)
-    generation_batch_size: int = Field(64, gt=0)
+    generation_batch_size: int = Field(128, gt=0)
     annotator_agreement: float = Field(0.72, gt=0.5, lt=1.0)
     """Target agreement of the simulated annotator pool with the gold (VADER) preference."""
     n_annotators: int = Field(5, gt=0)

@@ -118,14 +118,7 @@ class PolicyAndValue(nn.Module):
 
 def select_rows(rollout: Rollout, inds: Tensor) -> Rollout:
     """The rows ``inds`` of a rollout (same columns, so padding and log-probs are unchanged)."""
-    idx = inds.tolist()
-    return Rollout(
-        prompt_ids=rollout.prompt_ids[inds], prompt_mask=rollout.prompt_mask[inds],
-        response_ids=rollout.response_ids[inds], response_mask=rollout.response_mask[inds],
-        has_eos=rollout.has_eos[inds], prompt_texts=[rollout.prompt_texts[i] for i in idx],
-        response_texts=[rollout.response_texts[i] for i in idx],
-        extras=[rollout.extras[i] for i in idx] if rollout.extras else [],
-    )
+    return rollout.select(inds)
 
 
 def values_of(value_model: ValueModel, rollout: Rollout, micro_batch_size: int | None = None) -> Tensor:

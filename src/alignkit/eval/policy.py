@@ -106,10 +106,13 @@ def evaluate_policy(
     seed: int = 0,
     rollout: Rollout | None = None,
     autocast_dtype: torch.dtype | None = None,
+    kl_samples: int | None = None,
 ) -> tuple[PolicyEval, Rollout]:
     """Sample (unless ``rollout`` is given), then score with gold/proxy and estimate KL to ``reference``.
 
-    ``autocast_dtype`` applies to sampling only; the KL is computed from fp32 log-probs of both models."""
+    ``autocast_dtype`` applies to sampling only; the KL is computed from fp32 log-probs of both models, on the
+    first ``kl_samples`` samples of every prompt (all when None): two full forwards per row are the
+    evaluation's largest cost, and fewer rows only widen the KL's standard error."""
     if rollout is None:
         rollout = sample(model, tokenizer, prompts, params, num_samples, batch_size, seed, autocast_dtype)
     gold = [float(x) for x in gold_fn(rollout.response_texts)]
@@ -124,7 +127,10 @@ def evaluate_policy(
         proxy = [float(x) for x in proxy_fn(rollout.prompt_texts, rollout.response_texts, rollout.extras)]
         result.proxy_mean, result.proxy_se = mean_se(proxy)
     if reference is not None:
-        kl = sequence_kl(model, reference, rollout, params.temperature).tolist()
+        rows = rollout
+        if kl_samples is not None and kl_samples < num_samples:  # rows are prompt-major: p0 x G, p1 x G, ...
+            rows = rollout.select(torch.nonzero(torch.arange(len(rollout)) % num_samples < kl_samples).flatten())
+        kl = sequence_kl(model, reference, rows, params.temperature).tolist()
         result.kl_mean, result.kl_se = mean_se(kl)
     lengths, has_eos = rollout.response_lengths.tolist(), rollout.has_eos.tolist()
     for i, (p, r) in enumerate(zip(rollout.prompt_texts, rollout.response_texts)):

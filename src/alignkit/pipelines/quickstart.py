@@ -325,13 +325,13 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     proxy = load_reward_model_scorer(rm_res["model_dir"], batch_size=32)
     dpo_model = load_policy(ModelConfig(name_or_path=dpo_dir), tok, trainable=False)
     ev["dpo"], _ = evaluate_policy("dpo", dpo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                   reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 4,
+                                   reference=sft_model, kl_samples=q.kl_samples, batch_size=q.generation_batch_size, seed=q.seed + 4,
                                    autocast_dtype=amp)
     del dpo_model
     if ppo_dir is not None:
         ppo_model = load_policy(ModelConfig(name_or_path=ppo_dir), tok, trainable=False)
         ev["ppo"], _ = evaluate_policy("ppo", ppo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                       reference=sft_model, batch_size=q.generation_batch_size, seed=q.seed + 5,
+                                       reference=sft_model, kl_samples=q.kl_samples, batch_size=q.generation_batch_size, seed=q.seed + 5,
                                    autocast_dtype=amp)
         del ppo_model
     for name, n in [("base", q.eval_samples), ("sft", n_sft)] + [(k, q.eval_samples) for k in ("dpo", "ppo") if k in ev]:

@@ -182,6 +182,17 @@ class Rollout:
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
+    def select(self, inds: Tensor) -> "Rollout":
+        """The rows ``inds`` (same columns, so padding and log-probs are unchanged)."""
+        idx = inds.tolist()
+        return Rollout(
+            prompt_ids=self.prompt_ids[inds], prompt_mask=self.prompt_mask[inds],
+            response_ids=self.response_ids[inds], response_mask=self.response_mask[inds],
+            has_eos=self.has_eos[inds], prompt_texts=[self.prompt_texts[i] for i in idx],
+            response_texts=[self.response_texts[i] for i in idx],
+            extras=[self.extras[i] for i in idx] if self.extras else [],
+        )
+
     def response_slice(self, token_values_full: Tensor) -> Tensor:
         """[B, P + R] values aligned to ``input_ids`` -> [B, R] values of the response tokens."""
         p, r = self.prompt_ids.shape[1], self.response_ids.shape[1]
