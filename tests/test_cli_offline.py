@@ -1,6 +1,7 @@
 """End-to-end runs of the offline commands (sft, rm, dpo family, kto) on tiny models, plus CLI/config errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -162,6 +163,29 @@ def test_nan_loss_stops_with_message(tiny, tmp_path, capsys):
     assert "step-00000001" in err  # names the last good checkpoint, which is kept
     assert (out / "checkpoints" / "step-00000001" / "state.json").is_file()
     assert not (out / "model").exists()
+
+
+def test_disk_full_gives_a_clear_message_and_leaves_no_half_written_model(tiny, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from alignkit.models.loading import load_tokenizer
+
+    def full_disk(self, save_directory, *args, **kwargs):
+        (Path(save_directory) / "partial.bin").write_bytes(b"x")  # something written before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(save_directory) / "tokenizer.json"))
+
+    out = tmp_path / "full"
+    monkeypatch.setattr(type(load_tokenizer(tiny["policy"])), "save_pretrained", full_disk)
+    assert main(["sft", *_common(tiny, out, "sft.jsonl", **{"train.max_steps": 2})]) == 1
+    err = capsys.readouterr().err
+    assert "no space left on the device while writing" in err and "tokenizer.json" in err and "--resume" in err
+    assert not (out / "model").exists() and not list(out.glob(".tmp-*"))
+    assert (out / "checkpoints").is_dir()  # the last complete checkpoint is there to resume from
+    # any other OSError is not disguised
+    monkeypatch.setattr(type(load_tokenizer(tiny["policy"])), "save_pretrained",
+                        lambda self, d, *a, **k: (_ for _ in ()).throw(OSError(errno.EACCES, "Permission denied")))
+    with pytest.raises(PermissionError):
+        main(["sft", *_common(tiny, tmp_path / "denied", "sft.jsonl", **{"train.max_steps": 1})])
 
 
 def test_rm_groups_all_pairs_of_a_prompt_into_one_element():

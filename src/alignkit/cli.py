@@ -7,6 +7,7 @@ Thin by design: parse, load + validate the config, call ``algorithms.<x>.train(c
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import importlib
 import sys
@@ -162,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, resume=ns.resume)
     except (DataError, ModelLoadError, RunError, NonFiniteLossError, C.ConfigError, ValueError) as e:
         print(f"alignkit {ns.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # checkpoints and models are written to a temporary directory and renamed: nothing half-written is left
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"alignkit {ns.command}: error: no space left on the device{where} ({e.strerror or e}). Free some space "
+              "(each run dir holds its checkpoints and model/) and rerun with --resume to continue from the last "
+              "complete checkpoint.", file=sys.stderr)
         return 1
     return 0
 
