@@ -29,7 +29,7 @@ from alignkit.eval.bon import best_indices, bon_curve, bon_kl, bon_unbiased_esti
 from alignkit.models.loading import load_policy, load_tokenizer
 from alignkit.models.tiny import save_tiny_models
 from alignkit.rewards.combine import build_reward
-from alignkit.rollout.engine import Rollout, SamplingParams
+from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams
 from alignkit.rollout.prompts import load_prompts
 
 REWARD_PY = '''
@@ -177,6 +177,17 @@ def test_best_of_n_picks_the_argmax_per_prompt(assets):
         assert pick["score"] == max(pick["all_scores"])
         assert pick["gold"] == float(len(pick["completion"])) and pick["prompt"] == p["prompt_text"]
     assert len({c for pick in out["picks"] for c in pick["all_completions"]}) > 3  # samples differ
+
+    class Recording(HFGenerateBackend):  # batch_size counts prompts: a generate() call holds batch_size x n rows
+        rows: list[int] = []
+
+        def generate(self, ids, mask, params):
+            self.rows.append(ids.shape[0])
+            return super().generate(ids, mask, params)
+
+    rec = Recording(model, tok)
+    bon_mod.best_of_n(model, tok, prompts, 4, SamplingParams(6), reward_fn, batch_size=2, backend=rec)
+    assert rec.rows == [8, 4]  # prompts 1-2 x 4 samples, then prompt 3 x 4
     with pytest.raises(ValueError, match="n >= 1"):
         bon_mod.best_of_n(model, tok, prompts, 0, SamplingParams(6), reward_fn)
     with pytest.raises(ValueError, match="got no prompts"):

@@ -279,7 +279,8 @@ class GenerationSection(Section):
     top_k: int = Field(0, ge=0)
     """0 disables top-k."""
     batch_size: int = Field(16, gt=0)
-    """Prompts per generate() call."""
+    """Prompts per generate() call; each brings its G samples (GRPO/RLOO/best-of-n), so a call has
+    batch_size x G rows."""
 
 
 class RewardComponent(Section):
@@ -503,6 +504,7 @@ class QuickstartConfig(Section):
     """Best-of-n by the proxy reward model among this many SFT samples per held-out prompt."""
     max_new_tokens: int = Field(24, gt=0)
     generation_batch_size: int = Field(128, gt=0)
+    """Rows (prompt x sample) per generate() call when the quickstart samples or evaluates."""
     annotator_agreement: float = Field(0.72, gt=0.5, lt=1.0)
     """Target agreement of the simulated annotator pool with the gold (VADER) preference."""
     n_annotators: int = Field(5, gt=0)

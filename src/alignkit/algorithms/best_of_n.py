@@ -60,7 +60,7 @@ def best_of_n(
 ) -> dict:
     """Best-of-n for ``prompts`` (dicts from :func:`alignkit.rollout.prompts.load_prompts`).
 
-    Generates in chunks of ``batch_size`` prompts (``batch_size`` rows per ``generate()`` call).
+    Generates in chunks of ``batch_size`` prompts (``batch_size x n`` rows per ``generate()`` call).
     ``reward_fn``/``gold_fn``: ``(prompts, completions, extras) -> [B]`` or a CombinedReward.
     Returns ``{"picks": [per prompt: {"prompt", "completion", "score", "all_scores", "all_completions",
     "index", (+ "gold", "all_gold")}], "scores": [P, n], "gold_scores": [P, n] | None}``.
@@ -79,7 +79,7 @@ def best_of_n(
         batch = prompt_batch(chunk, tokenizer.pad_token_id)
         rollout = generate_rollouts(
             backend, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), params,
-            num_samples=n, prompt_texts=batch["prompt_texts"], extras=batch["extras"], batch_size=batch_size,
+            num_samples=n, prompt_texts=batch["prompt_texts"], extras=batch["extras"], batch_size=len(chunk) * n,
         )
         scores = score_rollout(reward_fn, rollout, missing_eos_penalty, missing_eos_mode).view(len(chunk), n)  # [p, n]
         gold = None

@@ -152,7 +152,7 @@ def train(cfg: OnlineDPOConfig, resume: bool = False) -> dict:
         rollout = generate_rollouts(
             backend, tokenizer, pb["input_ids"].to(accelerator.device), pb["attention_mask"].to(accelerator.device),
             params, num_samples=G, prompt_texts=pb["prompt_texts"], extras=pb["extras"],
-            batch_size=cfg.generation.batch_size,
+            batch_size=cfg.generation.batch_size * G,  # generation.batch_size prompts per generate() call
         )
         t1 = time.perf_counter()
         total, parts = reward_fn(rollout.prompt_texts, rollout.response_texts, rollout.extras)

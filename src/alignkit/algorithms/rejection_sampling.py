@@ -158,7 +158,8 @@ def train(cfg: RejectionSamplingConfig, resume: bool = False) -> dict:
         pb = prompt_batch(sampler.next(n_prompts), pad)
         rollout = generate_rollouts(
             backend, tokenizer, pb["input_ids"].to(device), pb["attention_mask"].to(device), params,
-            num_samples=n, prompt_texts=pb["prompt_texts"], extras=pb["extras"], batch_size=cfg.generation.batch_size,
+            num_samples=n, prompt_texts=pb["prompt_texts"], extras=pb["extras"],
+            batch_size=cfg.generation.batch_size * n,  # generation.batch_size prompts per generate() call
         )
         t1 = time.perf_counter()
         total, parts = reward_fn(rollout.prompt_texts, rollout.response_texts, rollout.extras)
