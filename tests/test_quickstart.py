@@ -131,3 +131,35 @@ def test_evaluate_policy_scores_samples_and_estimates_kl_on_a_subset_of_rows():
     assert sub.kl_mean == pytest.approx(float(expected.mean()), abs=1e-6)
     full = sequence_kl(policy, reference, rollout)
     assert float(full.mean()) != pytest.approx(sub.kl_mean)  # the subset really is a subset
+
+
+def test_reward_vs_kl_plot_and_html_report(tmp_path):
+    """The plot draws one point per policy with a KL and the best-of-n curve; policies without KL (the base)
+    and curve rows without the panel's value are skipped, not plotted as NaN; the HTML inlines the PNG."""
+    import matplotlib.pyplot as plt
+
+    from alignkit.eval import report
+
+    policies = {"sft": {"kl_mean": 0.0, "gold_mean": 0.3, "gold_se": 0.02, "proxy_mean": 0.1, "proxy_se": 0.05},
+                "dpo": {"kl_mean": 1.5, "gold_mean": 0.5, "gold_se": 0.03, "proxy_mean": 0.7, "proxy_se": None},
+                "base": {"kl_mean": None, "gold_mean": 0.2, "gold_se": 0.02, "proxy_mean": 0.0, "proxy_se": 0.05}}
+    curve = [{"n": 1, "kl": 0.0, "gold": 0.3, "proxy": 0.1}, {"n": 2, "kl": 0.19, "gold": 0.4, "proxy": 0.5},
+             {"n": 3, "kl": 0.43, "proxy": 0.8}]
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        for ax in fig.axes:
+            drawn.append(([t.get_text() for t in ax.texts], [list(line.get_xdata()) for line in ax.get_lines()]))
+        return real_savefig(fig, *args, **kwargs)
+
+    plt.Figure.savefig = capture
+    try:
+        png = report.plot_reward_vs_kl(policies, tmp_path / "p.png", curve)
+    finally:
+        plt.Figure.savefig = real_savefig
+    (gold_texts, gold_lines), (proxy_texts, proxy_lines) = drawn
+    assert sorted(gold_texts) == sorted(proxy_texts) == ["dpo", "sft"]  # no KL for the base: no point
+    assert [0.0, 0.19] in gold_lines and [0.0, 0.19, 0.43] in proxy_lines  # the n=3 row has no gold
+    page = report.html_report("t", "# summary", png, [("rows", [{"policy": "dpo", "kl": float("nan")}])])
+    assert "data:image/png;base64," in page and "<td>-</td>" in page and "# summary" in page

@@ -17,11 +17,18 @@ def _ok(x) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
 
-def plot_reward_vs_kl(policies: dict[str, dict], path: str | Path) -> Path:
-    """Two panels: gold and proxy reward (mean ± s.e.) against KL(policy || reference), one point per policy."""
+def plot_reward_vs_kl(policies: dict[str, dict], path: str | Path, bon_curve: list[dict] | None = None) -> Path:
+    """Two panels: gold and proxy reward (mean ± s.e.) against KL(policy || reference), one point per policy;
+    ``bon_curve`` (rows ``{"n", "kl", "gold", "proxy"}`` from :func:`alignkit.eval.bon.bon_curve`) adds the
+    best-of-n frontier as a dashed line through n = 1, 2, ..."""
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "gold", "gold reward (VADER)"), (axes[1], "proxy", "proxy reward (reward model)")):
+        curve = [r for r in bon_curve or [] if _ok(r.get("kl")) and _ok(r.get(key))]
+        if curve:
+            ax.plot([r["kl"] for r in curve], [r[key] for r in curve], "--", color="0.5", marker=".",
+                    label="best-of-n, n = 1.." + str(curve[-1]["n"]))
+            ax.legend(loc="lower right", fontsize=8)
         for name, row in policies.items():
             x, y, se = row.get("kl_mean"), row.get(f"{key}_mean"), row.get(f"{key}_se")
             if not (_ok(x) and _ok(y)):

@@ -358,7 +358,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
         "best_of_n_curve": bon_curve_rows,
         "samples": {k: _first_per_prompt(v, q.show_samples) for k, v in ev.items()},
     }
-    plot = plot_reward_vs_kl(summary["policies"], out / "reward_vs_kl.png")
+    plot = plot_reward_vs_kl(summary["policies"], out / "reward_vs_kl.png", bon_curve_rows)
     summary["artifacts"]["plot"] = str(plot)
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     text = render_summary(summary, q)
