@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -260,22 +261,29 @@ def test_value_model_rejects_models_without_a_one_output_score_head(tiny):
 
 
 # ---------------------------------------------------------------- PPO update
-def test_first_minibatch_ratio_is_one_and_approxkl_zero(tiny):
-    """Log-probs recomputed with logits / temperature (0.7) under the same padding, dropout off: the first
-    minibatch of the first epoch sees pi == pi_old (ratio 1, approxkl 0); later minibatches do not."""
+def run_ppo_update(tiny, temperature, lr, penalty, max_grad_norm, amp=contextlib.nullcontext):
+    """One PPO update (2 epochs x 2 minibatches) on a fresh copy of the tiny policy; experience made under ``amp``."""
     policy0, rm, tok = tiny
     policy = copy.deepcopy(policy0)
-    rollout = tiny_rollout(policy, tok, temperature=0.7)
+    rollout = tiny_rollout(policy, tok, temperature=temperature)
     ref_model, ref_ctx = build_reference(policy)
     value_model = ValueModel.from_reward_model(rm)
     section = PPOSection(rollout_batch_size=4, num_minibatches=2, micro_batch_size=2, ppo_epochs=2)
-    exp = make_experience(policy, ref_model, ref_ctx, value_model, RewardModelScorer(rm, tok), None, rollout,
-                          section, kl_coef=0.05, temperature=0.7, penalty=1.0)
+    with amp():
+        exp = make_experience(policy, ref_model, ref_ctx, value_model, RewardModelScorer(rm, tok), None, rollout,
+                              section, kl_coef=0.05, temperature=temperature, penalty=penalty)
     models = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.AdamW(models.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     torch.manual_seed(0)
-    stats = ppo_update(models, optimizer, scheduler, exp, section, temperature=0.7, max_grad_norm=1.0)
+    return ppo_update(models, optimizer, scheduler, exp, section, temperature=temperature,
+                      max_grad_norm=max_grad_norm, amp=amp)
+
+
+def test_first_minibatch_ratio_is_one_and_approxkl_zero(tiny):
+    """Log-probs recomputed with logits / temperature (0.7) under the same padding, dropout off: the first
+    minibatch of the first epoch sees pi == pi_old (ratio 1, approxkl 0); later minibatches do not."""
+    stats = run_ppo_update(tiny, temperature=0.7, lr=1e-2, penalty=1.0, max_grad_norm=1.0)
     assert len(stats) == 4  # 2 epochs x 2 minibatches
     first = stats[0]
     assert first["policy/ratio_min"] == first["policy/ratio_max"] == 1.0  # exactly, on CPU
@@ -288,21 +296,8 @@ def test_mixed_precision_updates_see_the_new_weights(tiny):
     """Under bf16 autocast each micro-batch forward must use the weights after the previous optimizer step.
     One autocast context around the whole update would serve torch.autocast's cached bf16 copies of the old
     weights: every minibatch would see ratio == 1 exactly, however far the policy moved."""
-    policy0, rm, tok = tiny
-    policy = copy.deepcopy(policy0)
-    rollout = tiny_rollout(policy, tok, temperature=1.0)
-    ref_model, ref_ctx = build_reference(policy)
-    value_model = ValueModel.from_reward_model(rm)
-    section = PPOSection(rollout_batch_size=4, num_minibatches=2, micro_batch_size=2, ppo_epochs=2)
     amp = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
-    with amp():
-        exp = make_experience(policy, ref_model, ref_ctx, value_model, RewardModelScorer(rm, tok), None, rollout,
-                              section, kl_coef=0.05, temperature=1.0, penalty=None)
-    models = PolicyAndValue(policy, value_model)
-    optimizer = torch.optim.AdamW(models.parameters(), lr=5e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    torch.manual_seed(0)
-    stats = ppo_update(models, optimizer, scheduler, exp, section, temperature=1.0, max_grad_norm=None, amp=amp)
+    stats = run_ppo_update(tiny, temperature=1.0, lr=5e-2, penalty=None, max_grad_norm=None, amp=amp)
     assert all(s["policy/approxkl"] > 1e-6 for s in stats[2:])  # second epoch: the policy has moved
     assert any(s["policy/ratio_min"] != s["policy/ratio_max"] for s in stats[1:])
 

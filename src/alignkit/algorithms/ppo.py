@@ -46,7 +46,7 @@ from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, 
 from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
 from alignkit.train.checkpoint import atomic_save_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.train.logging import MetricsLogger
-from alignkit.train.run import autocast_for, log, prepare_run_dir, set_seed, write_summary
+from alignkit.train.run import autocast_dtype, autocast_for, log, prepare_run_dir, set_seed, write_summary
 
 
 # ---------------------------------------------------------------- rewards with KL
@@ -114,11 +114,6 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value_model = policy, value_model
         if is_peft(policy):
             self.peft_config = policy.peft_config
-
-
-def select_rows(rollout: Rollout, inds: Tensor) -> Rollout:
-    """The rows ``inds`` of a rollout (same columns, so padding and log-probs are unchanged)."""
-    return rollout.select(inds)
 
 
 def values_of(value_model: ValueModel, rollout: Rollout, micro_batch_size: int | None = None) -> Tensor:
@@ -252,7 +247,7 @@ def ppo_update(models: PolicyAndValue, optimizer, scheduler, exp: Experience, pp
             ratio_min, ratio_max = math.inf, -math.inf
             for micro_start in range(0, minibatch_size, ppo.micro_batch_size):
                 inds = mb_inds[micro_start : micro_start + ppo.micro_batch_size]
-                micro = select_rows(exp.rollout, inds)
+                micro = exp.rollout.select(inds)  # same columns as the experience tensors
                 mask = micro.response_mask.float()  # [b, R]
                 with amp():
                     new_logprobs = response_logprobs(policy, micro, temperature)  # [b, R]
@@ -448,8 +443,7 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
 
     # train.mixed_precision: generation, experience and updates all run under the same autocast (bf16 matmuls on
     # CPU/GPU); the loss itself is fp32 (log_softmax upcasts), so ratio == 1 on the first minibatch still holds
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
-    backend = HFGenerateBackend(policy, tokenizer, amp_dtype)
+    backend = HFGenerateBackend(policy, tokenizer, autocast_dtype(cfg.train))
     params = SamplingParams.from_section(gen)
     metrics: dict[str, float] = {}
     for iteration in tqdm(range(start + 1, ppo.num_iterations + 1), initial=start, total=ppo.num_iterations,

@@ -34,8 +34,8 @@ Usable in configs as ``data.train = "builtin:<name>"`` (see :data:`BUILTIN_DATAS
 
 ``builtin:arithmetic_1digit``
     The same with small operands (reasoning_gym's one-digit range, which reaches 10; 180 train / 45 test of the
-    ~240 distinct questions): the level where
-    SmolLM2-135M is right often enough for GRPO's group baseline to see differences.
+    ~240 distinct questions): the level where SmolLM2-135M is right often enough for GRPO's group baseline to
+    see differences.
 """
 
 from __future__ import annotations

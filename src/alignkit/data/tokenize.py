@@ -68,6 +68,13 @@ PROMPT_MESSAGES_KEY = "prompt_messages"
 """Key of an RL prompt's ``extras`` holding its messages (reward functions receive it with the other fields)."""
 
 
+def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    """``system_prompt`` prepended as a system message when given and the messages have none."""
+    if system_prompt is not None and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], system_prompt: str | None = None) -> str:
     """The prompt text that precedes the response.
 
@@ -76,8 +83,7 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, Any]], system_prompt:
     Without one (base models), the plain fallback joins the contents, each followed by a blank
     line: ``"".join(m["content"] + "\\n\\n" for m in messages)``.
     """
-    if system_prompt is not None and not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": system_prompt}, *messages]
+    messages = with_system_prompt(messages, system_prompt)
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return "".join(m["content"] + "\n\n" for m in messages)
@@ -234,12 +240,8 @@ def tokenize_prompts(
         prompt = _encode_prompt(ex, tokenizer, data_cfg)
         _record(stats, prompt, [(0, False)])
         extras = {k: v for k, v in ex.items() if k != "prompt" and not k.startswith("_")}
-        system = getattr(data_cfg, "system_prompt", None)
-        messages = ex["prompt"]
-        if system is not None and not any(m["role"] == "system" for m in messages):
-            messages = [{"role": "system", "content": system}, *messages]
         # the prompt as messages, so a reward model with another tokenizer can render it in its own format
-        extras.setdefault(PROMPT_MESSAGES_KEY, messages)
+        extras.setdefault(PROMPT_MESSAGES_KEY, with_system_prompt(ex["prompt"], getattr(data_cfg, "system_prompt", None)))
         return {"prompt_input_ids": prompt.ids, "prompt_text": prompt.text, "extras": extras}
 
     return _map(examples, data_cfg, one)

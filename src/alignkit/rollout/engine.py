@@ -182,9 +182,10 @@ class Rollout:
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
 
-    def select(self, inds: Tensor) -> "Rollout":
-        """The rows ``inds`` (same columns, so padding and log-probs are unchanged)."""
-        idx = inds.tolist()
+    def select(self, rows: Tensor | list[int]) -> "Rollout":
+        """The rows ``rows``, in that order (same columns, so padding and log-probs are unchanged)."""
+        idx = rows.tolist() if isinstance(rows, Tensor) else list(rows)
+        inds = torch.tensor(idx, dtype=torch.long, device=self.prompt_ids.device)
         return Rollout(
             prompt_ids=self.prompt_ids[inds], prompt_mask=self.prompt_mask[inds],
             response_ids=self.response_ids[inds], response_mask=self.response_mask[inds],

@@ -80,19 +80,7 @@ def trim_padding(rollout: Rollout) -> Rollout:
 
 def select_rows(rollout: Rollout, rows: list[int]) -> Rollout:
     """The rollout restricted to ``rows`` (in that order), padding trimmed."""
-    idx = torch.tensor(rows, dtype=torch.long, device=rollout.prompt_ids.device)
-    return trim_padding(
-        Rollout(
-            prompt_ids=rollout.prompt_ids[idx],
-            prompt_mask=rollout.prompt_mask[idx],
-            response_ids=rollout.response_ids[idx],
-            response_mask=rollout.response_mask[idx],
-            has_eos=rollout.has_eos[idx],
-            prompt_texts=[rollout.prompt_texts[i] for i in rows],
-            response_texts=[rollout.response_texts[i] for i in rows],
-            extras=[rollout.extras[i] for i in rows] if rollout.extras else [],
-        )
-    )
+    return trim_padding(rollout.select(rows))
 
 
 def _pad_cols(x: Tensor, width: int, value: int, left: bool) -> Tensor:

@@ -118,10 +118,15 @@ def evaluate(model, examples: list, collate_fn, metrics_fn, batch_size: int) -> 
     return {k: v / max(count, 1) for k, v in totals.items()}
 
 
+def autocast_dtype(train_cfg) -> torch.dtype | None:
+    """``train.mixed_precision`` as a torch dtype (None for "no")."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.mixed_precision)
+
+
 def autocast_for(train_cfg, device: torch.device):
     """The autocast the training loop runs under (accelerate's ``mixed_precision``), for passes made outside it —
     e.g. precomputed reference log-probs, which must match the policy's first forward exactly."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train_cfg.mixed_precision)
+    dtype = autocast_dtype(train_cfg)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
