@@ -30,11 +30,14 @@ class PlusOneBackend:
         self.vocab_size = vocab_size
         self.calls: list[tuple[int, int]] = []  # (rows, prompt columns) per generate() call
 
-    def generate(self, prompt_ids, prompt_mask, params):
+    def generate(self, prompt_ids, prompt_mask, params, row_seeds=None):
         self.calls.append(tuple(prompt_ids.shape))
         last = prompt_ids[:, -1:]  # [B, 1] (left-padded: the last column is real)
         steps = torch.arange(1, params.max_new_tokens + 1).unsqueeze(0)  # [1, R]
         return (last + steps) % self.vocab_size  # [B, R]
+
+    def update_weights(self, model) -> None:
+        pass
 
 
 def varied_lm(seed: int):
@@ -161,7 +164,7 @@ def test_generate_rollouts_errors():
         generate_rollouts(PlusOneBackend(), tok, ids, mask[:, :1], params)
 
     class TooLong(PlusOneBackend):
-        def generate(self, prompt_ids, prompt_mask, params):
+        def generate(self, prompt_ids, prompt_mask, params, row_seeds=None):
             return torch.zeros(prompt_ids.shape[0], params.max_new_tokens + 1, dtype=torch.long)
 
     with pytest.raises(ValueError, match=r"TooLong.generate returned shape \(2, 4\)"):

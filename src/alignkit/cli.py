@@ -37,6 +37,9 @@ COMMANDS: dict[str, Command] = {
     "grpo": Command(C.GRPOConfig, "alignkit.algorithms.grpo:train",
                     "GRPO / Dr. GRPO / DAPO: critic-free RL with group-normalised advantages"),
     "rloo": Command(C.RLOOConfig, "alignkit.algorithms.rloo:train", "RLOO: REINFORCE with a leave-one-out baseline"),
+    "reinforce-pp": Command(C.ReinforcePPConfig, "alignkit.algorithms.reinforce_pp:train",
+                            "REINFORCE++ (reinforce_pp.baseline: the -baseline variant): critic-free RL, global "
+                            "advantage normalisation"),
     "bon": Command(C.BoNConfig, "alignkit.algorithms.best_of_n:run", "best-of-n sampling with a reward"),
     "rs": Command(C.RejectionSamplingConfig, "alignkit.algorithms.rejection_sampling:train",
                   "rejection-sampling fine-tuning: best-of-n outputs become SFT data, iterated"),

@@ -272,7 +272,24 @@ def config_to_yaml(cfg: BaseModel) -> str:
 
 
 # ---------------------------------------------------------------- online RL sections
+class VLLMSection(Section):
+    """Settings of the colocated vLLM engine (``generation.backend: vllm``; needs a CUDA GPU and
+    ``pip install alignkit[vllm]``)."""
+
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1.0)
+    """Share of the GPU's memory vLLM may take (the trainer shares the device)."""
+    tensor_parallel_size: int = Field(1, gt=0)
+    max_model_len: int | None = Field(None, gt=0)
+    """Prompt + response tokens vLLM plans for (default: the model's own limit)."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    enforce_eager: bool = False
+
+
 class GenerationSection(Section):
+    backend: Literal["hf", "vllm"] = "hf"
+    """Generation engine: ``hf`` (transformers generate, any device) or ``vllm`` (colocated vLLM engine, weights
+    synced after every policy update; CUDA only). Log-probs for the loss are always recomputed by the trainer."""
+    vllm: VLLMSection = VLLMSection()
     max_new_tokens: int = Field(48, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
@@ -425,6 +442,39 @@ class RLOOConfig(Section):
     generation: GenerationSection = GenerationSection()
     reward: RewardSection = RewardSection()
     rloo: RLOOSection = RLOOSection()
+
+
+class ReinforcePPSection(Section):
+    """REINFORCE++ (Hu 2025): per-token KL-penalised rewards, returns, advantages normalised over the global batch."""
+
+    baseline: bool = False
+    """The REINFORCE++-baseline variant: subtract each group's mean score (needs num_generations >= 2) and put
+    the KL in the loss (k3) instead of the reward."""
+    num_generations: int = Field(1, gt=0)
+    prompts_per_iteration: int = Field(16, gt=0)
+    num_iterations: int = Field(20, gt=0)
+    ppo_epochs: int = Field(1, gt=0)
+    micro_batch_size: int = Field(16, gt=0)
+    kl_coef: float = Field(0.01, ge=0)
+    """beta: per-token k1 penalty in the reward (plain) or k3 in the loss (baseline); 0 frees the reference."""
+    cliprange: float = Field(0.2, gt=0)
+    save_every: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "ReinforcePPSection":
+        if self.baseline and self.num_generations < 2:
+            raise ValueError("reinforce_pp.baseline needs reinforce_pp.num_generations >= 2 (the group mean is the "
+                             "baseline)")
+        return self
+
+
+class ReinforcePPConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/reinforce_pp", lr=1e-5, scheduler="constant")
+    generation: GenerationSection = GenerationSection()
+    reward: RewardSection = RewardSection()
+    reinforce_pp: ReinforcePPSection = ReinforcePPSection()
 
 
 class BoNSection(Section):

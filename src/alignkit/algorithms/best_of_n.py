@@ -11,9 +11,9 @@ Outputs in ``output_dir``:
 - ``summary.json``: mean best score vs. mean sample score (= best-of-1), the analytic KL, and the
   gold comparison + over-optimisation curve when ``bon.gold`` is set.
 
-Generation runs in chunks of ``generation.batch_size`` prompts; chunk k is sampled after
-``torch.manual_seed(seed + k)``, so ``--resume`` skips the chunks already written and the result
-equals an uninterrupted run.
+Generation runs in chunks of ``generation.batch_size`` prompts through ``online.sample_and_score`` (the engine of
+``generation.backend``); prompt i's samples are seeded by ``(seed, i)`` alone, so ``--resume`` skips the chunks
+already written and the result equals an uninterrupted run, whatever the chunk size.
 """
 
 from __future__ import annotations
@@ -27,22 +27,16 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from alignkit.config import BoNConfig
+from alignkit.config import BoNConfig, RewardSection
 from alignkit.eval.bon import best_indices, bon_curve, bon_kl
 from alignkit.models.loading import load_policy, load_tokenizer
+from alignkit.online.rollout import sample_and_score
+from alignkit.ops.seeds import derive_seed
 from alignkit.rewards.combine import apply_missing_eos_penalty, build_reward
-from alignkit.rollout.engine import GenerationBackend, HFGenerateBackend, Rollout, SamplingParams, generate_rollouts
-from alignkit.rollout.prompts import load_prompts, prompt_batch
-from alignkit.train.run import log, prepare_run_dir, write_summary
-
-
-def score_rollout(reward_fn: Callable, rollout: Rollout, missing_eos_penalty: float | None = None,
-                  missing_eos_mode: str = "subtract") -> Tensor:
-    """[B] scores of a rollout's responses; a CombinedReward's ``(total, parts)`` is reduced to ``total``."""
-    out = reward_fn(rollout.prompt_texts, rollout.response_texts, rollout.extras)
-    scores = out[0] if isinstance(out, tuple) else out  # [B]
-    scores = torch.as_tensor(scores, dtype=torch.float32).cpu()
-    return apply_missing_eos_penalty(scores, rollout.has_eos.cpu(), missing_eos_penalty, missing_eos_mode)
+from alignkit.rollout.backends import make_backend
+from alignkit.rollout.engine import GenerationBackend, SamplingParams
+from alignkit.rollout.prompts import load_prompts
+from alignkit.train.run import log, make_accelerator, prepare_run_dir, write_summary
 
 
 def best_of_n(
@@ -57,13 +51,14 @@ def best_of_n(
     missing_eos_penalty: float | None = None,
     missing_eos_mode: str = "subtract",
     backend: GenerationBackend | None = None,
+    prompt_seeds: list[int] | None = None,
 ) -> dict:
     """Best-of-n for ``prompts`` (dicts from :func:`alignkit.rollout.prompts.load_prompts`).
 
     Generates in chunks of ``batch_size`` prompts (``batch_size x n`` rows per ``generate()`` call).
-    ``reward_fn``/``gold_fn``: ``(prompts, completions, extras) -> [B]`` or a CombinedReward.
-    Returns ``{"picks": [per prompt: {"prompt", "completion", "score", "all_scores", "all_completions",
-    "index", (+ "gold", "all_gold")}], "scores": [P, n], "gold_scores": [P, n] | None}``.
+    ``reward_fn``/``gold_fn``: a ``CombinedReward`` (``build_reward``). ``prompt_seeds`` [P]: per-prompt sampling
+    seeds (None: torch's global generator). Returns ``{"picks": [per prompt: {"prompt", "completion", "score",
+    "all_scores", "all_completions", "index", (+ "gold", "all_gold")}], "scores": [P, n], "gold_scores": [P, n] | None}``.
     """
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
@@ -71,32 +66,27 @@ def best_of_n(
         raise ValueError("best_of_n got no prompts")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    backend = backend or HFGenerateBackend(model, tokenizer)
+    backend = backend or make_backend_for(model, tokenizer)
     device = next(model.parameters()).device
+    penalty = RewardSection(missing_eos_penalty=missing_eos_penalty, missing_eos_mode=missing_eos_mode)
     picks, all_scores, all_gold = [], [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        batch = prompt_batch(chunk, tokenizer.pad_token_id)
-        rollout = generate_rollouts(
-            backend, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), params,
-            num_samples=n, prompt_texts=batch["prompt_texts"], extras=batch["extras"], batch_size=len(chunk) * n,
-        )
-        scores = score_rollout(reward_fn, rollout, missing_eos_penalty, missing_eos_mode).view(len(chunk), n)  # [p, n]
+        seeds = None if prompt_seeds is None else prompt_seeds[start : start + batch_size]
+        scored = sample_and_score(backend, tokenizer, chunk, seeds, n, params, reward_fn, penalty, device)
+        rollout = scored.rollout
+        scores = scored.rewards.view(len(chunk), n)  # [p, n]
         gold = None
         if gold_fn is not None:
-            gold = score_rollout(gold_fn, rollout, missing_eos_penalty, missing_eos_mode).view(len(chunk), n)  # [p, n]
+            gold_total, _ = gold_fn(rollout.prompt_texts, rollout.response_texts, rollout.extras)
+            gold = apply_missing_eos_penalty(gold_total, rollout.has_eos.cpu(), missing_eos_penalty,
+                                             missing_eos_mode).view(len(chunk), n)  # [p, n]
         best = best_indices(scores)  # [p]
         for i, p in enumerate(chunk):
             j = int(best[i])
             texts = rollout.response_texts[i * n : (i + 1) * n]
-            pick = {
-                "prompt": p["prompt_text"],
-                "completion": texts[j],
-                "score": float(scores[i, j]),
-                "all_scores": scores[i].tolist(),
-                "all_completions": texts,
-                "index": j,
-            }
+            pick = {"prompt": p["prompt_text"], "completion": texts[j], "score": float(scores[i, j]),
+                    "all_scores": scores[i].tolist(), "all_completions": texts, "index": j}
             if gold is not None:
                 pick["gold"] = float(gold[i, j])
                 pick["all_gold"] = gold[i].tolist()
@@ -109,6 +99,12 @@ def best_of_n(
         "scores": torch.cat(all_scores, 0),  # [P, n]
         "gold_scores": torch.cat(all_gold, 0) if all_gold else None,  # [P, n]
     }
+
+
+def make_backend_for(model, tokenizer, gen=None):
+    from alignkit.config import GenerationSection
+
+    return make_backend(gen or GenerationSection(), model, tokenizer)
 
 
 def summarize(scores: Tensor, gold: Tensor | None, n: int, seed: int) -> dict:
@@ -159,8 +155,9 @@ def run(cfg: BoNConfig, resume: bool = False) -> dict:
     run_dir = prepare_run_dir(cfg, cfg.output_dir, resume, "bon")
     tokenizer = load_tokenizer(cfg.model.name_or_path, padding_side="left")
     prompts = load_prompts(cfg.data, tokenizer, cfg.generation.max_new_tokens, "train", log)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = make_accelerator().device
     model = load_policy(cfg.model, tokenizer, trainable=False).to(device)
+    backend = make_backend(cfg.generation, model, tokenizer)
     reward_models: dict = {}
     reward_fn = build_reward(cfg.reward, tokenizer, reward_models)
     gold_fn = build_reward(cfg.bon.gold, tokenizer, reward_models) if cfg.bon.gold is not None else None
@@ -176,10 +173,11 @@ def run(cfg: BoNConfig, resume: bool = False) -> dict:
         log(f"bon: resuming after {len(records)} of {len(prompts)} prompts already in {out_path}")
     t0 = time.time()
     for k in range(len(records) // chunk, (len(prompts) + chunk - 1) // chunk):
-        torch.manual_seed(cfg.seed + k)  # chunk k's samples do not depend on what ran before
+        idx = range(k * chunk, min((k + 1) * chunk, len(prompts)))
         result = best_of_n(
-            model, tokenizer, prompts[k * chunk : (k + 1) * chunk], n, params, reward_fn, gold_fn, batch_size=chunk,
+            model, tokenizer, [prompts[i] for i in idx], n, params, reward_fn, gold_fn, batch_size=chunk,
             missing_eos_penalty=cfg.reward.missing_eos_penalty, missing_eos_mode=cfg.reward.missing_eos_mode,
+            backend=backend, prompt_seeds=[derive_seed(cfg.seed, i) for i in idx],
         )
         lines = []
         for pick in result["picks"]:

@@ -34,12 +34,12 @@ objective/scores (mean shaped reward the advantages use), objective/kl (mean ove
 sum_t log pi_old - log pref, comparable with PPO/RLOO), objective/kl_k3 (token mean of the k3 term
 in the loss), objective/entropy, advantages/std, policy/clipfrac, policy/approxkl, policy/ratio,
 loss/policy, grad_norm, response_length, no_eos_frac, frac_equal_groups, dapo/* (dynamic sampling),
-lr, time/generation, time/scoring, time/training; eval/* at step 0 and at the end (greedy).
+lr, time/generation, time/training; eval/* at step 0 and at the end (greedy).
+Everything else (sampling, scoring, reference, optimizer, checkpoints, processes) is ``online.OnlineRun``.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -48,18 +48,11 @@ from torch import Tensor
 
 from alignkit.config import ConfigError, GRPOConfig, GRPOSection
 from alignkit.losses import dapo_overlong_penalty, grpo_token_loss, ppo_policy_loss
+from alignkit.online.rollout import ScoredRollout, equal_reward_groups
+from alignkit.online.run import OnlineRun
+from alignkit.online.update import TokenLossFn, masked_token_mean, sequence_kl, update_policy
 from alignkit.ops.advantages import group_advantages
 from alignkit.ops.kl import kl_k3
-from alignkit.train.policy_update import (
-    PolicyRun,
-    ScoredRollout,
-    TokenLossFn,
-    equal_reward_groups,
-    masked_token_mean,
-    response_stats,
-    sequence_kl,
-    update_policy,
-)
 from alignkit.train.run import log
 
 
@@ -126,23 +119,24 @@ def group_rows(groups: list[int], group_size: int) -> list[int]:
 
 
 def collect_groups(
-    sample: Callable[[list[dict]], ScoredRollout],
-    sampler,
+    sample: Callable[[int], ScoredRollout],
     num_prompts: int,
     group_size: int,
     drop_equal_groups: bool,
     max_refill_rounds: int,
     pad_token_id: int,
+    refill_size: Callable[[int], int] = lambda missing: missing,
 ) -> tuple[ScoredRollout | None, ScoredRollout, dict[str, float]]:
-    """Sample ``num_prompts`` groups; with ``drop_equal_groups`` apply DAPO dynamic sampling
-    (Yu et al. 2025, Algorithm 1): keep only groups whose rewards are not all equal, and sample
-    as many new prompts as are missing, for at most ``max_refill_rounds`` extra rounds.
+    """``sample(k)`` draws k groups; with ``drop_equal_groups`` apply DAPO dynamic sampling (Yu et al. 2025,
+    Algorithm 1): keep only groups whose rewards are not all equal, and sample as many new prompts as are
+    missing, for at most ``max_refill_rounds`` extra rounds. ``refill_size(missing)``: how many to draw (under
+    several processes every process must draw the same number: the largest need).
 
     Returns (batch to train on, or None if no group survived; every sampled row, for statistics;
     counters ``dapo/dropped_groups``, ``dapo/refilled_groups``, ``dapo/refill_rounds``,
     ``dapo/kept_groups``, ``dapo/missing_groups``; empty without dynamic sampling).
     """
-    batch = sample(sampler.next(num_prompts))
+    batch = sample(num_prompts)
     if not drop_equal_groups:
         return batch, batch, {}
     sampled, kept = [batch], []
@@ -155,10 +149,11 @@ def collect_groups(
         if keep:
             kept.append(batch.select(group_rows(keep, group_size)))
         n_kept += len(keep)
-        if n_kept >= num_prompts or rounds >= max_refill_rounds:
+        need = refill_size(num_prompts - n_kept)
+        if need == 0 or rounds >= max_refill_rounds:
             break
         rounds += 1
-        batch = sample(sampler.next(num_prompts - n_kept))
+        batch = sample(need)
         sampled.append(batch)
     stats = {
         "dapo/dropped_groups": dropped,
@@ -177,47 +172,38 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
     check_config(cfg)
     variant = resolve_variant(g)
     G = g.num_generations
-    run = PolicyRun.start(
-        cfg, f"grpo (loss_type={g.loss_type})", resume, total_steps=g.num_iterations * g.ppo_epochs,
-        needs_reference=g.beta > 0,
-    )
+    run = OnlineRun.start(cfg, f"grpo ({g.loss_type})", resume, total_steps=g.num_iterations * g.ppo_epochs,
+                          reference=g.beta > 0)
     log(f"grpo: {variant}, beta {g.beta}, G {G}, {g.prompts_per_iteration} prompts/iteration")
     token_loss = make_token_loss(g.beta, variant.eps_low, variant.eps_high)
-    pad = run.tokenizer.pad_token_id
-    save_every = g.save_every or cfg.train.save_every
+    P = run.num_processes
+    local_prompts = run.per_process(g.prompts_per_iteration, "grpo.prompts_per_iteration")
 
-    def sample(prompts: list[dict]) -> ScoredRollout:
-        return add_overlong_penalty(run.sample(prompts, G), cfg.generation.max_new_tokens, g.overlong_cache)
+    def sample(k: int) -> ScoredRollout:  # k prompts of this process; the global draw is k * P
+        scored = run.sample(*run.next_prompts(k * P), num_samples=G)
+        return add_overlong_penalty(scored, cfg.generation.max_new_tokens, g.overlong_cache)
 
     run.evaluate_before()
     metrics: dict[str, float] = {}
-    for iteration in range(run.iteration + 1, g.num_iterations + 1):
-        run.reset_timings()
-        lr = run.scheduler.get_last_lr()[0]
-        batch, sampled, dynamic = collect_groups(
-            sample, run.sampler, g.prompts_per_iteration, G, g.drop_equal_groups, g.max_refill_rounds, pad
-        )
-        metrics = {**response_stats(sampled), **dynamic, "lr": lr}
+    for iteration in run.iterations(g.num_iterations):
+        lr = run.lr
+        batch, sampled, dynamic = collect_groups(sample, local_prompts, G, g.drop_equal_groups,
+                                                 g.max_refill_rounds, run.tokenizer.pad_token_id, run.all_max)
+        metrics = {**sampled.stats(), **dynamic, "lr": lr}
         metrics["frac_equal_groups"] = float(equal_reward_groups(sampled.rewards, G).float().mean())
-        if g.drop_equal_groups and dynamic["dapo/missing_groups"] > 0:
-            log(f"grpo iteration {iteration}: dynamic sampling kept {dynamic['dapo/kept_groups']} of "
-                f"{g.prompts_per_iteration} groups after {dynamic['dapo/refill_rounds']} refill rounds; "
-                + ("training on those" if batch is not None else "no group left: this iteration makes no update"))
-        if batch is not None:
-            t0 = time.perf_counter()
+        if batch is None:
+            log(f"grpo iteration {iteration}: dynamic sampling kept no group: this iteration makes no update")
+        else:
             rollout = batch.rollout
             mask = rollout.response_mask  # [B, R]
-            old_logprobs, entropy, ref_logprobs = run.logprobs(rollout, g.micro_batch_size)  # [B, R] each
+            old_logprobs, entropy = run.policy_logprobs(rollout, g.micro_batch_size)  # [B, R] each
+            ref_logprobs = run.ref_logprobs(rollout, g.micro_batch_size)  # [B, R] or None
             advantages = group_advantages(batch.rewards, G, scale_by_std=variant.scale_by_std)  # [B]
-            stats = update_policy(
-                run.model, run.optimizer, run.scheduler, rollout, old_logprobs, ref_logprobs,
-                advantages.to(run.device), token_loss, variant.aggregation,
-                temperature=cfg.generation.temperature, micro_batch_size=g.micro_batch_size,
-                max_grad_norm=cfg.train.max_grad_norm, num_epochs=g.ppo_epochs,
-                max_len=cfg.generation.max_new_tokens, accelerator=run.accelerator,
-            )
-            run.timings["training"] = time.perf_counter() - t0
-            metrics.update(stats)
+            metrics.update(update_policy(
+                run, rollout, old_logprobs, ref_logprobs, advantages.to(run.device), token_loss,
+                variant.aggregation, micro_batch_size=g.micro_batch_size, num_epochs=g.ppo_epochs,
+                max_len=cfg.generation.max_new_tokens,
+            ))
             metrics["objective/scores"] = float(batch.rewards.mean())
             metrics["objective/entropy"] = masked_token_mean(entropy, mask)
             if ref_logprobs is not None:
@@ -225,7 +211,5 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
                 metrics["objective/kl_k3"] = masked_token_mean(kl_k3(old_logprobs, ref_logprobs), mask)
             metrics["advantages/std"] = float(advantages.std()) if advantages.numel() > 1 else 0.0
             metrics["advantages/abs_mean"] = float(advantages.abs().mean())
-        run.end_iteration(iteration, metrics, save_every)
-        log(f"grpo iteration {iteration}/{g.num_iterations}: scores {metrics['scores']:.4f}, "
-            f"frac_equal_groups {metrics['frac_equal_groups']:.2f}, response_length {metrics['response_length']:.1f}")
-    return run.finish("grpo", metrics, {"loss_type": g.loss_type, "variant": variant._asdict()})
+        run.end_iteration(iteration, metrics, g.save_every)
+    return run.finish({"loss_type": g.loss_type, "variant": variant._asdict(), "final_metrics": metrics})

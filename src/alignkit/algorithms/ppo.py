@@ -1,247 +1,156 @@
 """PPO against a reward model with a KL penalty to the reference policy (InstructGPT step 3).
 
 Ziegler et al. (2019); Stiennon et al. (2020); Ouyang et al. (2022); Huang et al. (2024), "The N+
-implementation details of RLHF with PPO". Four models: the policy pi (trainable, LoRA optional),
-the frozen reference pi_ref (adapter-disabled policy under LoRA, else a frozen copy), the frozen
-reward model r_phi, and the value model V (a trainable copy of the reward model, or ``ppo.value_model``).
-
-A reward model with the policy's tokenizer scores the rollout's token ids. One with another tokenizer
-(e.g. a MiniLM encoder) scores text in the format ``alignkit rm`` trained it on: the prompt messages
-rendered with ITS tokenizer (``render_prompt``: its chat template, else the plain contents) + the
-decoded response + its EOS; the value model then needs a backbone of its own (``ppo.value_model``).
+implementation details of RLHF with PPO". Four models: the policy pi (trainable, LoRA optional), the frozen
+reference pi_ref (``OnlineRun``'s ``Reference``), the frozen reward model r_phi (``ppo.reward_model``, scored
+like any ``reward.components`` entry of type ``model``: a reward model with another tokenizer re-renders the
+prompt in its own format, as ``alignkit rm`` trained it), and the value model V (a trainable copy of the
+reward model, or ``ppo.value_model``).
 
 One iteration:
-  1. rollout: sample ``rollout_batch_size`` prompts, generate one response each (``generation.*``);
-  2. experience (no grad): log pi and log pi_ref of the response tokens (logits / temperature),
-     values, score s = r_phi(x, y) at the last real token (- missing-EOS penalty, + extra components),
-     per-token reward r_t = -beta (log pi_t - log pi_ref_t) + s·[t = last], GAE advantages/returns;
+  1. rollout: ``rollout_batch_size`` prompts, one response each (``generation.*``);
+  2. experience (no grad): log pi and log pi_ref of the response tokens (logits / temperature), values,
+     score s = r_phi(x, y) (+ extra components, - missing-EOS penalty), per-token reward
+     r_t = -beta (log pi_t - log pi_ref_t) + s·[t = last] (``ops.kl_penalized_rewards``), GAE
+     advantages/returns, advantages whitened over the whole batch (every process's tokens);
   3. ``ppo_epochs`` epochs, each a fresh permutation split into ``num_minibatches`` minibatches of
-     ``micro_batch_size`` micro-batches (grad accumulation): loss = pg_loss + vf_coef * vf_loss.
+     ``micro_batch_size`` micro-batches (grad accumulation): loss = pg_loss + vf_coef * vf_loss,
+     token means over the minibatch (over every process's share of it).
+
+Under several processes each process holds ``rollout_batch_size / N`` rows and permutes its own rows, so with
+``num_minibatches = 1`` training equals one process exactly; with more minibatches their split differs (same
+distribution, not the same sequence).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
-from transformers import get_scheduler
+from torch import Tensor
 
-from alignkit.config import ModelConfig, PPOConfig, PPOSection, RLDataConfig
-from alignkit.data.formats import load_examples
-from alignkit.data.tokenize import render_prompt
+from alignkit.config import ModelConfig, PPOConfig, RewardComponent, RewardSection
 from alignkit.losses.ppo import ppo_policy_loss, ppo_value_loss
-from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_tokenizer, reference_context, save_model
+from alignkit.models.loading import load_tokenizer
 from alignkit.models.value import ValueModel, response_values
-from alignkit.ops.advantages import compute_gae
-from alignkit.ops.kl import AdaptiveKLController, FixedKLController, kl_k1
+from alignkit.online.run import OnlineRun, save_module_dir
+from alignkit.online.update import masked_token_mean
+from alignkit.ops.advantages import compute_gae, kl_penalized_rewards
+from alignkit.ops.kl import AdaptiveKLController, FixedKLController
+from alignkit.ops.seeds import derive_seed
 from alignkit.ops.stats import masked_mean, masked_sum, masked_whiten
-from alignkit.rewards.combine import apply_missing_eos_penalty, build_reward
-from alignkit.rewards.reward_model import RewardModelScorer, load_reward_model_scorer
-from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, response_logprobs
-from alignkit.rollout.prompts import PromptSampler, load_prompts, prompt_batch
-from alignkit.train.checkpoint import atomic_save_dir, latest_checkpoint, load_checkpoint, save_checkpoint
-from alignkit.train.logging import MetricsLogger
-from alignkit.train.run import autocast_dtype, autocast_for, log, prepare_run_dir, set_seed, write_summary
+from alignkit.rollout.engine import Rollout, response_logprobs
 
 
-# ---------------------------------------------------------------- rewards with KL
-def last_response_index(response_mask: Tensor) -> Tensor:
-    """[B, R] -> [B]: column of the last response token (the EOS, or the last token when there is no EOS)."""
-    cols = torch.arange(response_mask.shape[1], device=response_mask.device)  # [R]
-    return (cols * (response_mask != 0).long()).argmax(dim=1)
+# ---------------------------------------------------------------- set-up
+def check_config(cfg: PPOConfig) -> None:
+    ppo = cfg.ppo
+    if not ppo.reward_model and not cfg.reward.components:
+        raise ValueError("ppo.reward_model is not set: give the directory of a reward model trained with `alignkit rm` "
+                         "(e.g. ppo.reward_model=runs/rm/model), or reward.components, whose combined reward is then "
+                         "the score")
+    if not ppo.reward_model and not ppo.value_model:
+        raise ValueError("ppo.value_model is not set: without ppo.reward_model the value model needs a backbone, e.g. "
+                         f"ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
+    if ppo.rollout_batch_size % ppo.num_minibatches != 0:
+        raise ValueError(f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by "
+                         f"ppo.num_minibatches ({ppo.num_minibatches})")
 
 
-def per_token_rewards(
-    logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, response_mask: Tensor, kl_coef: float
-) -> tuple[Tensor, Tensor]:
-    """Ziegler et al. (2019) eq. 2 spread over tokens (Stiennon et al. 2020; N+ details):
-
-        kl_t = log pi(y_t) - log pi_ref(y_t)                (k1)
-        r_t  = -beta * kl_t + s * [t = last response token]
-
-    logprobs, ref_logprobs, response_mask: [B, R]; scores: [B]. Returns (rewards, kl), both [B, R]
-    and zero outside the response. With pi == pi_ref every r_t is 0 except the score.
-    """
-    mask = response_mask.to(logprobs.dtype)
-    kl = kl_k1(logprobs, ref_logprobs) * mask  # [B, R]
-    non_score_reward = -kl_coef * kl  # [B, R]
-    rows = torch.arange(logprobs.shape[0], device=logprobs.device)
-    rewards = non_score_reward.clone()
-    rewards[rows, last_response_index(response_mask)] += scores.to(rewards.dtype)
-    return rewards, kl
+def reward_section(cfg: PPOConfig) -> RewardSection:
+    """The score: the reward model (``ppo.reward_model``) + ``reward.components``, one combined reward; the
+    missing-EOS penalty of ``reward`` if set, else ``ppo.missing_eos_penalty``."""
+    ppo, r = cfg.ppo, cfg.reward
+    model = [RewardComponent(type="model", path=ppo.reward_model, name="reward_model")] if ppo.reward_model else []
+    penalty = r.missing_eos_penalty if r.missing_eos_penalty is not None else ppo.missing_eos_penalty
+    return r.model_copy(update={"components": model + list(r.components), "missing_eos_penalty": penalty})
 
 
-def whitened_advantages(
-    rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float, whiten_rewards: bool
-) -> tuple[Tensor, Tensor]:
-    """GAE (Schulman et al. 2016 eq. 16): returns = A + V computed BEFORE whitening; then
-    A <- (A - mean A) / std A over response tokens. Optional reward whitening scales r_t (no shift)."""
-    mask = response_mask.to(rewards.dtype)
-    if whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
-    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)  # [B, R] each
-    advantages = masked_whiten(advantages, mask) * mask
-    return advantages, returns
+def _describe(tok) -> str:
+    return f"{tok.name_or_path} ({type(tok).__name__}, {len(tok)} tokens)"
 
 
-def build_kl_controller(ppo: PPOSection) -> AdaptiveKLController | FixedKLController:
+def build_value_model(cfg: PPOConfig, tokenizer, reward_models: dict) -> ValueModel:
+    """N+ details: a trainable copy of the reward model (which must then share the policy's vocabulary: the value
+    model reads the policy's token ids); else ``ppo.value_model`` (or the reward model's checkpoint when only
+    ``ppo.value_layers`` is set) loaded as a one-label classifier, cut to ``ppo.value_layers`` layers."""
+    ppo = cfg.ppo
+    source = ppo.value_model or ppo.reward_model
+    value_tokenizer = reward_models[ppo.reward_model].tokenizer if not ppo.value_model else load_tokenizer(source)
+    if value_tokenizer.get_vocab() != tokenizer.get_vocab():
+        key = "ppo.value_model" if ppo.value_model else "ppo.reward_model"
+        raise ValueError(
+            f"{key} {source!r} has a different tokenizer ({_describe(value_tokenizer)}) than the policy "
+            f"({_describe(tokenizer)}). The value model reads the policy's token ids, so its backbone must share the "
+            f"policy's vocabulary: give one, e.g. ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
+    if not ppo.value_model and ppo.value_layers is None:
+        return ValueModel.from_reward_model(reward_models[ppo.reward_model].model)
+    value_cfg = ModelConfig(name_or_path=source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
+                            num_hidden_layers=ppo.value_layers)
+    return ValueModel.from_pretrained(value_cfg, tokenizer)
+
+
+def build_kl_controller(ppo) -> AdaptiveKLController | FixedKLController:
     """Fixed beta, or Ziegler's adaptive beta (``ppo.adaptive_kl``) aiming at ``ppo.kl_target``."""
     if ppo.adaptive_kl:
         return AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
     return FixedKLController(ppo.kl_coef)
 
 
-def build_reference(policy: nn.Module) -> tuple[nn.Module, object]:
-    """(model, context factory) for reference log-probs: the policy with adapters disabled under
-    LoRA (no second copy), else a frozen deep copy of the initial policy."""
-    if is_peft(policy):
-        return policy, lambda: reference_context(policy)
-    return copy_frozen(policy), contextlib.nullcontext
-
-
-# ---------------------------------------------------------------- models and batches
-class PolicyAndValue(nn.Module):
-    """The two trainable models under one module, so one checkpoint holds both. Under LoRA it carries
-    the policy's ``peft_config``: the checkpoint then stores only trainable tensors (adapters + value model)."""
-
-    def __init__(self, policy: nn.Module, value_model: ValueModel) -> None:
-        super().__init__()
-        self.policy, self.value_model = policy, value_model
-        if is_peft(policy):
-            self.peft_config = policy.peft_config
-
-
-def values_of(value_model: ValueModel, rollout: Rollout, micro_batch_size: int | None = None) -> Tensor:
+def values_of(value_model, rollout: Rollout, micro_batch_size: int | None = None) -> Tensor:
     return response_values(value_model, rollout.input_ids, rollout.attention_mask, rollout.prompt_length,
                            rollout.response_mask, micro_batch_size)  # [B, R]
 
 
-# ---------------------------------------------------------------- a reward model with another tokenizer
-def reward_prompt_texts(rl: RLDataConfig, tokenizer, rm_tokenizer) -> dict[str, str]:
-    """The policy's prompt text -> the reward model's rendering of the same messages, for every train/eval record.
-
-    ``alignkit rm`` trained r_phi on ``render_prompt(rm_tokenizer, messages) + completion + EOS``; for an encoder
-    without a chat template that is ``"<user text>\n\n"``, not the policy's chat markup.
-    """
-    texts: dict[str, str] = {}
-    for spec, split, limit in ((rl.train, "train", rl.limit), (rl.eval, "test", rl.eval_limit)):
-        if spec:
-            records, _ = load_examples(spec, "prompt", on_error=rl.on_error, split=split, limit=limit)
-            for ex in records:
-                key = render_prompt(tokenizer, ex["prompt"], rl.system_prompt)
-                texts[key] = render_prompt(rm_tokenizer, ex["prompt"], rl.system_prompt)
-    return texts
-
-
-class TextRewardModel:
-    """r_phi(x, y) for a reward model whose tokenizer differs from the policy's: the reward model's rendering
-    of the prompt + the decoded response + its EOS (``RewardModelScorer.__call__``), read at its last token."""
-
-    def __init__(self, scorer: RewardModelScorer, prompt_texts: dict[str, str]) -> None:
-        self.scorer, self.prompt_texts = scorer, prompt_texts
-
-    def __call__(self, rollout: Rollout) -> Tensor:
-        missing = [t for t in rollout.prompt_texts if t not in self.prompt_texts]
-        if missing:
-            raise ValueError(f"no reward-model rendering of prompt {missing[0]!r} (not in data.train/data.eval)")
-        return self.scorer([self.prompt_texts[t] for t in rollout.prompt_texts], rollout.response_texts)  # [B]
-
-
-def reward_model_scores(reward_model: RewardModelScorer | TextRewardModel, rollout: Rollout) -> Tensor:
-    """[B] r_phi(x, y): on the rollout's own ids (shared tokenizer) or through text (:class:`TextRewardModel`)."""
-    if isinstance(reward_model, TextRewardModel):
-        return reward_model(rollout)
-    return reward_model.score_ids(rollout.input_ids, rollout.attention_mask)
-
-
 # ---------------------------------------------------------------- experience
-def score_rollout(scorer, extra_reward, rollout: Rollout, penalty: float | None, mode: str = "subtract"):
-    """s = r_phi(prompt + response) at the last real token (+ Σ_k w_k r_k), minus the missing-EOS penalty.
-
-    ``scorer``: a RewardModelScorer (shared tokenizer), a TextRewardModel, or None (components only).
-    Returns (scores [B] after the penalty, raw scores [B] before it, {"rewards/<name>": [B]}).
-    """
-    device = rollout.prompt_ids.device
-    raw, parts = torch.zeros(len(rollout), device=device), {}
-    if scorer is not None:
-        raw = reward_model_scores(scorer, rollout).to(device)  # [B]
-        parts["rewards/reward_model"] = raw
-    if extra_reward is not None:
-        total, extra_parts = extra_reward(rollout.prompt_texts, rollout.response_texts, rollout.extras)
-        raw = raw + total.to(device)
-        parts.update({k: v.to(device) for k, v in extra_parts.items()})
-    return apply_missing_eos_penalty(raw, rollout.has_eos, penalty, mode), raw, parts
+def whitened_advantages(rewards: Tensor, values: Tensor, response_mask: Tensor, gamma: float, lam: float,
+                        whiten_rewards: bool, all_reduce=None) -> tuple[Tensor, Tensor]:
+    """GAE (Schulman et al. 2016 eq. 16): returns = A + V computed BEFORE whitening; then
+    A <- (A - mean A) / std A over response tokens. Optional reward whitening scales r_t (no shift)."""
+    mask = response_mask.to(rewards.dtype)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce) * mask
+    advantages, returns = compute_gae(rewards, values, mask, gamma, lam)  # [B, R] each
+    return masked_whiten(advantages, mask, all_reduce=all_reduce) * mask, returns
 
 
-@dataclass
 class Experience:
-    rollout: Rollout
-    logprobs: Tensor  # [B, R] log pi_old(y_t), temperature-scaled
-    ref_logprobs: Tensor  # [B, R]
-    entropy: Tensor  # [B, R]
-    values: Tensor  # [B, R] V_old(s_t)
-    scores: Tensor  # [B] after the missing-EOS penalty
-    raw_scores: Tensor  # [B] before it
-    reward_parts: dict[str, Tensor]
-    kl: Tensor  # [B, R] k1 per token
-    rewards: Tensor  # [B, R]
-    advantages: Tensor  # [B, R] whitened
-    returns: Tensor  # [B, R]
-    kl_coef: float
+    """Everything PPO needs from a rollout, computed once with the pre-update models (all [B, R] unless noted)."""
 
-
-@torch.no_grad()
-def make_experience(policy, ref_model, ref_ctx, value_model, scorer, extra_reward, rollout: Rollout,
-                    ppo: PPOSection, kl_coef: float, temperature: float, penalty: float | None,
-                    penalty_mode: str = "subtract") -> Experience:
-    """Everything PPO needs from a rollout, computed once with the pre-update models."""
-    mbs = ppo.micro_batch_size
-    logprobs, entropy = response_logprobs(policy, rollout, temperature, return_entropy=True, micro_batch_size=mbs)
-    with ref_ctx():
-        ref_logprobs = response_logprobs(ref_model, rollout, temperature, micro_batch_size=mbs)  # [B, R]
-    values = values_of(value_model, rollout, mbs)  # [B, R]
-    scores, raw_scores, parts = score_rollout(scorer, extra_reward, rollout, penalty, penalty_mode)
-    rewards, kl = per_token_rewards(logprobs, ref_logprobs, scores, rollout.response_mask, kl_coef)
-    advantages, returns = whitened_advantages(rewards, values, rollout.response_mask, ppo.gamma, ppo.lam,
-                                              ppo.whiten_rewards)
-    return Experience(rollout, logprobs, ref_logprobs, entropy, values, scores, raw_scores, parts, kl, rewards,
-                      advantages, returns, kl_coef)
+    def __init__(self, run: OnlineRun, batch, kl_coef: float) -> None:
+        ppo, mbs = run.cfg.ppo, run.cfg.ppo.micro_batch_size
+        self.rollout, self.kl_coef = batch.rollout, kl_coef
+        self.logprobs, self.entropy = run.policy_logprobs(self.rollout, mbs)
+        self.ref_logprobs = run.ref_logprobs(self.rollout, mbs)
+        with torch.no_grad(), run.autocast():
+            self.values = values_of(run.value, self.rollout, mbs).float()
+        self.scores, self.raw_scores, self.parts = batch.rewards.to(run.device), batch.scores, batch.parts  # [B]
+        self.rewards, self.kl = kl_penalized_rewards(self.logprobs, self.ref_logprobs, self.scores,
+                                                     self.rollout.response_mask, kl_coef)
+        self.advantages, self.returns = whitened_advantages(self.rewards, self.values, self.rollout.response_mask,
+                                                            ppo.gamma, ppo.lam, ppo.whiten_rewards, run.all_sum)
 
 
 # ---------------------------------------------------------------- PPO update
-def _clip(params: list[nn.Parameter], max_norm: float | None) -> float:
-    """Total grad norm of ``params``, clipped to ``max_norm`` (train.max_grad_norm; None: no clipping)."""
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(grads, math.inf if max_norm is None else max_norm))
-
-
-def ppo_update(models: PolicyAndValue, optimizer, scheduler, exp: Experience, ppo: PPOSection, temperature: float,
-               max_grad_norm: float | None, amp=contextlib.nullcontext) -> list[dict[str, float]]:
+def ppo_update(run: OnlineRun, exp: Experience, iteration: int) -> list[dict[str, float]]:
     """ppo_epochs x num_minibatches optimizer steps on one batch of experience; stats per minibatch.
 
-    Micro-batch losses are token sums divided by the minibatch's token count, so accumulating them
-    equals the masked mean over the whole minibatch. ``amp()`` (mixed precision) is entered around each
-    micro-batch forward only: one autocast context spanning optimizer steps would keep serving its cached
-    low-precision copies of the OLD weights (torch.autocast's weight-cast cache) — stale forwards, ratio == 1.
+    Micro-batch losses are token sums divided by the minibatch's token count (over all processes), so
+    accumulating them equals the masked mean over the whole minibatch. Autocast is entered per micro-batch
+    forward only: one autocast context spanning optimizer steps would keep serving its cached low-precision
+    copies of the OLD weights (torch.autocast's weight-cast cache): stale forwards, ratio == 1.
     """
-    policy, value_model = models.policy, models.value_model
-    policy_params = [p for p in policy.parameters() if p.requires_grad]
-    value_params = [p for p in value_model.parameters() if p.requires_grad]
+    ppo, temperature = run.cfg.ppo, run.cfg.generation.temperature
+    groups = [[p for p in run.model.parameters() if p.requires_grad], list(run.value.parameters())]
     b = len(exp.rollout)
     minibatch_size = b // ppo.num_minibatches
     stats = []
-    for _ in range(ppo.ppo_epochs):
-        b_inds = torch.randperm(b)  # fresh permutation every epoch
+    for epoch in range(ppo.ppo_epochs):
+        g = torch.Generator().manual_seed(derive_seed(run.cfg.train.seed, iteration, epoch, run.accelerator.process_index))
+        b_inds = torch.randperm(b, generator=g)  # fresh permutation every epoch
         for mb_start in range(0, b, minibatch_size):
             mb_inds = b_inds[mb_start : mb_start + minibatch_size]
-            n_tokens = exp.rollout.response_mask[mb_inds].sum().clamp(min=1).float()
+            n_tokens = run.all_sum(exp.rollout.response_mask[mb_inds].sum().float()).clamp(min=1)
             acc = dict.fromkeys(("approxkl", "clipfrac", "vf_clipfrac", "vpred", "error", "pg_loss", "vf_loss",
                                  "ratio"), 0.0)
             ratio_min, ratio_max = math.inf, -math.inf
@@ -249,30 +158,25 @@ def ppo_update(models: PolicyAndValue, optimizer, scheduler, exp: Experience, pp
                 inds = mb_inds[micro_start : micro_start + ppo.micro_batch_size]
                 micro = exp.rollout.select(inds)  # same columns as the experience tensors
                 mask = micro.response_mask.float()  # [b, R]
-                with amp():
-                    new_logprobs = response_logprobs(policy, micro, temperature)  # [b, R]
-                    vpred = values_of(value_model, micro)  # [b, R]
+                with run.autocast():
+                    new_logprobs = response_logprobs(run.model, micro, temperature)  # [b, R]
+                    vpred = values_of(run.value, micro).float()  # [b, R]
                 pg = ppo_policy_loss(new_logprobs, exp.logprobs[inds], exp.advantages[inds], ppo.cliprange)
                 vf = ppo_value_loss(vpred, exp.values[inds], exp.returns[inds], ppo.cliprange_value)
                 pg_loss = masked_sum(pg.pg_losses, mask) / n_tokens
                 vf_loss = masked_sum(vf.vf_losses, mask) / n_tokens
-                loss = pg_loss + ppo.vf_coef * vf_loss
-                loss.backward()
+                run.backward((pg_loss + ppo.vf_coef * vf_loss) * run.num_processes)  # DDP averages over processes
                 with torch.no_grad():
                     for key, x in (("approxkl", pg.approxkl), ("clipfrac", pg.clipfrac), ("ratio", pg.ratio),
                                    ("vf_clipfrac", vf.vf_clipfrac), ("vpred", vpred),
                                    ("error", (vpred - exp.returns[inds]) ** 2)):
-                        acc[key] += float(masked_sum(x, mask) / n_tokens)
-                    acc["pg_loss"] += float(pg_loss)
-                    acc["vf_loss"] += float(vf_loss)
+                        acc[key] += float(masked_sum(x, mask) / n_tokens) * run.num_processes
+                    acc["pg_loss"] += float(pg_loss) * run.num_processes
+                    acc["vf_loss"] += float(vf_loss) * run.num_processes
                     real = pg.ratio[mask.bool()]
                     if real.numel():
                         ratio_min, ratio_max = min(ratio_min, float(real.min())), max(ratio_max, float(real.max()))
-            policy_grad_norm = _clip(policy_params, max_grad_norm)
-            value_grad_norm = _clip(value_params, max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            policy_grad_norm, value_grad_norm = run.step(groups)
             stats.append({
                 "policy/approxkl": acc["approxkl"], "policy/clipfrac": acc["clipfrac"], "policy/ratio": acc["ratio"],
                 "policy/ratio_min": ratio_min, "policy/ratio_max": ratio_max, "val/clipfrac": acc["vf_clipfrac"],
@@ -283,7 +187,7 @@ def ppo_update(models: PolicyAndValue, optimizer, scheduler, exp: Experience, pp
 
 
 def iteration_metrics(exp: Experience, mb_stats: list[dict[str, float]]) -> dict[str, float]:
-    """Rollout statistics + the minibatch statistics averaged over the iteration."""
+    """Rollout statistics + the minibatch statistics averaged over the iteration (per process)."""
     mask = exp.rollout.response_mask.float()
     kl_sum = exp.kl.sum(1)  # [B] sequence KL
     metrics = {
@@ -294,202 +198,45 @@ def iteration_metrics(exp: Experience, mb_stats: list[dict[str, float]]) -> dict
         "objective/rlhf_reward": float((exp.scores - exp.kl_coef * kl_sum).mean()),
         "scores": float(exp.raw_scores.mean()),  # reward model + components, before the missing-EOS penalty
         "returns": float(masked_mean(exp.returns, mask)),
-        "advantages": float(masked_mean(exp.advantages, mask)),
+        "advantages": masked_token_mean(exp.advantages, mask),
         "response_length": float(mask.sum(1).mean()),
         "no_eos_frac": float((~exp.rollout.has_eos).float().mean()),
         "kl_coef": exp.kl_coef,
     }
-    metrics.update({k: float(v.float().mean()) for k, v in exp.reward_parts.items()})
+    metrics.update({k: float(v.float().mean()) for k, v in exp.parts.items()})
     for key in mb_stats[0]:
         values = [s[key] for s in mb_stats]
-        if key == "policy/ratio_min":
-            metrics[key] = min(values)
-        elif key == "policy/ratio_max":
-            metrics[key] = max(values)
-        else:
-            metrics[key] = sum(values) / len(values)
+        metrics[key] = min(values) if key == "policy/ratio_min" else max(values) if key == "policy/ratio_max" \
+            else sum(values) / len(values)
     return metrics
-
-
-@torch.no_grad()
-def evaluate_policy(policy, ref_model, ref_ctx, scorer, extra_reward, tokenizer, prompts: list[dict],
-                    params: SamplingParams, batch_size: int, device, penalty, penalty_mode) -> dict[str, float]:
-    """Sample on held-out prompts: mean score and sampled KL(pi || pi_ref) = mean_y Σ_t (log pi - log pi_ref)."""
-    backend = HFGenerateBackend(policy, tokenizer)
-    totals = {"scores": 0.0, "kl": 0.0, "response_length": 0.0, "no_eos_frac": 0.0}
-    for start in range(0, len(prompts), batch_size):
-        batch = prompt_batch(prompts[start : start + batch_size], tokenizer.pad_token_id)
-        rollout = generate_rollouts(backend, tokenizer, batch["input_ids"].to(device),
-                                    batch["attention_mask"].to(device), params, 1, batch["prompt_texts"],
-                                    batch["extras"])
-        logprobs = response_logprobs(policy, rollout, params.temperature, micro_batch_size=batch_size)
-        with ref_ctx():
-            ref_logprobs = response_logprobs(ref_model, rollout, params.temperature, micro_batch_size=batch_size)
-        scores, _, _ = score_rollout(scorer, extra_reward, rollout, penalty, penalty_mode)
-        totals["scores"] += float(scores.sum())
-        totals["kl"] += float(kl_k1(logprobs, ref_logprobs).sum())
-        totals["response_length"] += float(rollout.response_lengths.sum())
-        totals["no_eos_frac"] += float((~rollout.has_eos).sum())
-    return {k: v / len(prompts) for k, v in totals.items()}
-
-
-def check_config(cfg: PPOConfig) -> None:
-    ppo = cfg.ppo
-    if not ppo.reward_model and not cfg.reward.components:
-        raise ValueError("ppo.reward_model is not set: give the directory of a reward model trained with `alignkit rm` "
-                         "(or reward.components, whose combined reward is then the score)")
-    if not ppo.reward_model and not ppo.value_model:
-        raise ValueError("ppo.value_model is not set: without ppo.reward_model the value model needs a backbone, e.g. "
-                         f"ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
-    if ppo.rollout_batch_size % ppo.num_minibatches != 0:
-        raise ValueError(f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by "
-                         f"ppo.num_minibatches ({ppo.num_minibatches})")
-
-
-def check_tokenizers(cfg: PPOConfig, tokenizer, rm_tokenizer) -> bool:
-    """Whether the reward model shares the policy's vocabulary (else it scores text). The value model reads
-    the policy's token ids: its backbone (``ppo.value_model``, default the reward model) must share it."""
-    ppo = cfg.ppo
-
-    def describe_tokenizer(tok) -> str:
-        return f"{tok.name_or_path} ({type(tok).__name__}, {len(tok)} tokens)"
-
-    shared = rm_tokenizer is not None and rm_tokenizer.get_vocab() == tokenizer.get_vocab()
-    if ppo.value_model:
-        value_tokenizer = load_tokenizer(ppo.value_model)
-        if value_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"ppo.value_model {ppo.value_model!r} has a different tokenizer "
-                             f"({describe_tokenizer(value_tokenizer)}) than the policy ({describe_tokenizer(tokenizer)}); "
-                             "the value model reads the policy's token ids, so they must share one vocabulary")
-    elif rm_tokenizer is not None and not shared:
-        raise ValueError(
-            f"ppo.reward_model {ppo.reward_model!r} has a different tokenizer ({describe_tokenizer(rm_tokenizer)}) than "
-            f"the policy ({describe_tokenizer(tokenizer)}). It can score the decoded text, but the value model reads "
-            "the policy's token ids and cannot start from it: give it a backbone with the policy's tokenizer, e.g. "
-            f"ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
-    return shared
-
-
-def build_value_model(cfg: PPOConfig, tokenizer, scorer: RewardModelScorer | None) -> ValueModel:
-    """N+ details: a trainable copy of the reward model; else ``ppo.value_model`` (or the reward model's checkpoint
-    when only ``ppo.value_layers`` is set) loaded as a one-label classifier, cut to ``ppo.value_layers`` layers."""
-    ppo = cfg.ppo
-    if not ppo.value_model and ppo.value_layers is None:
-        return ValueModel.from_reward_model(scorer.model)
-    value_cfg = ModelConfig(name_or_path=ppo.value_model or ppo.reward_model, dtype=cfg.model.dtype,
-                            trust_remote_code=cfg.model.trust_remote_code, num_hidden_layers=ppo.value_layers)
-    return ValueModel.from_pretrained(value_cfg, tokenizer)
 
 
 # ---------------------------------------------------------------- main loop
 def train(cfg: PPOConfig, resume: bool = False) -> dict:
-    ppo, gen = cfg.ppo, cfg.generation
+    ppo = cfg.ppo
     check_config(cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    shared_vocab = check_tokenizers(cfg, tokenizer, load_tokenizer(ppo.reward_model) if ppo.reward_model else None)
-    run_dir = prepare_run_dir(cfg, cfg.train.output_dir, resume, "ppo")
-    set_seed(cfg.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu")
-    penalty = cfg.reward.missing_eos_penalty if cfg.reward.missing_eos_penalty is not None else ppo.missing_eos_penalty
-    penalty_mode = cfg.reward.missing_eos_mode
-
-    # ---- data and the four models
-    prompts = load_prompts(cfg.data, tokenizer, gen.max_new_tokens, "train", log)
-    eval_prompts = load_prompts(cfg.data, tokenizer, gen.max_new_tokens, "eval", log)
-    policy = load_policy(cfg.model, tokenizer).to(device)
-    policy.train()  # dropout is off (load_policy); train mode only matters for gradient checkpointing
-    ref_model, ref_ctx = build_reference(policy)
-    scorer = load_reward_model_scorer(ppo.reward_model, batch_size=ppo.micro_batch_size) if ppo.reward_model else None
-    value_model = build_value_model(cfg, tokenizer, scorer).to(device)
-    reward_models = {ppo.reward_model: scorer} if scorer else {}
-    extra_reward = build_reward(cfg.reward, tokenizer, reward_models) if cfg.reward.components else None
-    if scorer is not None:
-        scorer.model.to(device)
-        if not shared_vocab:  # the reward model reads text in its own format
-            texts = reward_prompt_texts(cfg.data, tokenizer, scorer.tokenizer)
-            log(f"reward model with its own tokenizer: scoring text, e.g. {next(iter(texts.values()))!r} + response")
-            scorer = TextRewardModel(scorer, texts)
-    models = PolicyAndValue(policy, value_model)
-
-    # ---- one optimizer, two param groups (policy lr, value lr); one schedule over all updates
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.train.lr},
-         {"params": list(value_model.parameters()), "lr": ppo.value_lr or cfg.train.lr}],
-        betas=cfg.train.adam_betas, weight_decay=cfg.train.weight_decay,
+    run = OnlineRun.start(
+        cfg, "ppo", resume, total_steps=ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches, reference=True,
+        reward=reward_section(cfg), value_fn=lambda tok, rms: build_value_model(cfg, tok, rms), value_lr=ppo.value_lr,
     )
-    total_updates = ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches
-    scheduler = get_scheduler(cfg.train.scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                              num_training_steps=total_updates)  # as the offline loop (train/loop.py)
+    run.per_process(ppo.rollout_batch_size // ppo.num_minibatches, "ppo.rollout_batch_size / ppo.num_minibatches")
     kl_ctl = build_kl_controller(ppo)
-    sampler = PromptSampler(prompts, cfg.train.seed)
-    logger = MetricsLogger(run_dir)
-
-    start = 0
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            log(f"--resume: no checkpoint in {run_dir}; starting from iteration 0")
-        else:
-            state = load_checkpoint(ckpt, models, optimizer, scheduler)  # also restores the RNG states
-            start = int(state["loop_state"]["iteration"])
-            kl_ctl.load_state_dict(state["extra_state"]["kl_ctl"])
-            sampler.load_state_dict(state["extra_state"]["sampler"])
-            log(f"resumed from {ckpt} (iteration {start}, kl_coef {kl_ctl.value:.4g})")
-        logger.truncate_after(start)
-
-    def checkpoint(iteration: int) -> None:
-        save_checkpoint(run_dir, iteration, models, optimizer, scheduler, {"iteration": iteration},
-                        {"kl_ctl": kl_ctl.state_dict(), "sampler": sampler.state_dict()})
-
-    # train.mixed_precision: generation, experience and updates all run under the same autocast (bf16 matmuls on
-    # CPU/GPU); the loss itself is fp32 (log_softmax upcasts), so ratio == 1 on the first minibatch still holds
-    backend = HFGenerateBackend(policy, tokenizer, autocast_dtype(cfg.train))
-    params = SamplingParams.from_section(gen)
+    if "kl_ctl" in run.state:
+        kl_ctl.load_state_dict(run.state["kl_ctl"])
+    run.evaluate_before()
     metrics: dict[str, float] = {}
-    for iteration in tqdm(range(start + 1, ppo.num_iterations + 1), initial=start, total=ppo.num_iterations,
-                          desc="ppo"):
-        t0 = time.perf_counter()
-        batch = prompt_batch(sampler.next(ppo.rollout_batch_size), tokenizer.pad_token_id)
-        rollout = generate_rollouts(backend, tokenizer, batch["input_ids"].to(device),
-                                    batch["attention_mask"].to(device), params, 1, batch["prompt_texts"],
-                                    batch["extras"], batch_size=gen.batch_size)
-        t1 = time.perf_counter()
-        with autocast_for(cfg.train, device):
-            exp = make_experience(policy, ref_model, ref_ctx, value_model, scorer, extra_reward, rollout, ppo,
-                                  kl_ctl.value, gen.temperature, penalty, penalty_mode)
-        t2 = time.perf_counter()
-        mb_stats = ppo_update(models, optimizer, scheduler, exp, ppo, gen.temperature, cfg.train.max_grad_norm,
-                              amp=lambda: autocast_for(cfg.train, device))
-        t3 = time.perf_counter()
-        kl_ctl.update(float(exp.kl.sum(1).mean()), n_steps=ppo.rollout_batch_size)  # Ziegler: n = batch size
-        metrics = iteration_metrics(exp, mb_stats)
-        metrics.update({"lr": scheduler.get_last_lr()[0], "time/generation": t1 - t0, "time/scoring": t2 - t1,
-                        "time/training": t3 - t2})
-        logger.log(metrics, step=iteration)
-        if iteration == 1 or iteration % cfg.train.log_every == 0:
-            log(f"iter {iteration}: score {metrics['objective/scores']:.4f} kl {metrics['objective/kl']:.4f} "
-                f"approxkl {metrics['policy/approxkl']:.2e} vf_loss {metrics['loss/value']:.4f}")
-        if (ppo.save_every and iteration % ppo.save_every == 0) or iteration == ppo.num_iterations:
-            checkpoint(iteration)
+    for iteration in run.iterations(ppo.num_iterations):
+        lr = run.lr
+        batch = run.sample(*run.next_prompts(ppo.rollout_batch_size))
+        exp = Experience(run, batch, kl_ctl.value)
+        mb_stats = ppo_update(run, exp, iteration)
+        metrics = {**iteration_metrics(exp, mb_stats), "lr": lr}
+        kl_ctl.update(run.reduce_metrics({"kl": metrics["objective/kl"]})["kl"], n_steps=ppo.rollout_batch_size)
+        run.state["kl_ctl"] = kl_ctl.state_dict()  # Ziegler: n = batch size
+        run.end_iteration(iteration, metrics, ppo.save_every)
 
-    result: dict = {"iterations": ppo.num_iterations, "metrics": metrics, "kl_coef": kl_ctl.value}
-    if eval_prompts:
-        eval_bs = cfg.train.eval_batch_size or gen.batch_size
-        eval_metrics = evaluate_policy(policy, ref_model, ref_ctx, scorer, extra_reward, tokenizer, eval_prompts,
-                                       params, eval_bs, device, penalty, penalty_mode)
-        logger.log(eval_metrics, step=ppo.num_iterations, prefix="eval/")
-        result["eval"] = eval_metrics
-        log(f"eval: score {eval_metrics['scores']:.4f} kl {eval_metrics['kl']:.4f}")
-    logger.close()
-    if cfg.train.save_model:
-        result["model_dir"] = str(save_model(policy, tokenizer, run_dir / "model"))
+    def save_value(run_dir):
+        value = run.accelerator.unwrap_model(run.value)
+        return {"value_model_dir": str(save_module_dir(value, run.tokenizer, run_dir / "value_model"))}
 
-        def write_value(tmp) -> None:
-            value_model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-
-        atomic_save_dir(run_dir / "value_model", write_value)
-        result["value_model_dir"] = str(run_dir / "value_model")
-    write_summary(run_dir, result)
-    log(f"ppo done: {run_dir}")
-    return result
+    return run.finish({"final_metrics": metrics, "kl_coef": kl_ctl.value}, save_extra=save_value)

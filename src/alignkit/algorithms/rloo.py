@@ -32,29 +32,19 @@ One iteration:
 Logged per iteration: scores, rewards/<name>, objective/scores (with the missing-EOS penalty),
 objective/kl (mean sum_t log pi_old - log pref), objective/non_score_reward, objective/rlhf_reward
 (mean R), objective/entropy, advantages/std, policy/clipfrac, policy/approxkl, policy/ratio,
-loss/policy, grad_norm, response_length, no_eos_frac, lr, time/generation, time/scoring,
-time/training; eval/* at step 0 and at the end (greedy) when ``data.eval`` is set.
+loss/policy, grad_norm, response_length, no_eos_frac, lr, time/generation, time/training; eval/* at step 0 and at the end (greedy) when ``data.eval`` is set.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 from torch import Tensor
 
 from alignkit.config import RLOOConfig
 from alignkit.losses import ppo_policy_loss
+from alignkit.online.run import OnlineRun
+from alignkit.online.update import TokenLossFn, masked_token_mean, sequence_kl, update_policy
 from alignkit.ops.advantages import rloo_advantages
-from alignkit.train.policy_update import (
-    PolicyRun,
-    TokenLossFn,
-    masked_token_mean,
-    response_stats,
-    sequence_kl,
-    update_policy,
-)
-from alignkit.train.run import log
 
 AGGREGATION = "seq_mean"
 
@@ -77,37 +67,25 @@ def make_token_loss(cliprange: float) -> TokenLossFn:
 def train(cfg: RLOOConfig, resume: bool = False) -> dict:
     r = cfg.rloo
     k = r.num_generations
-    run = PolicyRun.start(
-        cfg, "rloo", resume, total_steps=r.num_iterations * r.ppo_epochs, needs_reference=r.kl_coef > 0
-    )
-    log(f"rloo: k {k}, {r.prompts_per_iteration} prompts/iteration, kl_coef {r.kl_coef}, cliprange {r.cliprange}")
+    run = OnlineRun.start(cfg, "rloo", resume, total_steps=r.num_iterations * r.ppo_epochs, reference=r.kl_coef > 0)
     token_loss = make_token_loss(r.cliprange)
-    save_every = r.save_every or cfg.train.save_every
-
     run.evaluate_before()
     metrics: dict[str, float] = {}
-    for iteration in range(run.iteration + 1, r.num_iterations + 1):
-        run.reset_timings()
-        lr = run.scheduler.get_last_lr()[0]
-        batch = run.sample(run.sampler.next(r.prompts_per_iteration), k)
-        t0 = time.perf_counter()
+    for iteration in run.iterations(r.num_iterations):
+        lr = run.lr
+        batch = run.sample(*run.next_prompts(r.prompts_per_iteration), num_samples=k)
         rollout = batch.rollout
         mask = rollout.response_mask  # [B, R]
-        old_logprobs, entropy, ref_logprobs = run.logprobs(rollout, r.micro_batch_size)  # [B, R] each
+        old_logprobs, entropy = run.policy_logprobs(rollout, r.micro_batch_size)  # [B, R] each
+        ref_logprobs = run.ref_logprobs(rollout, r.micro_batch_size)  # [B, R] or None
+        kl = torch.zeros_like(batch.rewards)  # [B]
         if ref_logprobs is not None:
-            kl = sequence_kl(old_logprobs, ref_logprobs, mask).float().cpu()  # [B]
-        else:
-            kl = torch.zeros_like(batch.rewards)
+            kl = sequence_kl(old_logprobs, ref_logprobs, mask).float().cpu()
         rlhf_reward = rloo_rewards(batch.rewards, kl, r.kl_coef)  # [B]
         advantages = rloo_advantages(rlhf_reward, k)  # [B]
-        stats = update_policy(
-            run.model, run.optimizer, run.scheduler, rollout, old_logprobs, ref_logprobs,
-            advantages.to(run.device), token_loss, AGGREGATION,
-            temperature=cfg.generation.temperature, micro_batch_size=r.micro_batch_size,
-            max_grad_norm=cfg.train.max_grad_norm, num_epochs=r.ppo_epochs, accelerator=run.accelerator,
-        )
-        run.timings["training"] = time.perf_counter() - t0
-        metrics = {**response_stats(batch), **stats, "lr": lr}
+        stats = update_policy(run, rollout, old_logprobs, ref_logprobs, advantages.to(run.device), token_loss,
+                              AGGREGATION, micro_batch_size=r.micro_batch_size, num_epochs=r.ppo_epochs)
+        metrics = {**batch.stats(), **stats, "lr": lr}
         metrics["objective/scores"] = float(batch.rewards.mean())
         metrics["objective/rlhf_reward"] = float(rlhf_reward.mean())
         metrics["objective/entropy"] = masked_token_mean(entropy, mask)
@@ -115,7 +93,5 @@ def train(cfg: RLOOConfig, resume: bool = False) -> dict:
             metrics["objective/kl"] = float(kl.mean())
             metrics["objective/non_score_reward"] = float((-r.kl_coef * kl).mean())
         metrics["advantages/std"] = float(advantages.std())
-        run.end_iteration(iteration, metrics, save_every)
-        log(f"rloo iteration {iteration}/{r.num_iterations}: scores {metrics['scores']:.4f}, "
-            f"kl {metrics.get('objective/kl', 0.0):.4f}, response_length {metrics['response_length']:.1f}")
-    return run.finish("rloo", metrics)
+        run.end_iteration(iteration, metrics, r.save_every)
+    return run.finish({"final_metrics": metrics})

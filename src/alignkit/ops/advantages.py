@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from alignkit.ops.kl import kl_k1
+from alignkit.ops.stats import last_index
+
 
 @torch.no_grad()
 def compute_gae(
@@ -98,3 +101,37 @@ def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
     grouped = _grouped(rewards, k, "rloo_advantages")  # [B, k]
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
     return (grouped - baseline).reshape(-1)
+
+
+def kl_penalized_rewards(
+    logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor, response_mask: Tensor, kl_coef: float
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards of PPO and REINFORCE++ (Ziegler et al. 2019 eq. 2 spread over tokens; Stiennon et al.
+    2020; Hu 2025):
+
+        kl_t = log pi(y_t) - log pi_ref(y_t)                (k1)
+        r_t  = -beta * kl_t + s * [t = last response token]
+
+    logprobs, ref_logprobs, response_mask: [B, R]; scores: [B]. Returns (rewards, kl), both [B, R] and zero
+    outside the response. With pi == pi_ref every r_t is 0 except the score.
+    """
+    mask = response_mask.to(logprobs.dtype)
+    kl = kl_k1(logprobs, ref_logprobs) * mask  # [B, R]
+    rewards = -kl_coef * kl  # [B, R]
+    rows = torch.arange(logprobs.shape[0], device=logprobs.device)
+    rewards[rows, last_index(response_mask)] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over response tokens (REINFORCE returns; Hu 2025 uses gamma = 1).
+
+    rewards, mask: [B, T] right-padded; padding contributes nothing and gets 0. Returns [B, T].
+    """
+    rewards = rewards * mask
+    returns = torch.zeros_like(rewards)  # [B, T]
+    running = torch.zeros_like(rewards[:, 0])  # [B]
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask

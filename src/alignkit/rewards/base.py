@@ -18,6 +18,10 @@ import torch
 from torch import Tensor
 
 
+class RewardError(ValueError):
+    """A reward function failed while scoring (raised, or returned NaN/inf); the message names the component."""
+
+
 class RewardSpecError(ValueError):
     """A reward specification (``module:function``, a component) cannot be used; the message names it."""
 
@@ -124,5 +128,11 @@ def as_reward_tensor(values, batch_size: int, source: str) -> Tensor:
     if out.dim() != 1 or out.shape[0] != batch_size:
         raise RewardSpecError(
             f"{source} must return {batch_size} floats (one per completion), got shape {tuple(out.shape)}"
+        )
+    bad = (~torch.isfinite(out)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(
+            f"{source} returned a non-finite reward ({out[bad[0]].item()}) for completion {bad[0]} of {batch_size}"
+            f" ({len(bad)} non-finite in all); rewards must be finite numbers"
         )
     return out

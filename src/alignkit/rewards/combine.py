@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from alignkit.config import RewardComponent, RewardSection
-from alignkit.rewards.base import RewardFn, RewardSpecError, as_reward_tensor
+from alignkit.rewards.base import RewardError, RewardFn, RewardSpecError, as_reward_tensor
 
 
 class CombinedReward:
@@ -43,7 +43,13 @@ class CombinedReward:
         total = torch.zeros(b, dtype=torch.float32)  # [B]
         parts: dict[str, Tensor] = {}
         for name, fn, weight in self.components:
-            r_k = as_reward_tensor(fn(prompts, completions, extras), b, f"reward component {name!r}")  # [B]
+            try:
+                values = fn(prompts, completions, extras)
+            except (RewardSpecError, RewardError):
+                raise
+            except Exception as e:  # a user's function: name it and what it raised, not a bare traceback
+                raise RewardError(f"reward component {name!r} raised {type(e).__name__}: {e}") from e
+            r_k = as_reward_tensor(values, b, f"reward component {name!r}")  # [B]
             parts[f"rewards/{name}"] = r_k
             total = total + weight * r_k
         return total, parts

@@ -13,8 +13,13 @@ Conventions (REFERENCES, PPO; Huang et al. 2024, "The N+ implementation details 
   shared :mod:`alignkit.ops.logprobs` code, with position ids from the attention mask so padding
   never changes a real token's log-prob.
 
-The only thing an algorithm needs from a generator is :class:`GenerationBackend` (one method);
-a vLLM backend can be added later without touching algorithms.
+- Row seeds: given ``row_seeds`` [B], row b's sample is a function of ``row_seeds[b]`` alone, never of the
+  batch it shares, its padding, or the number of processes (Gumbel-max sampling with per-row noise:
+  :class:`RowSeededSampling`). The online harness seeds row (iteration, prompt, sample), so 2 processes x b
+  prompts draw exactly the samples of 1 process x 2b prompts, and a resumed run draws what it would have.
+
+The only thing an algorithm needs from a generator is :class:`GenerationBackend`; the engine is chosen in
+config (``generation.backend``, :func:`alignkit.rollout.backends.make_backend`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor
 
 from alignkit.config import GenerationSection
 from alignkit.ops.logprobs import token_logprobs
+from alignkit.ops.seeds import derive_seed
 
 
 # ---------------------------------------------------------------- sampling parameters
@@ -74,7 +80,54 @@ class GenerationBackend(Protocol):
     Rows may run past their EOS (they are cleaned by :func:`postprocess_responses`).
     """
 
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> Tensor: ...
+    def generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams, row_seeds: Tensor | None = None
+    ) -> Tensor: ...
+
+    def update_weights(self, model) -> None:
+        """Called after every policy update: an engine holding its own copy of the weights syncs them."""
+        ...
+
+
+# ---------------------------------------------------------------- row-seeded sampling
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Top-k then nucleus (top-p) filtering: [B, V] -> [B, V] with removed tokens at -inf (at least one kept)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [B, V]
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # [B, V] probability of the tokens ranked above
+        drop_sorted = mass_before > top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class RowSeededSampling:
+    """A ``transformers`` logits processor that turns greedy decoding into sampling with per-row seeds.
+
+    At decoding step s it returns ``filter(logits / T) + g`` with Gumbel noise ``g = -log(-log u)``,
+    ``u ~ U(0, 1)^V`` drawn from a generator seeded by ``derive_seed(row_seeds[b], s)``: the argmax is an
+    exact sample of ``softmax(filter(logits / T))`` (the Gumbel-max trick), and it depends on the row's own
+    seed only. ``prompt_width`` is the column where the new tokens start.
+    """
+
+    def __init__(self, row_seeds: Tensor, prompt_width: int, params: SamplingParams):
+        self.row_seeds = [int(s) for s in row_seeds.tolist()]
+        self.prompt_width, self.params = prompt_width, params
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        step = input_ids.shape[1] - self.prompt_width
+        logits = filter_logits(scores.float() / self.params.temperature, self.params.top_k, self.params.top_p)
+        u = torch.empty_like(logits)  # [B, V]
+        for b, seed in enumerate(self.row_seeds):
+            g = torch.Generator(device=logits.device).manual_seed(derive_seed(seed, step))
+            u[b].uniform_(generator=g)
+        gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
+        return logits + gumbel
 
 
 def unwrap_for_generation(model):
@@ -129,24 +182,31 @@ class HFGenerateBackend:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> Tensor:
+    def generate(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams, row_seeds: Tensor | None = None
+    ) -> Tensor:
+        from transformers import LogitsProcessorList
+
         model = unwrap_for_generation(self.model)
         was_training = model.training
         model.eval()
         device_type = next(model.parameters()).device.type
+        kwargs = self.generation_kwargs(params)
+        if row_seeds is not None and params.do_sample:  # greedy over Gumbel-perturbed logits = seeded sampling
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs["logits_processor"] = LogitsProcessorList([RowSeededSampling(row_seeds, prompt_ids.shape[1], params)])
         try:
             with torch.no_grad(), torch.autocast(device_type, dtype=self.autocast_dtype,
                                                  enabled=self.autocast_dtype is not None):
-                out = model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
-                    **self.generation_kwargs(params),
-                )  # [B, P + R]
+                out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)  # [B, P + R]
         finally:
             model.train(was_training)
         if not isinstance(out, Tensor):
             out = out.sequences
         return out[:, prompt_ids.shape[1] :]  # [B, R]
+
+    def update_weights(self, model) -> None:
+        """Nothing to sync: ``generate`` runs the live training model."""
 
 
 # ---------------------------------------------------------------- rollout batch
@@ -239,6 +299,7 @@ def generate_rollouts(
     prompt_texts: list[str] | None = None,
     extras: list[dict] | None = None,
     batch_size: int | None = None,
+    prompt_seeds: list[int] | None = None,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt.
 
@@ -248,6 +309,8 @@ def generate_rollouts(
     decoded prompts) and ``extras`` (default: ``{}``) are repeated the same way. Generation runs in
     chunks of ``batch_size`` rows of the repeated batch (all at once when None). Trailing columns
     that are padding in every row are dropped, so R = the longest response.
+    ``prompt_seeds`` [N]: sample j of prompt i is drawn with row seed ``derive_seed(prompt_seeds[i], j)``
+    (independent of batching); None samples from torch's global generator.
     """
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(
@@ -273,6 +336,11 @@ def generate_rollouts(
         extras = [{} for _ in range(n)]
     if len(extras) != n:
         raise ValueError(f"extras has {len(extras)} entries for {n} prompts")
+    row_seeds = None
+    if prompt_seeds is not None:
+        if len(prompt_seeds) != n:
+            raise ValueError(f"prompt_seeds has {len(prompt_seeds)} entries for {n} prompts")
+        row_seeds = torch.tensor([derive_seed(s, j) for s in prompt_seeds for j in range(num_samples)], dtype=torch.long)
 
     prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # [B, P], B = N * G
     prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # [B, P]
@@ -285,7 +353,9 @@ def generate_rollouts(
     for start in range(0, b, step):
         ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
         first_col = int(mask.any(dim=0).long().argmax())  # drop columns that are padding in every row
-        raw = backend.generate(ids[:, first_col:], mask[:, first_col:], params)  # [b, r]
+        seeds = None if row_seeds is None else row_seeds[start : start + step]
+        raw = backend.generate(ids[:, first_col:], mask[:, first_col:], params, seeds) if seeds is not None \
+            else backend.generate(ids[:, first_col:], mask[:, first_col:], params)  # [b, r]
         if raw.dim() != 2 or raw.shape[0] != ids.shape[0] or raw.shape[1] > params.max_new_tokens:
             raise ValueError(
                 f"backend {type(backend).__name__}.generate returned shape {tuple(raw.shape)}; expected "

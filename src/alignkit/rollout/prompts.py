@@ -8,6 +8,7 @@ from alignkit.config import DataConfig, RLDataConfig
 from alignkit.data.collate import collate_prompts
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import tokenize_prompts
+from alignkit.ops.seeds import derive_seed
 
 
 def _as_data_config(rl: RLDataConfig, max_new_tokens: int, spec: str) -> DataConfig:
@@ -48,18 +49,23 @@ class PromptSampler:
         self._order = self._perm()
 
     def _perm(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         return torch.randperm(len(self.prompts), generator=g).tolist()
 
     def next(self, n: int) -> list[dict]:
-        out = []
+        return self.next_with_positions(n)[0]
+
+    def next_with_positions(self, n: int) -> tuple[list[dict], list[tuple[int, int]]]:
+        """The next ``n`` prompts and the (epoch, position) of each draw: a unique key to seed its samples."""
+        out, positions = [], []
         while len(out) < n:
             if self.pos == len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._perm()
             out.append(self.prompts[self._order[self.pos]])
+            positions.append((self.epoch, self.pos))
             self.pos += 1
-        return out
+        return out, positions
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "pos": self.pos}
