@@ -1,5 +1,6 @@
-"""Tests for GRPO / Dr. GRPO / DAPO (alignkit.algorithms.grpo), RLOO (alignkit.algorithms.rloo) and
-the shared clipped update (alignkit.train.policy_update). Tiny models, a few tokens, CPU."""
+"""Tests for GRPO / Dr. GRPO / DAPO (alignkit.algorithms.grpo), RLOO (alignkit.algorithms.rloo), the shared
+clipped update (alignkit.online.update) and the rollout rows it works on (alignkit.online.rollout).
+Tiny models, a few tokens, CPU."""
 
 from __future__ import annotations
 
@@ -14,21 +15,18 @@ from torch.testing import assert_close
 from alignkit import cli
 from alignkit.algorithms import grpo, rloo
 from alignkit.config import ConfigError, GRPOConfig, GRPOSection, LoraConfig, load_config
-from alignkit.models.loading import apply_lora, copy_frozen
+from alignkit.models.loading import apply_lora
+from alignkit.models.reference import Reference
 from alignkit.models.tiny import save_tiny_models, tiny_causal_lm
+from alignkit.online.rollout import ScoredRollout, concat_rollouts, equal_reward_groups, select_rows
+from alignkit.online.run import OnlineRun
+from alignkit.online.update import update_policy
 from alignkit.ops.advantages import group_advantages
 from alignkit.ops.kl import kl_k3
 from alignkit.ops.stats import aggregate_token_losses
 from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, response_logprobs
-from alignkit.train.policy_update import (
-    ScoredRollout,
-    build_optimizer,
-    concat_rollouts,
-    equal_reward_groups,
-    rollout_logprobs,
-    select_rows,
-    update_policy,
-)
+from alignkit.train.optim import build_optimizer
+from alignkit.train.run import make_accelerator
 
 REWARD_MODULE = '''
 def varied(prompts, completions, **extras):
@@ -78,23 +76,34 @@ def hand_rollout(lengths: list[int], width: int = 4) -> Rollout:
     )
 
 
-def sgd_noop(model):
-    """lr = 0: update_policy leaves the weights unchanged and the last epoch's gradients in .grad."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+class RecordingRun(OnlineRun):
+    """The real harness (``OnlineRun``'s log-probs, backward, step, all_sum) around an in-memory policy, without
+    a run directory, data or reward. ``step`` first records the gradients it is about to apply (it zeroes them)."""
+
+    def step(self, param_groups=None):
+        self.grads = [p.grad.clone() for p in self.model.parameters() if p.requires_grad]
+        return super().step(param_groups)
 
 
-def grads(model) -> list[torch.Tensor]:
-    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+def harness(model, tok, temperature: float = 1.0, reference: Reference | None = None, optimizer=None) -> RecordingRun:
+    """``optimizer`` default: SGD at lr 0 (update_policy then leaves the weights unchanged)."""
+    cfg = load_config(GRPOConfig, None, [f"generation.temperature={temperature}", "train.cpu=true"])
+    if optimizer is None:
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return RecordingRun(
+        cfg=cfg, name="test", run_dir=None, accelerator=make_accelerator("no", cpu=True), tokenizer=tok, model=model,
+        value=None, reference=reference, optimizer=optimizer, scheduler=scheduler, reward=None, reward_cfg=None,
+        reward_models={}, backend=HFGenerateBackend(model, tok), sampler=None, eval_prompts=[], logger=None,
+    )
 
 
 def sample_rollout(model, tok, n_prompts: int = 2, g: int = 3, max_new_tokens: int = 5) -> Rollout:
-    torch.manual_seed(0)
     prompt_ids = torch.tensor([[1, 40, 41, 42], [0, 1, 50, 51]][:n_prompts])
     prompt_mask = (prompt_ids != 0).long()
     return generate_rollouts(
         HFGenerateBackend(model, tok), tok, prompt_ids, prompt_mask, SamplingParams(max_new_tokens=max_new_tokens,
-        temperature=0.7), num_samples=g,
+        temperature=0.7), num_samples=g, prompt_seeds=list(range(n_prompts)),
     )
 
 
@@ -171,7 +180,7 @@ def test_grpo_vs_dr_grpo_vs_dapo_aggregation_on_unequal_lengths(micro_batch_size
     and the gradient is -sum_{i,t} w_{i,t} A_i grad log pi with per-token weights
     w = 1/(B |o_i|) (GRPO: the short answer's token weighs 1/2, each long-answer token 1/8),
     1/sum|o| = 1/5 (DAPO), 1/(B L_max) = 1/8 (Dr. GRPO: no length bias), whatever the micro-batch size."""
-    model, _ = tiny_causal_lm(seed=1)
+    model, tok = tiny_causal_lm(seed=1)
     rollout = hand_rollout([4, 1])
     mask = rollout.response_mask.float()
     advantages = torch.tensor([1.0, -1.0])
@@ -185,16 +194,15 @@ def test_grpo_vs_dr_grpo_vs_dapo_aggregation_on_unequal_lengths(micro_batch_size
         "seq_sum_const": torch.full((2, 4), 1 / 8) * mask,
     }
     for mode in ("seq_mean", "token_mean", "seq_sum_const"):
-        opt, sched = sgd_noop(model)
-        stats = update_policy(model, opt, sched, rollout, old, None, advantages, token_loss, mode, temperature=1.0,
-                              micro_batch_size=micro_batch_size, max_grad_norm=None, max_len=4)
+        run = harness(model, tok)
+        stats = update_policy(run, rollout, old, None, advantages, token_loss, mode,
+                              micro_batch_size=micro_batch_size, max_len=4)
         assert_close(torch.tensor(stats["loss/policy"]), torch.tensor(expected_loss[mode]), atol=1e-6, rtol=0)
         assert stats["policy/ratio"] == pytest.approx(1.0) and stats["policy/clipfrac"] == 0.0
-        got = grads(model)
         logprobs = response_logprobs(model, rollout, 1.0)  # [2, 4] with grad
         manual = -(weights[mode] * advantages[:, None] * logprobs).sum()
         want = torch.autograd.grad(manual, [p for p in model.parameters() if p.requires_grad])
-        for g_got, g_want in zip(got, want):
+        for g_got, g_want in zip(run.grads, want):
             assert_close(g_got, g_want, atol=1e-6, rtol=1e-4)
     assert len(set(expected_loss.values())) == 3  # the three aggregations genuinely differ here
 
@@ -204,27 +212,27 @@ def test_equal_rewards_give_zero_policy_gradient_only_kl_remains():
     beta = 0 -> every gradient is exactly 0; beta = 0.1 -> the gradient equals that of
     beta * seq_mean(k3(log pi, log pref)) alone (the policy was moved away from the reference)."""
     model, tok = tiny_causal_lm(seed=2)
-    ref = copy_frozen(model)
+    reference = Reference.of_policy(model)  # a frozen copy of the initial weights
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    run = harness(model, tok, temperature=0.7, reference=reference)
     rollout = sample_rollout(model, tok, n_prompts=2, g=2)
     advantages = group_advantages(torch.tensor([0.7, 0.7, 3.0, 3.0]), group_size=2)
     assert_close(advantages, torch.zeros(4))
-    old, _, ref_lp = rollout_logprobs(model, rollout, 0.7, micro_batch_size=4, ref_model=ref)
-    opt, sched = sgd_noop(model)
-    update_policy(model, opt, sched, rollout, old, None, advantages, grpo.make_token_loss(0.0, 0.2, 0.2), "seq_mean",
-                  temperature=0.7, micro_batch_size=4, max_grad_norm=None)
-    assert all(float(g.abs().max()) == 0.0 for g in grads(model))
+    old, _ = run.policy_logprobs(rollout, 4)
+    ref_lp = run.ref_logprobs(rollout, 4)
+    update_policy(run, rollout, old, None, advantages, grpo.make_token_loss(0.0, 0.2, 0.2), "seq_mean",
+                  micro_batch_size=4)
+    assert all(float(g.abs().max()) == 0.0 for g in run.grads)
 
-    update_policy(model, opt, sched, rollout, old, ref_lp, advantages, grpo.make_token_loss(0.1, 0.2, 0.2),
-                  "seq_mean", temperature=0.7, micro_batch_size=3, max_grad_norm=None)
-    got = grads(model)
+    update_policy(run, rollout, old, ref_lp, advantages, grpo.make_token_loss(0.1, 0.2, 0.2), "seq_mean",
+                  micro_batch_size=3)
     logprobs = response_logprobs(model, rollout, 0.7)
     kl_only = 0.1 * aggregate_token_losses(kl_k3(logprobs, ref_lp), rollout.response_mask.float(), "seq_mean")
     want = torch.autograd.grad(kl_only, [p for p in model.parameters() if p.requires_grad])
     assert sum(float(g.abs().sum()) for g in want) > 0  # the KL term really pulls
-    for g_got, g_want in zip(got, want):
+    for g_got, g_want in zip(run.grads, want):
         assert_close(g_got, g_want, atol=1e-6, rtol=1e-4)
 
 
@@ -234,21 +242,21 @@ def test_first_iteration_ratio_one_and_k3_zero(lora):
     k3 = 0 on every token; the update's recomputed log-probs equal the rollout's old log-probs
     (same temperature, same masks, no dropout): ratio 1, approxkl 0, clipfrac 0."""
     model, tok = tiny_causal_lm(seed=3)
-    ref = None
     if lora:
         model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8))
-    else:
-        ref = copy_frozen(model)
+    reference = Reference.of_policy(model)
+    assert reference.kind == ("adapters_off" if lora else "frozen")
+    optimizer, _ = build_optimizer(model, load_config(GRPOConfig).train, total_steps=1)
+    run = harness(model, tok, temperature=0.7, reference=reference, optimizer=optimizer)
     rollout = sample_rollout(model, tok)
-    old, entropy, ref_lp = rollout_logprobs(model, rollout, 0.7, micro_batch_size=2, ref_model=ref, use_reference=True)
+    old, entropy = run.policy_logprobs(rollout, 2)
+    ref_lp = run.ref_logprobs(rollout, 2)
     mask = rollout.response_mask.bool()
     assert_close(kl_k3(old, ref_lp)[mask], torch.zeros(int(mask.sum())), atol=1e-6, rtol=0)
     assert bool((entropy[mask] > 0).all())
     advantages = group_advantages(torch.tensor([1.0, 0.0, 2.0, 0.0, 0.0, 1.0]), 3)
-    optimizer, scheduler = build_optimizer(model, load_config(GRPOConfig).train, total_steps=1)
-    stats = update_policy(model, optimizer, scheduler, rollout, old, ref_lp, advantages,
-                          grpo.make_token_loss(0.04, 0.2, 0.28), "token_mean", temperature=0.7,
-                          micro_batch_size=4, max_grad_norm=1.0)
+    stats = update_policy(run, rollout, old, ref_lp, advantages, grpo.make_token_loss(0.04, 0.2, 0.28), "token_mean",
+                          micro_batch_size=4)
     assert stats["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
     assert stats["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
     assert stats["policy/clipfrac"] == 0.0
@@ -256,15 +264,13 @@ def test_first_iteration_ratio_one_and_k3_zero(lora):
 
 
 def test_update_policy_errors():
-    model, _ = tiny_causal_lm(seed=0)
+    model, tok = tiny_causal_lm(seed=0)
     empty = select_rows(hand_rollout([1]), [])
-    opt, sched = sgd_noop(model)
     with pytest.raises(ValueError, match="update_policy got an empty rollout batch"):
-        update_policy(model, opt, sched, empty, torch.zeros(0, 0), None, torch.zeros(0),
-                      grpo.make_token_loss(0.0, 0.2, 0.2), "seq_mean", temperature=1.0, micro_batch_size=1,
-                      max_grad_norm=None)
+        update_policy(harness(model, tok), empty, torch.zeros(0, 0), None, torch.zeros(0),
+                      grpo.make_token_loss(0.0, 0.2, 0.2), "seq_mean", micro_batch_size=1)
     model.requires_grad_(False)
-    with pytest.raises(ValueError, match="the policy has no trainable parameters"):
+    with pytest.raises(ValueError, match=r"the model has no trainable parameters \(requires_grad=False everywhere\)"):
         build_optimizer(model, load_config(GRPOConfig).train, total_steps=1)
 
 
@@ -282,11 +288,12 @@ class ListSampler:
         return out
 
 
-def fake_sample(group_size: int):
-    """'c*' prompts: all G rewards 1.0 (equal group); 'v*' prompts: rewards 0, 1, ..., G-1."""
+def fake_sample(sampler: ListSampler, group_size: int):
+    """``sample(k)``: the sampler's next k prompts, G rows each. 'c*' prompts: all G rewards 1.0 (equal group);
+    'v*' prompts: rewards 0, 1, ..., G-1."""
 
-    def sample(prompts: list[dict]) -> ScoredRollout:
-        names = [p["name"] for p in prompts for _ in range(group_size)]
+    def sample(k: int) -> ScoredRollout:
+        names = [p["name"] for p in sampler.next(k) for _ in range(group_size)]
         rollout = hand_rollout([1] * len(names), width=1)
         rollout.prompt_texts = names
         rewards = torch.tensor([1.0 if n.startswith("c") else float(i % group_size) for i, n in enumerate(names)])
@@ -300,7 +307,7 @@ def test_dapo_drops_equal_groups_and_refills():
     3 missing: v2 c4 v3 -> keeps 2, drops 1; refill round 2 draws 1: v4 -> kept 4 = full.
     dropped 4, refilled 3, rounds 2, missing 0; the batch is v1 v2 v3 v4 (2 rows each), in order."""
     sampler = ListSampler(["c1", "v1", "c2", "c3", "v2", "c4", "v3", "v4", "v5"])
-    batch, sampled, stats = grpo.collect_groups(fake_sample(2), sampler, 4, 2, True, max_refill_rounds=3,
+    batch, sampled, stats = grpo.collect_groups(fake_sample(sampler, 2), 4, 2, True, max_refill_rounds=3,
                                                 pad_token_id=0)
     assert sampler.calls == [4, 3, 1]
     assert stats == {"dapo/dropped_groups": 4, "dapo/refilled_groups": 3, "dapo/refill_rounds": 2,
@@ -310,17 +317,32 @@ def test_dapo_drops_equal_groups_and_refills():
     assert len(sampled) == 2 * 8 and not bool(equal_reward_groups(batch.rewards, 2).any())
 
 
+def test_dapo_refill_size_common_to_all_processes():
+    """``refill_size`` (under several processes: the largest need of any process) sets how many prompts a refill
+    draws, but a process keeps only the groups it still misses. Need 3 everywhere: round 0 c1 v1 c2 c3 keeps v1;
+    round 1 draws 3: v2 c4 v3 keeps 2; round 2 draws 3 although 1 is missing: v4 v5 c5 keeps v4 only (v5 is
+    surplus, not kept). dropped 3 + 1 + 1 (c5), refilled 2 + 1."""
+    sampler = ListSampler(["c1", "v1", "c2", "c3", "v2", "c4", "v3", "v4", "v5", "c5"])
+    batch, sampled, stats = grpo.collect_groups(fake_sample(sampler, 2), 4, 2, True, 3, 0,
+                                                refill_size=lambda missing: 3 if missing else 0)
+    assert sampler.calls == [4, 3, 3]
+    assert stats == {"dapo/dropped_groups": 5, "dapo/refilled_groups": 3, "dapo/refill_rounds": 2,
+                     "dapo/kept_groups": 4, "dapo/missing_groups": 0}
+    assert batch.rollout.prompt_texts == ["v1", "v1", "v2", "v2", "v3", "v3", "v4", "v4"]
+    assert len(sampled) == 2 * 10
+
+
 def test_dapo_short_after_max_refill_rounds_and_nothing_left():
     """max_refill_rounds 1: round 0 c1 v1 c2 c3 keeps 1, round 1 v2 c4 v3 keeps 2 -> train on 3, missing 1.
     All-constant prompts with no refills -> no batch at all (the caller logs and skips the update).
     Without dynamic sampling equal groups stay in the batch (their advantages are 0)."""
     names = ["c1", "v1", "c2", "c3", "v2", "c4", "v3", "v4"]
-    batch, _, stats = grpo.collect_groups(fake_sample(2), ListSampler(names), 4, 2, True, 1, 0)
+    batch, _, stats = grpo.collect_groups(fake_sample(ListSampler(names), 2), 4, 2, True, 1, 0)
     assert (stats["dapo/kept_groups"], stats["dapo/missing_groups"], stats["dapo/refill_rounds"]) == (3, 1, 1)
     assert len(batch) == 6
-    batch, sampled, stats = grpo.collect_groups(fake_sample(2), ListSampler(["c1", "c2"]), 2, 2, True, 0, 0)
+    batch, sampled, stats = grpo.collect_groups(fake_sample(ListSampler(["c1", "c2"]), 2), 2, 2, True, 0, 0)
     assert batch is None and stats["dapo/missing_groups"] == 2 and len(sampled) == 4
-    batch, sampled, stats = grpo.collect_groups(fake_sample(2), ListSampler(names), 4, 2, False, 3, 0)
+    batch, sampled, stats = grpo.collect_groups(fake_sample(ListSampler(names), 2), 4, 2, False, 3, 0)
     assert len(batch) == 8 and stats == {} and batch is sampled
 
 
@@ -332,16 +354,21 @@ def test_rloo_rewards_hand_computed():
 
 def test_rloo_e2e_advantages_sum_to_zero_per_group(assets, tmp_path, monkeypatch):
     """Inside the algorithm's batch: A = rloo_advantages(R, k) with k = 3, so each group of 3 sums to 0 and
-    A_i = R_i - mean_{j != i} R_j; at iteration 1 the policy is the reference (KL = 0, R = score).
-    LoRA on (reference = adapters disabled). Writes model/, metrics.jsonl, summary.json."""
-    seen = []
-    real_update = rloo.update_policy
+    A_i = R_i - mean_{j != i} R_j; at iteration 1 the policy is the reference (KL = 0, R = the sampled batch's
+    rewards). LoRA on (reference = adapters disabled). Writes model/, metrics.jsonl, summary.json."""
+    seen, batches = [], []
+    real_update, real_sample = rloo.update_policy, OnlineRun.sample
 
-    def spy(model, optimizer, scheduler, rollout, old, ref, advantages, *args, **kwargs):
+    def spy(run, rollout, old, ref, advantages, *args, **kwargs):
         seen.append((advantages.detach().clone(), ref is not None))
-        return real_update(model, optimizer, scheduler, rollout, old, ref, advantages, *args, **kwargs)
+        return real_update(run, rollout, old, ref, advantages, *args, **kwargs)
+
+    def spy_sample(self, *args, **kwargs):
+        batches.append(real_sample(self, *args, **kwargs))
+        return batches[-1]
 
     monkeypatch.setattr(rloo, "update_policy", spy)
+    monkeypatch.setattr(OnlineRun, "sample", spy_sample)
     out = tmp_path / "rloo"
     rc = cli.main(["rloo", *base_overrides(assets, out), "rloo.num_generations=3", "rloo.prompts_per_iteration=2",
                    "rloo.num_iterations=2", "rloo.ppo_epochs=2", "model.lora.enabled=true", "model.lora.r=4"])
@@ -351,6 +378,10 @@ def test_rloo_e2e_advantages_sum_to_zero_per_group(assets, tmp_path, monkeypatch
         assert advantages.shape == (6,)
         assert_close(advantages.view(2, 3).sum(1), torch.zeros(2), atol=1e-5, rtol=0)
         assert float(advantages.abs().sum()) > 0
+    assert len(batches) == 2  # one sample per iteration, no eval prompts
+    r = batches[0].rewards.view(2, 3)  # iteration 1: R = r (KL = 0)
+    leave_one_out = r - (r.sum(1, keepdim=True) - r) / 2
+    assert_close(seen[0][0].cpu(), leave_one_out.reshape(-1), atol=1e-5, rtol=0)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     first = records[0]
@@ -415,6 +446,8 @@ def test_grpo_resume_after_kill_equals_uninterrupted(assets, grpo_run, tmp_path,
     with pytest.raises(RuntimeError, match="simulated kill"):
         cli.main(["grpo", *grpo_args(assets, out)])
     assert not (out / "model").exists()
+    assert [r["step"] for r in metrics_without_time(out)] == [0, 1, 2]  # iteration 3 died before its line
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001", "step-00000002"]
     monkeypatch.setattr(grpo, "update_policy", real_update)
     assert cli.main(["grpo", *grpo_args(assets, out), "--resume"]) == 0
     assert metrics_without_time(out) == metrics_without_time(grpo_run)
@@ -435,10 +468,11 @@ def test_dapo_all_equal_groups_are_dropped_and_logged(assets, tmp_path, capsys):
                    "grpo.prompts_per_iteration=2", "grpo.num_iterations=1", "grpo.beta=0"])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "dynamic sampling kept 0 of 2 groups after 1 refill rounds; no group left" in err
+    assert "grpo iteration 1: dynamic sampling kept no group: this iteration makes no update" in err
     assert "reference: none" in err  # beta = 0: no reference model at all
     (record,) = metrics_without_time(out)
     assert record["dapo/dropped_groups"] == 4 and record["dapo/missing_groups"] == 2
+    assert record["dapo/kept_groups"] == 0 and record["dapo/refill_rounds"] == 1
     assert record["frac_equal_groups"] == 1.0 and "loss/policy" not in record
     initial = load_file(Path(assets["policy"]) / "model.safetensors")
     final = load_file(out / "model" / "model.safetensors")

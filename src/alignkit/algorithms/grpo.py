@@ -209,7 +209,7 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
             if ref_logprobs is not None:
                 metrics["objective/kl"] = float(sequence_kl(old_logprobs, ref_logprobs, mask).mean())
                 metrics["objective/kl_k3"] = masked_token_mean(kl_k3(old_logprobs, ref_logprobs), mask)
-            metrics["advantages/std"] = float(advantages.std()) if advantages.numel() > 1 else 0.0
+            metrics["advantages/std"] = run.global_std(advantages)
             metrics["advantages/abs_mean"] = float(advantages.abs().mean())
         run.end_iteration(iteration, metrics, g.save_every)
     return run.finish({"loss_type": g.loss_type, "variant": variant._asdict(), "final_metrics": metrics})

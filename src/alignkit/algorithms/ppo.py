@@ -34,11 +34,10 @@ from alignkit.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.value import ValueModel, response_values
 from alignkit.online.run import OnlineRun, save_module_dir
-from alignkit.online.update import masked_token_mean
 from alignkit.ops.advantages import compute_gae, kl_penalized_rewards
 from alignkit.ops.kl import AdaptiveKLController, FixedKLController
 from alignkit.ops.seeds import derive_seed
-from alignkit.ops.stats import masked_mean, masked_sum, masked_whiten
+from alignkit.ops.stats import masked_sum, masked_whiten
 from alignkit.rollout.engine import Rollout, response_logprobs
 
 
@@ -70,23 +69,29 @@ def _describe(tok) -> str:
     return f"{tok.name_or_path} ({type(tok).__name__}, {len(tok)} tokens)"
 
 
-def build_value_model(cfg: PPOConfig, tokenizer, reward_models: dict) -> ValueModel:
-    """N+ details: a trainable copy of the reward model (which must then share the policy's vocabulary: the value
-    model reads the policy's token ids); else ``ppo.value_model`` (or the reward model's checkpoint when only
-    ``ppo.value_layers`` is set) loaded as a one-label classifier, cut to ``ppo.value_layers`` layers."""
+def check_value_tokenizer(cfg: PPOConfig) -> None:
+    """The value model reads the policy's token ids: its backbone (``ppo.value_model``, default the reward model,
+    N+ details) must share the policy's vocabulary. Checked before anything is written or loaded."""
     ppo = cfg.ppo
     source = ppo.value_model or ppo.reward_model
-    value_tokenizer = reward_models[ppo.reward_model].tokenizer if not ppo.value_model else load_tokenizer(source)
-    if value_tokenizer.get_vocab() != tokenizer.get_vocab():
+    policy_tok, value_tok = load_tokenizer(cfg.model.name_or_path), load_tokenizer(source)
+    if value_tok.get_vocab() != policy_tok.get_vocab():
         key = "ppo.value_model" if ppo.value_model else "ppo.reward_model"
         raise ValueError(
-            f"{key} {source!r} has a different tokenizer ({_describe(value_tokenizer)}) than the policy "
-            f"({_describe(tokenizer)}). The value model reads the policy's token ids, so its backbone must share the "
-            f"policy's vocabulary: give one, e.g. ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
+            f"{key} {source!r} has a different tokenizer ({_describe(value_tok)}) than the policy "
+            f"({_describe(policy_tok)}). The value model reads the policy's token ids, so its backbone must share the "
+            f"policy's vocabulary: give one, e.g. ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4"
+            + ("" if ppo.value_model else " (the reward model can still score the decoded text)"))
+
+
+def build_value_model(cfg: PPOConfig, tokenizer, reward_models: dict) -> ValueModel:
+    """N+ details: a trainable copy of the reward model; else ``ppo.value_model`` (or the reward model's checkpoint
+    when only ``ppo.value_layers`` is set) loaded as a one-label classifier, cut to ``ppo.value_layers`` layers."""
+    ppo = cfg.ppo
     if not ppo.value_model and ppo.value_layers is None:
         return ValueModel.from_reward_model(reward_models[ppo.reward_model].model)
-    value_cfg = ModelConfig(name_or_path=source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code,
-                            num_hidden_layers=ppo.value_layers)
+    value_cfg = ModelConfig(name_or_path=ppo.value_model or ppo.reward_model, dtype=cfg.model.dtype,
+                            trust_remote_code=cfg.model.trust_remote_code, num_hidden_layers=ppo.value_layers)
     return ValueModel.from_pretrained(value_cfg, tokenizer)
 
 
@@ -186,8 +191,8 @@ def ppo_update(run: OnlineRun, exp: Experience, iteration: int) -> list[dict[str
     return stats
 
 
-def iteration_metrics(exp: Experience, mb_stats: list[dict[str, float]]) -> dict[str, float]:
-    """Rollout statistics + the minibatch statistics averaged over the iteration (per process)."""
+def iteration_metrics(run: OnlineRun, exp: Experience, mb_stats: list[dict[str, float]]) -> dict[str, float]:
+    """Rollout statistics + the minibatch statistics averaged over the iteration (token means over all processes)."""
     mask = exp.rollout.response_mask.float()
     kl_sum = exp.kl.sum(1)  # [B] sequence KL
     metrics = {
@@ -197,8 +202,8 @@ def iteration_metrics(exp: Experience, mb_stats: list[dict[str, float]]) -> dict
         "objective/non_score_reward": float((-exp.kl_coef * kl_sum).mean()),
         "objective/rlhf_reward": float((exp.scores - exp.kl_coef * kl_sum).mean()),
         "scores": float(exp.raw_scores.mean()),  # reward model + components, before the missing-EOS penalty
-        "returns": float(masked_mean(exp.returns, mask)),
-        "advantages": masked_token_mean(exp.advantages, mask),
+        "returns": run.global_masked_mean(exp.returns, mask),
+        "advantages": run.global_masked_mean(exp.advantages, mask),
         "response_length": float(mask.sum(1).mean()),
         "no_eos_frac": float((~exp.rollout.has_eos).float().mean()),
         "kl_coef": exp.kl_coef,
@@ -215,6 +220,7 @@ def iteration_metrics(exp: Experience, mb_stats: list[dict[str, float]]) -> dict
 def train(cfg: PPOConfig, resume: bool = False) -> dict:
     ppo = cfg.ppo
     check_config(cfg)
+    check_value_tokenizer(cfg)
     run = OnlineRun.start(
         cfg, "ppo", resume, total_steps=ppo.num_iterations * ppo.ppo_epochs * ppo.num_minibatches, reference=True,
         reward=reward_section(cfg), value_fn=lambda tok, rms: build_value_model(cfg, tok, rms), value_lr=ppo.value_lr,
@@ -230,7 +236,7 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
         batch = run.sample(*run.next_prompts(ppo.rollout_batch_size))
         exp = Experience(run, batch, kl_ctl.value)
         mb_stats = ppo_update(run, exp, iteration)
-        metrics = {**iteration_metrics(exp, mb_stats), "lr": lr}
+        metrics = {**iteration_metrics(run, exp, mb_stats), "lr": lr}
         kl_ctl.update(run.reduce_metrics({"kl": metrics["objective/kl"]})["kl"], n_steps=ppo.rollout_batch_size)
         run.state["kl_ctl"] = kl_ctl.state_dict()  # Ziegler: n = batch size
         run.end_iteration(iteration, metrics, ppo.save_every)

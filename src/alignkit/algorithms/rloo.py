@@ -92,6 +92,6 @@ def train(cfg: RLOOConfig, resume: bool = False) -> dict:
         if ref_logprobs is not None:
             metrics["objective/kl"] = float(kl.mean())
             metrics["objective/non_score_reward"] = float((-r.kl_coef * kl).mean())
-        metrics["advantages/std"] = float(advantages.std())
+        metrics["advantages/std"] = run.global_std(advantages)
         run.end_iteration(iteration, metrics, r.save_every)
     return run.finish({"final_metrics": metrics})

@@ -8,6 +8,7 @@ for PPO, GRPO, RLOO, REINFORCE++, online DPO, rejection sampling and best-of-n a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -120,20 +121,27 @@ def sample_and_score(
     reward_cfg,
     device: torch.device,
     batch_size: int | None = None,
+    timings: dict[str, float] | None = None,
 ) -> ScoredRollout:
     """Sample ``num_samples`` completions of each prompt (group-contiguous rows) and score them.
 
     ``reward(prompts, completions, extras) -> (total [B], {"rewards/<name>": [B]})`` (a ``CombinedReward``:
     it names the component that raises or returns a non-finite value); ``reward_cfg`` holds the missing-EOS
     penalty. ``batch_size``: prompts per ``generate()`` call. ``prompt_seeds``: see ``generate_rollouts``.
+    ``timings``: seconds spent are added to its ``generation`` and ``scoring`` entries.
     """
+    t0 = time.perf_counter()
     batch = prompt_batch(prompts, tokenizer.pad_token_id)
     rollout = generate_rollouts(
         backend, tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device), params,
         num_samples=num_samples, prompt_texts=batch["prompt_texts"], extras=batch["extras"],
         batch_size=None if batch_size is None else batch_size * num_samples, prompt_seeds=prompt_seeds,
     )
+    t1 = time.perf_counter()
     scores, parts = reward(rollout.prompt_texts, rollout.response_texts, rollout.extras)  # [B]
     rewards = apply_missing_eos_penalty(scores, rollout.has_eos.cpu(), reward_cfg.missing_eos_penalty,
                                         reward_cfg.missing_eos_mode)
+    if timings is not None:
+        timings["generation"] = timings.get("generation", 0.0) + t1 - t0
+        timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - t1
     return ScoredRollout(rollout, scores, rewards, parts)

@@ -45,7 +45,13 @@ from alignkit.ops.seeds import derive_seed
 from alignkit.online.rollout import ScoredRollout, sample_and_score
 from alignkit.rewards.combine import build_reward
 from alignkit.rollout.backends import make_backend
-from alignkit.rollout.engine import Rollout, SamplingParams, response_logprobs
+from alignkit.rollout.engine import (
+    TRUNCATED_SAMPLING_MESSAGE,
+    Rollout,
+    SamplingParams,
+    response_logprobs,
+    truncated_sampling_note,
+)
 from alignkit.rollout.prompts import PromptSampler, load_prompts
 from alignkit.train.checkpoint import atomic_save_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.train.logging import MetricsLogger
@@ -149,6 +155,8 @@ class OnlineRun:
         )
         if resume:
             run._resume()
+        if truncated_sampling_note(SamplingParams.from_section(cfg.generation)):
+            log(f"{name}: note: {TRUNCATED_SAMPLING_MESSAGE} (logged as sampling/truncated)")
         log(f"{name}: {len(prompts)} prompts, {len(eval_prompts)} eval prompts, reference: {ref or 'none'}, "
             f"device {device}, {accelerator.num_processes} process(es), generation backend "
             f"{cfg.generation.backend}, starting after iteration {run.iteration}")
@@ -190,6 +198,19 @@ class OnlineRun:
             return int(x)
         return int(self.accelerator.gather(torch.tensor([int(x)], device=self.device)).max())
 
+    def global_masked_mean(self, x: Tensor, mask: Tensor) -> float:
+        """Mean of the masked entries of ``x`` over every process (a token mean, weighted by tokens)."""
+        mask = mask.to(x.device).double()
+        total, n = self.all_sum(torch.stack([(x.double() * mask).sum(), mask.sum()]).cpu()).tolist()
+        return total / n if n else 0.0
+
+    def global_std(self, x: Tensor) -> float:
+        """Standard deviation (Bessel-corrected) of the values of ``x`` on every process."""
+        x = x.detach().double().flatten().cpu()
+        n, total, sq = self.all_sum(torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.sum(),
+                                                  (x * x).sum()])).tolist()
+        return math.sqrt(max(sq - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
     def reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Mean of each metric over processes (their shards are equal, so this is the global mean)."""
         if self.num_processes == 1 or not metrics:
@@ -220,12 +241,10 @@ class OnlineRun:
     def sample(self, prompts: list[dict], seeds: list[int] | None, num_samples: int = 1,
                do_sample: bool = True) -> ScoredRollout:
         """``num_samples`` completions per prompt, scored (``online.rollout.sample_and_score``); timed."""
-        t0 = time.perf_counter()
         params = SamplingParams.from_section(self.cfg.generation, do_sample=do_sample)
-        scored = sample_and_score(self.backend, self.tokenizer, prompts, seeds, num_samples, params, self.reward,
-                                  self.reward_cfg, self.device, batch_size=self.cfg.generation.batch_size)
-        self.timings["generation"] = self.timings.get("generation", 0.0) + time.perf_counter() - t0
-        return scored
+        return sample_and_score(self.backend, self.tokenizer, prompts, seeds, num_samples, params, self.reward,
+                                self.reward_cfg, self.device, batch_size=self.cfg.generation.batch_size,
+                                timings=self.timings)
 
     # ------------------------------------------------------------ log-probs
     @torch.no_grad()
@@ -365,7 +384,7 @@ class OnlineRun:
                          dynamic_ncols=True)
         try:
             for it in range(self.iteration + 1, n + 1):
-                self.timings = {"generation": 0.0}
+                self.timings = {"generation": 0.0, "scoring": 0.0}
                 self._t_iteration = time.perf_counter()
                 yield it
         finally:
@@ -380,8 +399,9 @@ class OnlineRun:
         if history:
             self.state.setdefault("history", []).append({"iteration": iteration, **metrics})
         total = time.perf_counter() - getattr(self, "_t_iteration", time.perf_counter())
-        self.timings["training"] = max(total - sum(self.timings.values()), 0.0)  # scoring counts as generation
+        self.timings["training"] = max(total - self.timings["generation"] - self.timings["scoring"], 0.0)
         metrics.update({f"time/{k}": v for k, v in self.timings.items()})
+        metrics.update(truncated_sampling_note(SamplingParams.from_section(self.cfg.generation)))
         self.logger.log(metrics, step=iteration)
         self.iteration = iteration
         if self._bar is not None:

@@ -71,6 +71,27 @@ class SamplingParams:
         )
 
 
+TRUNCATED_SAMPLING_MESSAGE = (
+    "sampling with top_p < 1 or top_k > 0: responses are drawn from the truncated (renormalised) "
+    "distribution, while the log-probs of the loss are recomputed from the full tempered softmax; the "
+    "importance ratio and the KL are therefore taken against the untruncated policy, not against the "
+    "distribution the tokens were sampled from (the sampler is slightly off-policy)"
+)
+
+
+def truncated_sampling_note(params: SamplingParams) -> dict[str, float]:
+    """Metrics to log when the sampler truncates the distribution (``top_p < 1`` or ``top_k > 0``).
+
+    Returns ``{"sampling/truncated": 1.0, "sampling/top_p": p, "sampling/top_k": k}`` for such runs, ``{}``
+    otherwise (full-distribution or greedy sampling). Meaning (:data:`TRUNCATED_SAMPLING_MESSAGE`): the tokens
+    come from the truncated distribution, but the log-probs of the loss (hence the importance ratio and the KL)
+    are recomputed by the trainer from the full tempered softmax, for either backend.
+    """
+    if not params.do_sample or (params.top_p >= 1.0 and params.top_k == 0):
+        return {}
+    return {"sampling/truncated": 1.0, "sampling/top_p": float(params.top_p), "sampling/top_k": float(params.top_k)}
+
+
 # ---------------------------------------------------------------- backends
 @runtime_checkable
 class GenerationBackend(Protocol):

@@ -38,17 +38,14 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor
 
 from alignkit.config import GenerationSection, VLLMSection
-from alignkit.rollout.engine import SamplingParams, unwrap_for_generation
-
-INSTALL_HINT = "generation.backend=vllm needs a CUDA GPU and `pip install alignkit[vllm]`"
-
-TRUNCATED_SAMPLING_MESSAGE = (
-    "sampling with top_p < 1 or top_k > 0: responses are drawn from the truncated (renormalised) "
-    "distribution, while the log-probs of the loss are recomputed from the full tempered softmax; the "
-    "importance ratio and the KL are therefore taken against the untruncated policy, not against the "
-    "distribution the tokens were sampled from (the sampler is slightly off-policy)"
+from alignkit.rollout.engine import (  # noqa: F401  (re-exported)
+    TRUNCATED_SAMPLING_MESSAGE,
+    SamplingParams,
+    truncated_sampling_note,
+    unwrap_for_generation,
 )
 
+INSTALL_HINT = "generation.backend=vllm needs a CUDA GPU and `pip install alignkit[vllm]`"
 
 # ---------------------------------------------------------------- pure helpers (no vLLM needed)
 def to_vllm_sampling_kwargs(params: SamplingParams, seed: int | None, *, eos_token_id: int | None = None) -> dict:
@@ -71,19 +68,6 @@ def to_vllm_sampling_kwargs(params: SamplingParams, seed: int | None, *, eos_tok
     if eos_token_id is not None:
         kwargs.update(stop_token_ids=[int(eos_token_id)], ignore_eos=True)
     return kwargs
-
-
-def truncated_sampling_note(params: SamplingParams) -> dict[str, float]:
-    """Metrics to log when the sampler truncates the distribution (``top_p < 1`` or ``top_k > 0``).
-
-    Returns ``{"sampling/truncated": 1.0, "sampling/top_p": p, "sampling/top_k": k}`` for such runs, ``{}``
-    otherwise (full-distribution or greedy sampling). Meaning (:data:`TRUNCATED_SAMPLING_MESSAGE`): the tokens
-    come from the truncated distribution, but the log-probs of the loss (hence the importance ratio and the KL)
-    are recomputed by the trainer from the full tempered softmax, for either backend.
-    """
-    if not params.do_sample or (params.top_p >= 1.0 and params.top_k == 0):
-        return {}
-    return {"sampling/truncated": 1.0, "sampling/top_p": float(params.top_p), "sampling/top_k": float(params.top_k)}
 
 
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
