@@ -123,6 +123,8 @@ def test_bad_data_error_names_file_line_field(tiny, tmp_path, capsys):
 
 def test_offline_hub_id_gives_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub read the variable when imported: set its flag too, else the hub is tried (network timeouts)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     assert main(["sft", "model.name_or_path=some-org/not-a-local-model", f"train.output_dir={tmp_path}/o",
                  "data.train=builtin:sft_demos"]) == 1
     err = capsys.readouterr().err

@@ -240,6 +240,50 @@ def test_preference_loss_table():
         PREFERENCE_LOSSES["dpo"].needs_reference = False
 
 
+def test_preference_loss_specs_name_the_settings_their_loss_takes():
+    """Each row maps fn keywords to ``dpo:`` config fields (no per-loss branch in algorithms/dpo.py)."""
+    import inspect
+
+    from alignkit.config import DPOSection
+
+    for name, spec in PREFERENCE_LOSSES.items():
+        params = inspect.signature(spec.fn).parameters
+        for keyword, setting in spec.settings:
+            assert keyword in params and setting in DPOSection.model_fields, (name, keyword, setting)
+    section = {"beta": 0.3, "label_smoothing": 0.1, "reference_free": True, "orpo_lambda": 0.2,
+               "simpo_gamma_beta_ratio": 0.7, "precompute_ref_logps": True}
+    assert PREFERENCE_LOSSES["dpo"].kwargs(section) == {"beta": 0.3, "label_smoothing": 0.1, "reference_free": True}
+    assert PREFERENCE_LOSSES["cdpo"].kwargs(section) == PREFERENCE_LOSSES["dpo"].kwargs(section)
+    assert PREFERENCE_LOSSES["ipo"].kwargs(section) == {"beta": 0.3}
+    assert PREFERENCE_LOSSES["orpo"].kwargs(section) == {"lam": 0.2}
+    assert PREFERENCE_LOSSES["simpo"].kwargs(section) == {"beta": 0.3, "gamma_beta_ratio": 0.7, "label_smoothing": 0.1}
+
+
+def test_dpo_step_passes_each_loss_its_settings():
+    """make_dpo_step's loss equals the loss function called by hand with the config's values."""
+    from alignkit.algorithms.dpo import concatenated_logps, make_dpo_step
+    from alignkit.config import DPOConfig
+    from alignkit.models.tiny import tiny_causal_lm
+
+    model, _ = tiny_causal_lm()
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [5, 6, 10, 11], [5, 6, 12, 0]])  # [chosen x2; rejected x2]
+    batch = {"input_ids": ids, "attention_mask": (ids > 0).long(), "response_mask": torch.tensor([[0, 0, 1, 1]] * 4),
+             "ref_chosen_logps": t(-3.0, -2.5), "ref_rejected_logps": t(-2.0, -4.0)}
+    cases = {"dpo": ({"beta": 0.3}, lambda c, r: dpo_loss(c, r, t(-3.0, -2.5), t(-2.0, -4.0), beta=0.3)),
+             "cdpo": ({"beta": 0.2, "label_smoothing": 0.1},
+                      lambda c, r: dpo_loss(c, r, t(-3.0, -2.5), t(-2.0, -4.0), beta=0.2, label_smoothing=0.1)),
+             "ipo": ({"beta": 0.5}, lambda c, r: ipo_loss(c, r, t(-3.0, -2.5), t(-2.0, -4.0), beta=0.5)),
+             "orpo": ({"orpo_lambda": 0.4}, lambda c, r: orpo_loss(c, r, lam=0.4)),
+             "simpo": ({"beta": 2.5, "simpo_gamma_beta_ratio": 0.2},
+                       lambda c, r: simpo_loss(c, r, beta=2.5, gamma_beta_ratio=0.2))}
+    for loss, (settings, by_hand) in cases.items():
+        cfg = DPOConfig(dpo={"loss": loss, **settings})
+        step, _ = make_dpo_step(cfg)
+        with torch.no_grad():
+            chosen, rejected = concatenated_logps(model, batch, average=PREFERENCE_LOSSES[loss].average_logps)  # [2]
+            assert_close(step(model, batch).loss, by_hand(chosen, rejected).losses.mean(), msg=loss)
+
+
 # ---------------------------------------------------------------- PPO
 def test_ppo_first_minibatch_ratio_one():
     """logprobs == old_logprobs -> ratio 1, pg_losses = -A, approxkl 0, clipfrac 0

@@ -25,7 +25,7 @@ from alignkit.train.checkpoint import (
     save_checkpoint,
 )
 from alignkit.train.logging import MetricsLogger, read_metrics
-from alignkit.train.loop import NonFiniteLossError, StepOutput, epoch_batches, train_loop
+from alignkit.train.loop import NonFiniteLossError, StepOutput, epoch_batches, process_share, train_loop
 
 N_EXAMPLES = 10
 W_TRUE = torch.tensor([1.0, -2.0, 0.5])
@@ -432,6 +432,16 @@ def test_lr_schedule_values(tmp_path, scheduler, warmup, expected):
     assert_close(torch.tensor(lrs, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64))
 
 
+def test_constant_schedule_honours_warmup(tmp_path):
+    """scheduler=constant, warmup_steps=2, lr 1e-3: s = k - 1 < 2 gives s / 2 -> 0, 0.5e-3, then 1e-3 flat.
+
+    (transformers' plain ``constant`` ignores num_warmup_steps: the old loop logged 1e-3 from step 1.)"""
+    run(cfg_(lr=1e-3, max_steps=5, batch_size=10, scheduler="constant", warmup_steps=2), tmp_path)
+    lrs = [r["lr"] for r in train_records(tmp_path)]
+    assert lrs[0] < lrs[2]
+    assert_close(torch.tensor(lrs, dtype=torch.float64), torch.tensor([0.0, 0.5e-3, 1e-3, 1e-3, 1e-3], dtype=torch.float64))
+
+
 def test_metrics_keys_log_every_and_tensorboard(tmp_path):
     """log_every 2 over 5 steps logs steps 1 (first), 2, 4 and 5 (last); eval every 2 and at the end."""
     _, summary = run(cfg_(max_steps=5, log_every=2, eval_every=2), tmp_path, eval_fn=_eval_fn)
@@ -523,3 +533,39 @@ def test_step_fn_contract_errors(tmp_path):
     frozen = make_model().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         run(cfg_(), tmp_path / "d", model=frozen)
+
+
+# ---------------------------------------------------------------------- processes
+def test_process_share_splits_a_global_micro_batch_into_contiguous_near_equal_parts():
+    for n in range(10):
+        batch = list(range(100, 100 + n))
+        for P in (1, 2, 3, 4):
+            parts = [process_share(batch, P, r) for r in range(P)]
+            assert sum(parts, []) == batch  # contiguous, in order, nothing lost
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+            assert [len(x) for x in parts] == sorted((len(x) for x in parts), reverse=True)
+    assert process_share(list(range(8)), 2, 1) == [4, 5, 6, 7]  # full micro-batch of 2 x 4: the second half
+    assert process_share([7], 2, 1) == []  # a 1-example last micro-batch leaves process 1 nothing (weight-0 pass)
+
+
+def test_a_multi_process_launch_that_accelerate_sees_as_one_process_is_refused(tmp_path, monkeypatch):
+    """torchrun on a machine without GPUs and without train.cpu: each process would train alone on all the data."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"launched as 2 processes .* set train.cpu=true"):
+        run(cfg_(), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharding_engines_are_refused_with_the_reason(kind):
+    """Checkpoints and the saved model come from the main process's copy of the weights: under FSDP/ZeRO a shard."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from alignkit.train.loop import _check_launch
+
+    fake = SimpleNamespace(distributed_type=DistributedType[kind], num_processes=2)
+    with pytest.raises(ValueError, match=r"does not support .*multi_gpu.yaml"):
+        _check_launch(fake)
+

@@ -22,7 +22,7 @@ from alignkit.data.pipeline import prepare_data
 from alignkit.losses import PREFERENCE_LOSSES
 from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_reference, load_tokenizer, reference_context, save_model
 from alignkit.ops.logprobs import sequence_logprobs
-from alignkit.train.loop import StepOutput, train_loop
+from alignkit.train.loop import StepOutput, distributed_state, is_main_process, map_over_processes, train_loop
 from alignkit.train.run import (
     batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, with_autocast, write_summary,
 )
@@ -44,18 +44,32 @@ def concatenated_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def precompute_reference_logps(ref_model, examples: list[dict], pad_token_id: int, batch_size: int, use_ref_context) -> None:
-    """Adds ref_chosen_logps / ref_rejected_logps to each example (in place)."""
+def reference_logps_of(ref_model, examples: list[dict], pad_token_id: int, batch_size: int,
+                       use_ref_context) -> list[tuple[float, float]]:
+    """(log pref(chosen), log pref(rejected)) summed over response tokens, per example."""
     device = model_device(ref_model)
     was_training = ref_model.training
     ref_model.eval()
+    out = []
     for chunk in batches(examples, batch_size):
         batch = to_device(collate_preference(chunk, pad_token_id), device)
         with use_ref_context():
-            chosen, rejected = concatenated_logps(ref_model, batch, average=False)
-        for e, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
-            e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
+            chosen, rejected = concatenated_logps(ref_model, batch, average=False)  # [B], [B]
+        out += zip(chosen.tolist(), rejected.tolist())
     ref_model.train(was_training)
+    return out
+
+
+def precompute_reference_logps(ref_model, examples: list[dict], pad_token_id: int, batch_size: int, use_ref_context,
+                               map_fn=None) -> None:
+    """Adds ref_chosen_logps / ref_rejected_logps to each example (in place). ``map_fn(fn, examples)`` may share
+    the work out (:func:`alignkit.train.loop.map_over_processes`)."""
+    def compute(chunk: list[dict]) -> list[tuple[float, float]]:
+        return reference_logps_of(ref_model, chunk, pad_token_id, batch_size, use_ref_context)
+
+    values = map_fn(compute, examples) if map_fn is not None else compute(examples)
+    for e, (c, r) in zip(examples, values, strict=True):
+        e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
 
 
 def make_dpo_step(cfg: DPOConfig, ref_model=None):
@@ -63,17 +77,7 @@ def make_dpo_step(cfg: DPOConfig, ref_model=None):
     beta = cfg.dpo.beta if cfg.dpo.beta is not None else default_beta(cfg.dpo.loss)
     uses_ref = spec.needs_reference and not cfg.dpo.reference_free
 
-    def loss_kwargs() -> dict:
-        name = cfg.dpo.loss
-        if name in ("dpo", "cdpo"):
-            return {"beta": beta, "label_smoothing": cfg.dpo.label_smoothing, "reference_free": cfg.dpo.reference_free}
-        if name == "ipo":
-            return {"beta": beta}
-        if name == "orpo":
-            return {"lam": cfg.dpo.orpo_lambda}
-        return {"beta": beta, "gamma_beta_ratio": cfg.dpo.simpo_gamma_beta_ratio, "label_smoothing": cfg.dpo.label_smoothing}
-
-    kwargs = loss_kwargs()
+    kwargs = spec.kwargs({**cfg.dpo.model_dump(), "beta": beta})  # the settings this loss takes, by name
 
     def reference_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if "ref_chosen_logps" in batch:
@@ -122,19 +126,21 @@ def train(cfg: DPOConfig, resume: bool = False) -> dict:
     spec = PREFERENCE_LOSSES[cfg.dpo.loss]
     needs_ref = spec.needs_reference and not cfg.dpo.reference_free
 
+    device = distributed_state(cfg.train).device  # where this process trains: the reference works there too
     ref_model = None
     if needs_ref:
         lora = is_peft(model)
         if cfg.dpo.ref_model is not None:
-            ref_model = load_reference(cfg.model, tokenizer, cfg.dpo.ref_model)
+            ref_model = load_reference(cfg.model, tokenizer, cfg.dpo.ref_model).to(device)
         elif not lora and not cfg.dpo.precompute_ref_logps:
-            ref_model = copy_frozen(model)  # the policy's initial weights, frozen
+            ref_model = copy_frozen(model).to(device)  # the policy's initial weights, frozen
         if cfg.dpo.precompute_ref_logps:
-            source = ref_model if ref_model is not None else model
+            source = ref_model if ref_model is not None else model.to(device)
             ctx = (lambda: reference_context(model)) if ref_model is None else (lambda: torch.no_grad())
-            ctx = with_autocast(ctx, cfg.train, model_device(source))
+            ctx = with_autocast(ctx, cfg.train, device)
             log(f"precomputing reference log-probs for {len(data.train) + len(data.eval)} pairs")
-            precompute_reference_logps(source, data.train + data.eval, pad, eval_bs, ctx)
+            precompute_reference_logps(source, data.train + data.eval, pad, eval_bs, ctx,
+                                       map_fn=partial(map_over_processes, cfg.train))  # each process a share
             ref_model = None  # freed: reference log-probs now live in the examples
 
     step_fn, _ = make_dpo_step(cfg, ref_model)
@@ -152,7 +158,10 @@ def train(cfg: DPOConfig, resume: bool = False) -> dict:
         run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc=cfg.dpo.loss,
     )
     if cfg.train.save_model:
-        result["model_dir"] = str(save_model(model, tokenizer, run_dir / "model"))
+        result["model_dir"] = str(run_dir / "model")
+        if is_main_process(cfg.train):
+            save_model(model, tokenizer, run_dir / "model")
     result["data"] = data.report
-    write_summary(run_dir, result)
+    if is_main_process(cfg.train):
+        write_summary(run_dir, result)
     return result

@@ -7,9 +7,16 @@
 The mismatched pairs that estimate z0 are fixed once over the dataset: prompt i with the
 completion of example (i+1) mod N, so their reference log-probs can be precomputed too.
 Each batch runs ONE forward over [matched rows; mismatched rows].
+
+z0 is estimated per micro-batch: over ``train.batch_size`` mismatched rows, on each process of an
+``accelerate launch`` (not over the ``P * batch_size`` rows of the global micro-batch, as with
+grad_accum). So, unlike sft/dpo/rm, P processes of batch b do not exactly reproduce one process of
+batch P*b: each process's z0 is a noisier estimate of the same detached reference point.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -19,7 +26,7 @@ from alignkit.data.pipeline import prepare_data
 from alignkit.losses import kto_loss
 from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_tokenizer, reference_context, save_model
 from alignkit.ops.logprobs import sequence_logprobs
-from alignkit.train.loop import StepOutput, train_loop
+from alignkit.train.loop import StepOutput, distributed_state, is_main_process, map_over_processes, train_loop
 from alignkit.train.run import (
     batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, with_autocast, write_summary,
 )
@@ -61,14 +68,26 @@ def _split_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def precompute_reference(model, examples: list[dict], pad: int, batch_size: int, ctx) -> None:
+def reference_logps_of(model, examples: list[dict], pad: int, batch_size: int, ctx) -> list[tuple[float, float]]:
+    """(log pref(y|x), log pref(y'|x) of the mismatched row) per example."""
     device = model_device(model)
+    out = []
     for chunk in batches(examples, batch_size):
         batch = to_device(collate_kto_rows(chunk, pad), device)
         with ctx():
-            ref, ref_kl = _split_logps(model, batch)
-        for e, a, b in zip(chunk, ref.tolist(), ref_kl.tolist()):
-            e["ref_logps"], e["ref_kl_logps"] = a, b
+            ref, ref_kl = _split_logps(model, batch)  # [B], [B]
+        out += zip(ref.tolist(), ref_kl.tolist())
+    return out
+
+
+def precompute_reference(model, examples: list[dict], pad: int, batch_size: int, ctx, map_fn=None) -> None:
+    """Adds ref_logps / ref_kl_logps to each example (in place); ``map_fn(fn, examples)`` may share the work out."""
+    def compute(chunk: list[dict]) -> list[tuple[float, float]]:
+        return reference_logps_of(model, chunk, pad, batch_size, ctx)
+
+    values = map_fn(compute, examples) if map_fn is not None else compute(examples)
+    for e, (a, b) in zip(examples, values, strict=True):
+        e["ref_logps"], e["ref_kl_logps"] = a, b
 
 
 def make_kto_step(cfg: KTOConfig, ref_model=None):
@@ -113,13 +132,15 @@ def train(cfg: KTOConfig, resume: bool = False) -> dict:
     model = load_policy(cfg.model, tokenizer)
     pad = tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
+    device = distributed_state(cfg.train).device  # where this process trains: the reference works there too
     ref_model = None
     if cfg.kto.precompute_ref_logps:
         log(f"precomputing reference log-probs for {len(data.train) + len(data.eval)} examples")
-        precompute_reference(model, data.train + data.eval, pad, eval_bs,
-                             with_autocast(lambda: reference_context(model), cfg.train, model_device(model)))
+        precompute_reference(model.to(device), data.train + data.eval, pad, eval_bs,
+                             with_autocast(lambda: reference_context(model), cfg.train, device),
+                             map_fn=partial(map_over_processes, cfg.train))  # each process a share
     elif not is_peft(model):
-        ref_model = copy_frozen(model)
+        ref_model = copy_frozen(model).to(device)
     step_fn = make_kto_step(cfg, ref_model)
 
     def collate(examples):
@@ -135,7 +156,10 @@ def train(cfg: KTOConfig, resume: bool = False) -> dict:
     result = train_loop(cfg.train, model=model, train_examples=data.train, collate_fn=collate, step_fn=step_fn,
                         run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc="kto")
     if cfg.train.save_model:
-        result["model_dir"] = str(save_model(model, tokenizer, run_dir / "model"))
+        result["model_dir"] = str(run_dir / "model")
+        if is_main_process(cfg.train):
+            save_model(model, tokenizer, run_dir / "model")
     result["data"] = data.report
-    write_summary(run_dir, result)
+    if is_main_process(cfg.train):
+        write_summary(run_dir, result)
     return result

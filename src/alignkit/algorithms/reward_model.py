@@ -24,7 +24,7 @@ from alignkit.data.pipeline import prepare_data
 from alignkit.losses import bradley_terry_loss
 from alignkit.models.loading import load_reward_model, load_tokenizer, save_model
 from alignkit.ops.logprobs import position_ids_from_mask
-from alignkit.train.loop import StepOutput, train_loop
+from alignkit.train.loop import StepOutput, is_main_process, train_loop
 from alignkit.train.run import batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, write_summary
 
 
@@ -92,13 +92,14 @@ def make_rm_step(use_margin: bool):
         counts = torch.zeros(n_groups, device=losses.device).index_add(0, batch["pair_group"], torch.ones_like(losses))
         loss = (per_group / counts).mean()
         margins = (r_w - r_l).detach()
+        n_pairs = len(margins)
         return StepOutput(
             loss=loss,
-            metrics={
-                "accuracy": float((margins > 0).float().mean()),
-                "margin": float(margins.mean()),
-                "rewards/chosen": float(r_w.detach().mean()),
-                "rewards/rejected": float(r_l.detach().mean()),
+            metrics={  # (sum, count): means over the step's pairs (a training element holds 1 or more pairs)
+                "accuracy": (float((margins > 0).sum()), n_pairs),
+                "margin": (float(margins.sum()), n_pairs),
+                "rewards/chosen": (float(r_w.detach().sum()), n_pairs),
+                "rewards/rejected": (float(r_l.detach().sum()), n_pairs),
             },
             num_tokens=int(batch["attention_mask"].sum()),
         )
@@ -169,10 +170,12 @@ def train(cfg: RMConfig, resume: bool = False) -> dict:
         result["normalization"] = stats
         log(f"score normalisation: raw mean {stats['raw_mean']:.3f} std {stats['raw_std']:.3f} over {stats['n']} responses")
     if cfg.train.save_model:
-        merged = save_model(model, tokenizer, run_dir / "model")
-        result["model_dir"] = str(merged)
+        result["model_dir"] = str(run_dir / "model")
+        if is_main_process(cfg.train):
+            save_model(model, tokenizer, run_dir / "model")
     result["data"] = data.report
-    write_summary(run_dir, result)
+    if is_main_process(cfg.train):
+        write_summary(run_dir, result)
     if result.get("eval"):
         log(f"reward model held-out accuracy {result['eval'].get('accuracy', float('nan')):.3f}, "
             f"margin {result['eval'].get('margin', float('nan')):.3f}")

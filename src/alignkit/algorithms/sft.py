@@ -14,7 +14,7 @@ from alignkit.data.pipeline import prepare_data
 from alignkit.losses import sft_loss
 from alignkit.models.loading import load_policy, load_tokenizer, save_model
 from alignkit.ops.logprobs import first_response_index, token_logprobs
-from alignkit.train.loop import StepOutput, train_loop
+from alignkit.train.loop import StepOutput, is_main_process, train_loop
 from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed, write_summary
 
 
@@ -22,17 +22,18 @@ def sft_step(model, batch: dict) -> StepOutput:
     logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
                            first_index=first_response_index(batch["response_mask"]))  # [B, T]
     losses = sft_loss(logps, batch["response_mask"])  # [B]
-    n_resp = batch["response_mask"].sum()
+    nll_sum = float(-(logps.detach() * batch["response_mask"]).sum())
     return StepOutput(
         loss=losses.mean(),
-        metrics={"nll/token": float(-(logps.detach() * batch["response_mask"]).sum() / n_resp.clamp(min=1))},
+        metrics={"nll/token": (nll_sum, int(batch["response_mask"].sum()))},  # (sum, count): per token over the step
         num_tokens=int(batch["attention_mask"].sum()),
     )
 
 
 def sft_eval_metrics(model, batch: dict) -> tuple[int, dict[str, float]]:
     out = sft_step(model, batch)
-    return batch["input_ids"].shape[0], {"loss": float(out.loss), **out.metrics}
+    nll_sum, n_tokens = out.metrics["nll/token"]
+    return batch["input_ids"].shape[0], {"loss": float(out.loss), "nll/token": nll_sum / max(n_tokens, 1)}
 
 
 def train(cfg: SFTConfig, resume: bool = False) -> dict:
@@ -52,8 +53,11 @@ def train(cfg: SFTConfig, resume: bool = False) -> dict:
         run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc="sft",
     )
     if cfg.train.save_model:
-        result["model_dir"] = str(save_model(model, tokenizer, run_dir / "model"))
+        result["model_dir"] = str(run_dir / "model")
+        if is_main_process(cfg.train):
+            save_model(model, tokenizer, run_dir / "model")
     result["data"] = data.report
-    write_summary(run_dir, result)
+    if is_main_process(cfg.train):
+        write_summary(run_dir, result)
     log(f"sft done: {result.get('model_dir', run_dir)}")
     return result

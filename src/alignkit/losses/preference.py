@@ -8,7 +8,7 @@ docstring says "average"; h = (log pi_w - log pi_l) - (log pref_w - log pref_l).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -163,15 +163,28 @@ def kto_loss(
 
 @dataclass(frozen=True)
 class PreferenceLossSpec:
+    """One row of :data:`PREFERENCE_LOSSES`: the loss, what it takes, and which settings set its keywords."""
+
     fn: Callable[..., PreferenceLossOutput]
     needs_reference: bool  # fn takes (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     average_logps: bool  # inputs are per-token averages rather than sums
+    settings: tuple[tuple[str, str], ...] = ()
+    """``(fn keyword, setting name)`` pairs: the setting (a field of the ``dpo:`` config section) gives the keyword."""
+
+    def kwargs(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """fn's keyword arguments from ``settings`` (setting name -> value, e.g. the resolved ``dpo:`` section)."""
+        return {keyword: settings[name] for keyword, name in self.settings}
 
 
+_DPO_SETTINGS = (("beta", "beta"), ("label_smoothing", "label_smoothing"), ("reference_free", "reference_free"))
 PREFERENCE_LOSSES: dict[str, PreferenceLossSpec] = {
-    "dpo": PreferenceLossSpec(dpo_loss, needs_reference=True, average_logps=False),
-    "cdpo": PreferenceLossSpec(dpo_loss, needs_reference=True, average_logps=False),  # label_smoothing > 0
-    "ipo": PreferenceLossSpec(ipo_loss, needs_reference=True, average_logps=False),
-    "orpo": PreferenceLossSpec(orpo_loss, needs_reference=False, average_logps=True),
-    "simpo": PreferenceLossSpec(simpo_loss, needs_reference=False, average_logps=True),
+    "dpo": PreferenceLossSpec(dpo_loss, needs_reference=True, average_logps=False, settings=_DPO_SETTINGS),
+    "cdpo": PreferenceLossSpec(dpo_loss, needs_reference=True, average_logps=False, settings=_DPO_SETTINGS),
+    "ipo": PreferenceLossSpec(ipo_loss, needs_reference=True, average_logps=False, settings=(("beta", "beta"),)),
+    "orpo": PreferenceLossSpec(orpo_loss, needs_reference=False, average_logps=True,
+                               settings=(("lam", "orpo_lambda"),)),
+    "simpo": PreferenceLossSpec(simpo_loss, needs_reference=False, average_logps=True,
+                                settings=(("beta", "beta"), ("gamma_beta_ratio", "simpo_gamma_beta_ratio"),
+                                          ("label_smoothing", "label_smoothing"))),
 }
+"""Name -> loss. cdpo is dpo with ``label_smoothing`` > 0 (the config requires it)."""

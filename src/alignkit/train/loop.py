@@ -7,21 +7,30 @@
     summary = train_loop(cfg.train, model=model, train_examples=examples, collate_fn=collate,
                          step_fn=step_fn, run_dir=Path(cfg.train.output_dir), eval_fn=evaluate)
 
-One optimizer step = up to ``grad_accum`` micro-batches of ``batch_size`` examples. The data
-order is a permutation drawn per epoch from ``(seed, epoch)``; an epoch's last micro-batch
-may be smaller (nothing is dropped), and an optimizer step never spans two epochs, so
-``steps_per_epoch = ceil(n_micro_batches / grad_accum)``. Micro-batch ``i`` of a step
-contributes ``loss_i * n_i / N`` (``n_i`` its examples, ``N`` the step's), so the accumulated
-gradient is the gradient of the mean loss over the step's examples, whatever the split.
+One optimizer step = up to ``grad_accum`` GLOBAL micro-batches of ``P * batch_size`` examples (``P`` processes,
+``batch_size`` per process). The data order is a permutation drawn per epoch from ``(seed, epoch)``, cut into
+global micro-batches; an epoch's last one may be smaller (nothing is dropped), and an optimizer step never spans
+two epochs, so ``steps_per_epoch = ceil(n_global_micro_batches / grad_accum)``. Process ``r`` takes the
+contiguous part ``r`` of each global micro-batch (:func:`process_share`); a process whose part of a short last
+micro-batch is empty runs a weight-0 pass on one example, so every process makes the same forward/backward calls.
 
-Checkpoints (``train/checkpoint.py``) hold the trainable weights, optimizer, scheduler, RNG
-states, the data position and the algorithm's extra state; ``resume=True`` continues from
-the latest one and reproduces the uninterrupted run exactly.
+Weighting: process ``r``'s micro-batch ``i`` contributes ``loss_ri * n_ri / N * P`` (``n_ri`` its examples, ``N``
+the step's examples over all processes); DDP averages gradients over the ``P`` processes, so the accumulated
+gradient is the gradient of the mean loss over the step's ``N`` examples, whatever the split: ``P`` processes of
+batch ``b`` train exactly as one process of batch ``P * b`` (up to float rounding). Logged loss and metrics are
+example-weighted means over all processes; ``epoch``, ``samples_seen`` and ``tokens_per_s`` count all processes.
+A loss that depends on batch statistics (KTO's z0) is computed over each process's own micro-batch.
+
+Checkpoints (``train/checkpoint.py``) hold the trainable weights, optimizer, scheduler, RNG states, the data
+position (in global micro-batches) and the algorithm's extra state; the main process writes them, every process
+reads them on ``resume=True``, which continues from the latest one and reproduces the uninterrupted run exactly
+(with the same number of processes).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from contextlib import nullcontext
@@ -30,14 +39,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Sampler
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedType, gather_object, parse_flag_from_env, send_to_device, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from alignkit.config import TrainConfig
-from alignkit.train.run import make_accelerator
+from alignkit.ops.seeds import derive_seed
 from alignkit.train.checkpoint import (
     checkpoints_dir,
     latest_checkpoint,
@@ -46,6 +53,8 @@ from alignkit.train.checkpoint import (
     save_checkpoint,
 )
 from alignkit.train.logging import MetricsLogger
+from alignkit.train.optim import build_optimizer
+from alignkit.train.run import make_accelerator
 
 
 @dataclass
@@ -54,8 +63,10 @@ class StepOutput:
 
     loss: torch.Tensor
     """Scalar: the mean loss over the micro-batch's examples (the loop weights micro-batches)."""
-    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
-    """Scalars to log (e.g. ``rewards/chosen``); averaged over the step's micro-batches by examples."""
+    metrics: dict[str, float | torch.Tensor | tuple] = field(default_factory=dict)
+    """Scalars to log (e.g. ``rewards/chosen``), averaged over the step's micro-batches (all processes) by examples;
+    or ``(sum, count)`` pairs for a ratio over the whole step (e.g. ``nll/token``: summed NLL, response tokens),
+    which no split of the step into micro-batches or processes changes."""
     num_tokens: int | torch.Tensor = 0
     """Non-pad tokens processed (for tokens/s)."""
 
@@ -64,17 +75,83 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN/inf; the message names the step and last good checkpoint."""
 
 
+# ---------------------------------------------------------------------- processes
+def distributed_state(cfg: TrainConfig) -> PartialState:
+    """This launch's processes (``accelerate launch``), as the loop's accelerator will see them.
+
+    The first ``PartialState`` of a process fixes its device type: created here with ``cfg.cpu`` (or accelerate's
+    ``ACCELERATE_USE_CPU``) so that a call before :func:`train_loop` (e.g. :func:`map_over_processes`) agrees with
+    the loop's ``Accelerator``."""
+    return PartialState(cpu=cfg.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def is_main_process(cfg: TrainConfig) -> bool:
+    """True on the process that writes files (the only one without ``accelerate launch``)."""
+    return distributed_state(cfg).is_main_process
+
+
+def map_over_processes(cfg: TrainConfig, fn: Callable[[list], list], items: list) -> list:
+    """``fn(items)`` computed as ``P`` contiguous shards, one per process, gathered in order on every process.
+
+    For per-example work before training (reference log-probs): ``P`` processes do it ``P`` times faster and all
+    of them end up with every result. ``fn`` must return one result per item; with one process it is ``fn(items)``.
+    """
+    state = distributed_state(cfg)
+    if state.num_processes == 1:
+        return fn(items)
+    mine = process_share(list(range(len(items))), state.num_processes, state.process_index)
+    results = fn([items[i] for i in mine]) if mine else []
+    if len(results) != len(mine):
+        raise ValueError(f"map_over_processes: fn returned {len(results)} results for {len(mine)} items")
+    gathered = gather_object([results])  # P lists, in process order = item order
+    return [r for part in gathered for r in part]
+
+
+def _check_launch(accelerator: Accelerator) -> None:
+    """Refuse launches this loop would run wrongly, with the reason.
+
+    - N processes that accelerate sees as 1 (``torchrun`` on a machine without GPUs, CPU not asked for) would train
+      N unsynchronised copies writing the same files.
+    - FSDP / DeepSpeed shard the weights or the optimizer state: checkpoints here are written by the main process
+      from its own copy, and DeepSpeed steps the optimizer inside ``backward`` (per micro-batch), so exact resume,
+      the saved model and ``grad_accum`` would all be wrong. DDP (configs/accelerate/multi_gpu.yaml) is supported.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    kind = accelerator.distributed_type
+    if world > accelerator.num_processes:
+        raise ValueError(
+            f"launched as {world} processes (WORLD_SIZE={world}) but accelerate runs {accelerator.num_processes} "
+            f"({kind}): every process would train alone on all the data. On a machine "
+            "without GPUs set train.cpu=true (or ACCELERATE_USE_CPU=true) so the processes join over gloo"
+        )
+    if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(
+            f"the offline training loop does not support {kind} yet (sharded weights/optimizer state: its checkpoints "
+            "and saved model would be one process's shard, and DeepSpeed steps inside backward). Launch with "
+            "data parallelism instead: accelerate launch --config_file configs/accelerate/multi_gpu.yaml (docs/gpus.md)"
+        )
+    for engine in ("FSDP", "DEEPSPEED"):
+        if parse_flag_from_env(f"ACCELERATE_USE_{engine}") and kind == DistributedType.MULTI_CPU:
+            warnings.warn(f"{engine} was requested, but accelerate runs CPU processes as plain DDP ({kind})",
+                          stacklevel=3)
+
+
 # ---------------------------------------------------------------------- data order
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (2**63)
-
-
 def epoch_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Micro-batches of example indices for one epoch: a permutation drawn from ``(seed, epoch)``,
-    cut into chunks of ``batch_size`` (the last one may be smaller)."""
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+    cut into chunks of ``batch_size`` (the last one may be smaller). The loop cuts it into global
+    micro-batches of ``num_processes * batch_size``."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch))
     perm = torch.randperm(n_examples, generator=generator).tolist()
     return [perm[i : i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def process_share(global_batch: list[int], num_processes: int, rank: int) -> list[int]:
+    """Process ``rank``'s contiguous part of a global micro-batch: ``P`` parts as equal as can be, the first
+    ``len % P`` one larger (a full global micro-batch of ``P * b`` gives every process ``b``; parts may be empty)."""
+    q, extra = divmod(len(global_batch), num_processes)
+    start = rank * q + min(rank, extra)
+    return global_batch[start : start + q + (rank < extra)]
 
 
 def steps_per_epoch(n_micro_batches: int, grad_accum: int) -> int:
@@ -82,65 +159,31 @@ def steps_per_epoch(n_micro_batches: int, grad_accum: int) -> int:
 
 
 def total_steps(cfg: TrainConfig, n_micro_batches: int) -> int:
-    """``max_steps`` if set, else ``epochs * ceil(n_micro_batches / grad_accum)``."""
+    """``max_steps`` if set, else ``epochs * ceil(n_micro_batches / grad_accum)`` (global micro-batches)."""
     return cfg.max_steps or cfg.epochs * steps_per_epoch(n_micro_batches, cfg.grad_accum)
 
 
-class _EpochBatches(Sampler[list[int]]):
-    """Batch sampler over one epoch's micro-batches, starting at a given one (for resume)."""
-
-    def __init__(self, n_examples: int, batch_size: int, seed: int, skip_factor: int):
-        super().__init__()
-        self.n_examples, self.batch_size, self.seed = n_examples, batch_size, seed
-        self.skip_factor = skip_factor  # micro-batches of the whole epoch per local micro-batch
-        self.drop_last = False
-        self.reset(0, 0)
-
-    def reset(self, epoch: int, start: int) -> None:
-        batches = epoch_batches(self.n_examples, self.batch_size, self.seed, epoch)
-        self.batches = batches[start * self.skip_factor :]
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class _WithSize:
-    """Collate wrapper: ``(number of examples, collate_fn(examples))``."""
-
-    def __init__(self, collate_fn: Callable[[list], Any]):
-        self.collate_fn = collate_fn
-
-    def __call__(self, examples: list) -> tuple[int, Any]:
-        return len(examples), self.collate_fn(examples)
-
-
-def _step_batches(loader, sampler: _EpochBatches, grad_accum: int, epoch: int, batch_in_epoch: int):
-    """Yield ``(epoch, batch_in_epoch after the step, [(n_i, batch_i), ...])`` per optimizer step,
-    epoch after epoch."""
+def _step_batches(n_examples: int, global_batch: int, grad_accum: int, seed: int, epoch: int, batch_in_epoch: int):
+    """Yield ``(epoch, batch_in_epoch after the step, [global micro-batch, ...])`` per optimizer step, epoch
+    after epoch, starting at global micro-batch ``batch_in_epoch`` of ``epoch`` (resume)."""
     while True:
-        sampler.reset(epoch, batch_in_epoch)
-        pending = []
-        for item in loader:
-            pending.append(item)
-            batch_in_epoch += 1
-            if len(pending) == grad_accum:
-                yield epoch, batch_in_epoch, pending
-                pending = []
-        if pending:
-            yield epoch, batch_in_epoch, pending
+        batches = epoch_batches(n_examples, global_batch, seed, epoch)
+        for start in range(batch_in_epoch, len(batches), grad_accum):
+            micro = batches[start : start + grad_accum]
+            yield epoch, start + len(micro), micro
         epoch, batch_in_epoch = epoch + 1, 0
 
 
 # ---------------------------------------------------------------------- helpers
-def _checked_loss(loss: torch.Tensor, step: int, micro: int, n_micro: int, last_ckpt: Path | None) -> float:
+def _checked_loss(loss: torch.Tensor, step: int, micro: int, n_micro: int, last_ckpt: Path | None,
+                  raise_now: bool = True) -> float:
+    """The loss as a float; a NaN/inf one raises at once when ``raise_now`` (one process). With several
+    processes every one must reach the step's all-reduce first, so the loop raises there, on all of them."""
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"step_fn must return a scalar loss (mean over the micro-batch), got {shape}")
     value = loss.detach().float().item()
-    if not math.isfinite(value):
+    if raise_now and not math.isfinite(value):
         raise NonFiniteLossError(
             f"non-finite loss ({value}) at step {step} (micro-batch {micro + 1}/{n_micro}); stopped before "
             f"backward. Last good checkpoint: {_ckpt_text(last_ckpt)}"
@@ -152,19 +195,21 @@ def _ckpt_text(path: Path | None) -> str:
     return str(path) if path is not None else "none (no checkpoint saved yet)"
 
 
-def _as_metric(value: float | torch.Tensor) -> float | torch.Tensor:
-    return value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+def _num(value: float | torch.Tensor) -> float:
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _reduce_over_processes(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
-    """Mean over processes (``tokens_per_s``: sum). Identity on one process."""
-    if accelerator.num_processes == 1:
-        return metrics
-    keys = list(metrics)
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float32, device=accelerator.device)
-    values = accelerator.reduce(values, reduction="sum").tolist()
-    n = accelerator.num_processes
-    return {k: v if k == "tokens_per_s" else v / n for k, v in zip(keys, values)}
+def _global_stats(accelerator: Accelerator, local: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """``{name: (sum of n * value, n)}`` of this process -> ``{name: example-weighted mean over all processes}``.
+
+    A name missing on some process (or micro-batch) is averaged over the examples that have it."""
+    parts = [local] if accelerator.num_processes == 1 else gather_object([local])
+    totals: dict[str, list[float]] = {}
+    for part in parts:
+        for k, (num, den) in part.items():
+            t = totals.setdefault(k, [0.0, 0.0])
+            t[0], t[1] = t[0] + num, t[1] + den
+    return {k: num / den if den else float("nan") for k, (num, den) in totals.items()}
 
 
 def _warn_if_dropout(model: torch.nn.Module) -> None:
@@ -200,11 +245,12 @@ def train_loop(
     desc: str = "train",
     keep_checkpoints: int | None = 2,
 ) -> dict:
-    """Train ``model`` with AdamW over its trainable parameters; returns a summary dict.
+    """Train ``model``'s trainable parameters with :func:`alignkit.train.optim.build_optimizer` (AdamW, the
+    ``train.scheduler`` schedule with ``train.warmup_steps`` of warm-up); returns a summary dict.
 
-    ``step_fn(model, batch) -> StepOutput`` computes one micro-batch's mean loss;
-    ``eval_fn(model) -> dict | None`` runs every ``cfg.eval_every`` steps and at the end (logged
-    as ``eval/<key>``). ``extra_state_fn()`` returns JSON-serialisable algorithm state stored in
+    ``step_fn(model, batch) -> StepOutput`` computes one micro-batch's mean loss; every process calls it equally
+    often (forwards through a DDP module are collective). ``eval_fn(model) -> dict | None`` runs on every process
+    every ``cfg.eval_every`` steps and at the end (the main process logs it as ``eval/<key>``). ``extra_state_fn()`` returns JSON-serialisable algorithm state stored in
     each checkpoint and handed back to ``load_extra_state_fn`` on resume. Logs go to
     ``run_dir/metrics.jsonl`` and ``run_dir/tb``; checkpoints to ``run_dir/checkpoints``.
 
@@ -220,14 +266,15 @@ def train_loop(
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
 
     accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.cpu)
-    main = accelerator.is_main_process
+    _check_launch(accelerator)
+    main, P, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     set_seed(cfg.seed)
     resume_from = _resume_checkpoint(run_dir, resume)
     own_logger = logger is None
     logger = logger if logger is not None else MetricsLogger(run_dir, enabled=main)
 
-    # Micro-batches per epoch on this process (accelerate gives each process every P-th one).
-    n_batches = math.ceil(math.ceil(n_examples / cfg.batch_size) / accelerator.num_processes)
+    global_batch = P * cfg.batch_size  # examples per global micro-batch, over all processes
+    n_batches = math.ceil(n_examples / global_batch)  # global micro-batches per epoch
     n_steps = total_steps(cfg, n_batches)
     plan = {
         "n_examples": n_examples,
@@ -235,26 +282,13 @@ def train_loop(
         "grad_accum": cfg.grad_accum,
         "seed": cfg.seed,
         "total_steps": n_steps,
-        "num_processes": accelerator.num_processes,
+        "num_processes": P,
     }
 
-    optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay
-    )
-    # Not passed through accelerator.prepare: its wrapper steps once per process per step,
-    # while our step count is already per process.
-    scheduler = get_scheduler(
-        cfg.scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=n_steps
-    )
-    sampler = _EpochBatches(n_examples, cfg.batch_size, cfg.seed, skip_factor=accelerator.num_processes)
-    loader = DataLoader(
-        train_examples,
-        batch_sampler=sampler,
-        collate_fn=_WithSize(collate_fn),
-        # DataLoader draws a base seed per iterator: from this generator, not from the global RNG.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # The scheduler is not passed through accelerator.prepare: its wrapper steps once per process per step.
+    # Nor is the data: each process indexes its share of the global micro-batches itself (see the module doc).
+    optimizer, scheduler = build_optimizer(trainable, cfg, n_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -275,10 +309,10 @@ def train_loop(
     model.train()
     optimizer.zero_grad(set_to_none=True)
     if main:
+        per = f"{P} processes x {cfg.batch_size}" if P > 1 else f"{cfg.batch_size}"
         tqdm.write(
-            f"{desc}: {n_examples} examples, {n_batches} micro-batches of {cfg.batch_size} per epoch"
-            f"{' per process' if accelerator.num_processes > 1 else ''}, grad_accum {cfg.grad_accum}, "
-            f"{n_steps} optimizer steps, {sum(p.numel() for p in params):,} trainable parameters"
+            f"{desc}: {n_examples} examples, {n_batches} micro-batches of {per} per epoch, grad_accum "
+            f"{cfg.grad_accum}, {n_steps} optimizer steps, {sum(p.numel() for p in params):,} trainable parameters"
             + (f"; resuming from {resume_from}" if resume_from else "")
         )
 
@@ -290,7 +324,7 @@ def train_loop(
     t_start = time.perf_counter()
 
     def evaluate(at_step: int) -> dict[str, float] | None:
-        metrics = eval_fn(model)
+        metrics = eval_fn(model)  # every process evaluates (forwards through a DDP/FSDP module are collective)
         model.train()
         if metrics:
             logger.log(metrics, at_step, prefix="eval/")
@@ -316,7 +350,7 @@ def train_loop(
         accelerator.wait_for_everyone()
         return path
 
-    batches = _step_batches(loader, sampler, cfg.grad_accum, epoch, batch_in_epoch)
+    batches = _step_batches(n_examples, global_batch, cfg.grad_accum, cfg.seed, epoch, batch_in_epoch)
     bar = tqdm(total=n_steps, initial=step, desc=desc, disable=not main, dynamic_ncols=True)
     try:
         if step >= n_steps and main:
@@ -328,22 +362,44 @@ def train_loop(
             log_now = step % cfg.log_every == 0 or step in (1, n_steps)
             collect = log_now or step == first_step
 
-            # ---- forward/backward over the micro-batches: grad = d/dtheta sum_i (n_i/N) loss_i
-            n_step = sum(n_i for n_i, _ in micro)
-            loss, step_tokens = 0.0, 0
-            metric_sums: dict[str, float | torch.Tensor] = {}
-            for i, (n_i, batch) in enumerate(micro):
-                weight = n_i / n_step
+            # ---- forward/backward over this process's micro-batches:
+            #      grad = d/dtheta sum_i (n_ri / N) * P * loss_ri, averaged over processes by DDP
+            n_step = sum(len(g) for g in micro)  # N: the step's examples over all processes
+            loss_sum, step_tokens, bad_loss = 0.0, 0, None  # loss_sum: sum_i n_ri * loss_ri
+            metric_sums: dict[str, tuple[float, float]] = {}
+            for i, global_ids in enumerate(micro):
+                ids = process_share(global_ids, P, rank)
+                n_i = len(ids)
+                batch = collate_fn([train_examples[j] for j in (ids or global_ids[:1])])  # empty share: weight 0
+                batch = send_to_device(batch, accelerator.device)
                 last = i == len(micro) - 1
                 with nullcontext() if last else accelerator.no_sync(model):
                     out = step_fn(model, batch)
-                    loss_i = _checked_loss(out.loss, step, i, len(micro), last_ckpt)
-                    accelerator.backward(out.loss * weight)
-                loss += weight * loss_i
-                step_tokens += out.num_tokens
+                    loss_i = _checked_loss(out.loss, step, i, len(micro), last_ckpt, raise_now=P == 1)
+                    accelerator.backward(out.loss * (n_i / n_step * P))
+                if n_i == 0:
+                    continue
+                if not math.isfinite(loss_i):
+                    bad_loss = bad_loss or (loss_i, i)
+                loss_sum += n_i * loss_i
+                step_tokens += int(out.num_tokens)
                 if collect:
                     for k, v in out.metrics.items():
-                        metric_sums[k] = metric_sums.get(k, 0.0) + weight * _as_metric(v)
+                        num, den = metric_sums.get(k, (0.0, 0))
+                        add = (_num(v[0]), _num(v[1])) if isinstance(v, tuple) else (n_i * _num(v), n_i)
+                        metric_sums[k] = (num + add[0], den + add[1])
+
+            if P > 1:  # one small all-reduce per step: global loss and tokens, and whether any loss was NaN/inf
+                totals = torch.tensor([loss_sum, step_tokens, bad_loss is not None], dtype=torch.float64)
+                loss_sum, step_tokens, n_bad = accelerator.reduce(totals.to(accelerator.device), "sum").tolist()
+                step_tokens = int(step_tokens)
+                if n_bad:
+                    where = f"here: {bad_loss[0]} in micro-batch {bad_loss[1] + 1}/{len(micro)}" if bad_loss else ""
+                    raise NonFiniteLossError(
+                        f"non-finite loss on {int(n_bad)} of {P} processes ({where or 'not on this one'}) at step "
+                        f"{step}; stopped before the update. Last good checkpoint: {_ckpt_text(last_ckpt)}"
+                    )
+            loss = loss_sum / n_step
 
             # ---- update
             lr = scheduler.get_last_lr()[0]
@@ -359,9 +415,8 @@ def train_loop(
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # ---- position after this step
+            # ---- position after this step (global: every process counts all processes' examples)
             samples_seen += n_step
-            step_tokens = int(step_tokens)
             tokens_seen += step_tokens
             run_tokens += step_tokens
             window_tokens += step_tokens
@@ -384,8 +439,7 @@ def train_loop(
                 clash = sorted(set(stats) & set(metric_sums))
                 if clash:
                     raise ValueError(f"step_fn metrics {clash} clash with the loop's own; rename them")
-                stats.update({k: float(v) for k, v in metric_sums.items()})
-                stats = _reduce_over_processes(accelerator, stats)
+                stats.update(_global_stats(accelerator, metric_sums))
                 if step == first_step and main:
                     tqdm.write(f"{desc} " + _format_stats(step, stats))
                 if log_now:
