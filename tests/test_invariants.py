@@ -12,6 +12,7 @@ from alignkit.algorithms.dpo import concatenated_logps, make_dpo_step, precomput
 from alignkit.config import DPOConfig, LoraConfig
 from alignkit.data.collate import collate_preference
 from alignkit.models.loading import apply_lora, reference_context
+from alignkit.models.reference import Reference
 from alignkit.models.tiny import tiny_causal_lm
 from alignkit.ops.logprobs import gather_logprobs, sequence_logprobs, token_logprobs
 
@@ -98,17 +99,17 @@ def test_precomputed_reference_equals_on_the_fly(lm):
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
     cfg = DPOConfig()
-    on_the_fly_step, _ = make_dpo_step(cfg, ref_model=model)
+    on_the_fly_step, _ = make_dpo_step(cfg, Reference.of_policy(policy, ref_model=model))  # a frozen reference
     batch = collate_preference(ex, tok.pad_token_id)
     expected = on_the_fly_step(policy, batch)
 
     pre = copy.deepcopy(ex)
-    precompute_reference_logps(model, pre, tok.pad_token_id, batch_size=1, use_ref_context=torch.no_grad)
+    precompute_reference_logps(Reference("frozen", model), pre, tok.pad_token_id, batch_size=1)
     from alignkit.algorithms.dpo import collate_with_ref
 
     batch_pre = collate_with_ref(pre, tok.pad_token_id)
     assert "ref_chosen_logps" in batch_pre
-    step, _ = make_dpo_step(cfg, ref_model=None)
+    step, _ = make_dpo_step(cfg, Reference.precomputed(None))
     got = step(policy, batch_pre)
     assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-5)
     for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
@@ -117,7 +118,7 @@ def test_precomputed_reference_equals_on_the_fly(lm):
 
 def test_dpo_step_at_policy_equal_reference_is_log2(lm):
     model, tok = lm
-    step, _ = make_dpo_step(DPOConfig(), ref_model=model)
+    step, _ = make_dpo_step(DPOConfig(), Reference("frozen", model))
     out = step(model, collate_preference(_pref_examples(tok), tok.pad_token_id))
     assert_close(out.loss, torch.tensor(0.6931471805599453), atol=1e-6, rtol=0)
     assert out.metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)

@@ -12,6 +12,7 @@ rewards/accuracies, logps/chosen, logps/rejected.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -20,11 +21,12 @@ from alignkit.config import DPOConfig, default_beta
 from alignkit.data.collate import collate_preference
 from alignkit.data.pipeline import prepare_data
 from alignkit.losses import PREFERENCE_LOSSES
-from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_reference, load_tokenizer, reference_context, save_model
+from alignkit.models.loading import load_policy, load_reference, load_tokenizer, save_model
+from alignkit.models.reference import Reference
 from alignkit.ops.logprobs import sequence_logprobs
 from alignkit.train.loop import StepOutput, distributed_state, is_main_process, map_over_processes, train_loop
 from alignkit.train.run import (
-    batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, with_autocast, write_summary,
+    autocast_for, batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, write_summary,
 )
 
 
@@ -43,36 +45,32 @@ def concatenated_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor,
     return logps[:n], logps[n:]
 
 
-@torch.no_grad()
-def reference_logps_of(ref_model, examples: list[dict], pad_token_id: int, batch_size: int,
-                       use_ref_context) -> list[tuple[float, float]]:
+def reference_logps_of(ref: Reference, examples: list[dict], pad_token_id: int, batch_size: int,
+                       amp=contextlib.nullcontext) -> list[tuple[float, float]]:
     """(log pref(chosen), log pref(rejected)) summed over response tokens, per example."""
-    device = model_device(ref_model)
-    was_training = ref_model.training
-    ref_model.eval()
+    device = model_device(ref.model)
     out = []
     for chunk in batches(examples, batch_size):
         batch = to_device(collate_preference(chunk, pad_token_id), device)
-        with use_ref_context():
-            chosen, rejected = concatenated_logps(ref_model, batch, average=False)  # [B], [B]
+        with amp():
+            chosen, rejected = ref.logprobs(concatenated_logps, batch, average=False)  # [B], [B]
         out += zip(chosen.tolist(), rejected.tolist())
-    ref_model.train(was_training)
     return out
 
 
-def precompute_reference_logps(ref_model, examples: list[dict], pad_token_id: int, batch_size: int, use_ref_context,
-                               map_fn=None) -> None:
+def precompute_reference_logps(ref: Reference, examples: list[dict], pad_token_id: int, batch_size: int,
+                               amp=contextlib.nullcontext, map_fn=None) -> None:
     """Adds ref_chosen_logps / ref_rejected_logps to each example (in place). ``map_fn(fn, examples)`` may share
     the work out (:func:`alignkit.train.loop.map_over_processes`)."""
     def compute(chunk: list[dict]) -> list[tuple[float, float]]:
-        return reference_logps_of(ref_model, chunk, pad_token_id, batch_size, use_ref_context)
+        return reference_logps_of(ref, chunk, pad_token_id, batch_size, amp)
 
     values = map_fn(compute, examples) if map_fn is not None else compute(examples)
     for e, (c, r) in zip(examples, values, strict=True):
         e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
 
 
-def make_dpo_step(cfg: DPOConfig, ref_model=None):
+def make_dpo_step(cfg: DPOConfig, ref: Reference | None = None):
     spec = PREFERENCE_LOSSES[cfg.dpo.loss]
     beta = cfg.dpo.beta if cfg.dpo.beta is not None else default_beta(cfg.dpo.loss)
     uses_ref = spec.needs_reference and not cfg.dpo.reference_free
@@ -80,13 +78,9 @@ def make_dpo_step(cfg: DPOConfig, ref_model=None):
     kwargs = spec.kwargs({**cfg.dpo.model_dump(), "beta": beta})  # the settings this loss takes, by name
 
     def reference_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        if "ref_chosen_logps" in batch:
+        if "ref_chosen_logps" in batch:  # precomputed
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        with torch.no_grad():
-            if ref_model is not None:
-                return concatenated_logps(ref_model, batch, average=False)
-            with reference_context(model):
-                return concatenated_logps(model, batch, average=False)
+        return ref.logprobs(concatenated_logps, batch, average=False)
 
     def dpo_step(model, batch: dict) -> StepOutput:
         chosen_logps, rejected_logps = concatenated_logps(model, batch, average=spec.average_logps)  # [B], [B]
@@ -127,23 +121,19 @@ def train(cfg: DPOConfig, resume: bool = False) -> dict:
     needs_ref = spec.needs_reference and not cfg.dpo.reference_free
 
     device = distributed_state(cfg.train).device  # where this process trains: the reference works there too
-    ref_model = None
+    ref = None
     if needs_ref:
-        lora = is_peft(model)
-        if cfg.dpo.ref_model is not None:
-            ref_model = load_reference(cfg.model, tokenizer, cfg.dpo.ref_model).to(device)
-        elif not lora and not cfg.dpo.precompute_ref_logps:
-            ref_model = copy_frozen(model).to(device)  # the policy's initial weights, frozen
+        ref_model = load_reference(cfg.model, tokenizer, cfg.dpo.ref_model) if cfg.dpo.ref_model is not None else None
+        model.to(device)
+        ref = Reference.of_policy(model, ref_model, copy=not cfg.dpo.precompute_ref_logps).to(device)
         if cfg.dpo.precompute_ref_logps:
-            source = ref_model if ref_model is not None else model.to(device)
-            ctx = (lambda: reference_context(model)) if ref_model is None else (lambda: torch.no_grad())
-            ctx = with_autocast(ctx, cfg.train, device)
-            log(f"precomputing reference log-probs for {len(data.train) + len(data.eval)} pairs")
-            precompute_reference_logps(source, data.train + data.eval, pad, eval_bs, ctx,
+            log(f"precomputing reference log-probs ({ref}) for {len(data.train) + len(data.eval)} pairs")
+            precompute_reference_logps(ref, data.train + data.eval, pad, eval_bs,
+                                       lambda: autocast_for(cfg.train, device),
                                        map_fn=partial(map_over_processes, cfg.train))  # each process a share
-            ref_model = None  # freed: reference log-probs now live in the examples
+            ref = Reference.precomputed("ref_chosen_logps/ref_rejected_logps on each example")  # the model is freed
 
-    step_fn, _ = make_dpo_step(cfg, ref_model)
+    step_fn, _ = make_dpo_step(cfg, ref)
     collate = partial(collate_with_ref, pad_token_id=pad)
 
     def eval_metrics(m, batch):

@@ -16,6 +16,7 @@ batch P*b: each process's z0 is a noisier estimate of the same detached referenc
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -24,11 +25,12 @@ from alignkit.config import KTOConfig
 from alignkit.data.collate import pad_sequences
 from alignkit.data.pipeline import prepare_data
 from alignkit.losses import kto_loss
-from alignkit.models.loading import copy_frozen, is_peft, load_policy, load_tokenizer, reference_context, save_model
+from alignkit.models.loading import load_policy, load_tokenizer, save_model
+from alignkit.models.reference import Reference
 from alignkit.ops.logprobs import sequence_logprobs
 from alignkit.train.loop import StepOutput, distributed_state, is_main_process, map_over_processes, train_loop
 from alignkit.train.run import (
-    batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, with_autocast, write_summary,
+    batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, autocast_for, write_summary,
 )
 
 
@@ -67,41 +69,37 @@ def _split_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return logps[:n], logps[n:]
 
 
-@torch.no_grad()
-def reference_logps_of(model, examples: list[dict], pad: int, batch_size: int, ctx) -> list[tuple[float, float]]:
+def reference_logps_of(ref: Reference, examples: list[dict], pad: int, batch_size: int,
+                       amp=contextlib.nullcontext) -> list[tuple[float, float]]:
     """(log pref(y|x), log pref(y'|x) of the mismatched row) per example."""
-    device = model_device(model)
+    device = model_device(ref.model)
     out = []
     for chunk in batches(examples, batch_size):
         batch = to_device(collate_kto_rows(chunk, pad), device)
-        with ctx():
-            ref, ref_kl = _split_logps(model, batch)  # [B], [B]
-        out += zip(ref.tolist(), ref_kl.tolist())
+        with amp():
+            ref_logps, ref_kl = ref.logprobs(_split_logps, batch)  # [B], [B]
+        out += zip(ref_logps.tolist(), ref_kl.tolist())
     return out
 
 
-def precompute_reference(model, examples: list[dict], pad: int, batch_size: int, ctx, map_fn=None) -> None:
+def precompute_reference(ref: Reference, examples: list[dict], pad: int, batch_size: int,
+                         amp=contextlib.nullcontext, map_fn=None) -> None:
     """Adds ref_logps / ref_kl_logps to each example (in place); ``map_fn(fn, examples)`` may share the work out."""
     def compute(chunk: list[dict]) -> list[tuple[float, float]]:
-        return reference_logps_of(model, chunk, pad, batch_size, ctx)
+        return reference_logps_of(ref, chunk, pad, batch_size, amp)
 
     values = map_fn(compute, examples) if map_fn is not None else compute(examples)
     for e, (a, b) in zip(examples, values, strict=True):
         e["ref_logps"], e["ref_kl_logps"] = a, b
 
 
-def make_kto_step(cfg: KTOConfig, ref_model=None):
+def make_kto_step(cfg: KTOConfig, ref: Reference | None = None):
     def kto_step(model, batch: dict) -> StepOutput:
         policy_logps, policy_kl_logps = _split_logps(model, batch)  # [B], [B]
-        if "ref_logps" in batch:
+        if "ref_logps" in batch:  # precomputed
             ref_logps, ref_kl_logps = batch["ref_logps"], batch["ref_kl_logps"]
         else:
-            with torch.no_grad():
-                if ref_model is not None:
-                    ref_logps, ref_kl_logps = _split_logps(ref_model, batch)
-                else:
-                    with reference_context(model):
-                        ref_logps, ref_kl_logps = _split_logps(model, batch)
+            ref_logps, ref_kl_logps = ref.logprobs(_split_logps, batch)
         out = kto_loss(policy_logps, ref_logps, batch["label"], policy_kl_logps, ref_kl_logps,
                        beta=cfg.kto.beta, desirable_weight=cfg.kto.desirable_weight,
                        undesirable_weight=cfg.kto.undesirable_weight)
@@ -133,15 +131,14 @@ def train(cfg: KTOConfig, resume: bool = False) -> dict:
     pad = tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     device = distributed_state(cfg.train).device  # where this process trains: the reference works there too
-    ref_model = None
+    model.to(device)
+    ref = Reference.of_policy(model, copy=not cfg.kto.precompute_ref_logps).to(device)
     if cfg.kto.precompute_ref_logps:
-        log(f"precomputing reference log-probs for {len(data.train) + len(data.eval)} examples")
-        precompute_reference(model.to(device), data.train + data.eval, pad, eval_bs,
-                             with_autocast(lambda: reference_context(model), cfg.train, device),
+        log(f"precomputing reference log-probs ({ref}) for {len(data.train) + len(data.eval)} examples")
+        precompute_reference(ref, data.train + data.eval, pad, eval_bs, lambda: autocast_for(cfg.train, device),
                              map_fn=partial(map_over_processes, cfg.train))  # each process a share
-    elif not is_peft(model):
-        ref_model = copy_frozen(model).to(device)
-    step_fn = make_kto_step(cfg, ref_model)
+        ref = Reference.precomputed("ref_logps/ref_kl_logps on each example")
+    step_fn = make_kto_step(cfg, ref)
 
     def collate(examples):
         return collate_kto_rows(examples, pad)

@@ -11,23 +11,10 @@ from functools import partial
 from alignkit.config import SFTConfig
 from alignkit.data.collate import collate_sft
 from alignkit.data.pipeline import prepare_data
-from alignkit.losses import sft_loss
 from alignkit.models.loading import load_policy, load_tokenizer, save_model
-from alignkit.ops.logprobs import first_response_index, token_logprobs
-from alignkit.train.loop import StepOutput, is_main_process, train_loop
+from alignkit.train.loop import is_main_process, train_loop
+from alignkit.train.steps import sft_step
 from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed, write_summary
-
-
-def sft_step(model, batch: dict) -> StepOutput:
-    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                           first_index=first_response_index(batch["response_mask"]))  # [B, T]
-    losses = sft_loss(logps, batch["response_mask"])  # [B]
-    nll_sum = float(-(logps.detach() * batch["response_mask"]).sum())
-    return StepOutput(
-        loss=losses.mean(),
-        metrics={"nll/token": (nll_sum, int(batch["response_mask"].sum()))},  # (sum, count): per token over the step
-        num_tokens=int(batch["attention_mask"].sum()),
-    )
 
 
 def sft_eval_metrics(model, batch: dict) -> tuple[int, dict[str, float]]:

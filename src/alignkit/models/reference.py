@@ -31,16 +31,17 @@ class Reference:
         self.kind, self.model, self.values = kind, model, values
 
     @classmethod
-    def of_policy(cls, policy, ref_model=None) -> "Reference":
+    def of_policy(cls, policy, ref_model=None, copy: bool = True) -> "Reference":
         """pi_ref for a policy about to be trained: ``ref_model`` if given (frozen), else the adapter-disabled
-        policy under LoRA, else a frozen copy of the policy's current (initial) weights."""
+        policy under LoRA, else a frozen copy of the policy's current (initial) weights. ``copy=False`` uses the
+        policy itself instead of a copy: valid only until its first update (to precompute log-probs)."""
         if ref_model is not None:
             ref_model.requires_grad_(False)
             return cls("frozen", ref_model.eval())
         unwrapped = getattr(policy, "module", policy)
         if is_peft(unwrapped):
             return cls("adapters_off", policy)
-        return cls("frozen", copy_frozen(unwrapped))
+        return cls("frozen", copy_frozen(unwrapped) if copy else policy)
 
     @classmethod
     def precomputed(cls, values: Any) -> "Reference":

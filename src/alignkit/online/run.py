@@ -305,7 +305,8 @@ class OnlineRun:
         """Supervised steps inside an online run (online DPO's pairs, rejection sampling's best samples):
         ``steps`` optimizer steps (or ``epochs`` passes) over ``examples`` in a permutation drawn from ``seed``
         (cycled), ``train.grad_accum`` micro-batches of ``train.batch_size`` each. ``step_fn(model, batch)`` is an
-        offline step (``train.loop.StepOutput``: the micro-batch's mean loss). Each micro-batch weighs its share
+        offline step (``train.loop.StepOutput``: the micro-batch's mean loss; metrics plain means or ``(sum, count)``
+        pairs, reduced over the step's examples on every process). Each micro-batch weighs its share
         of the step's examples over ALL processes, so the gradient is that of the mean loss over the step,
         whatever the split; a process without examples runs ``dummy`` at weight 0 (DDP needs every process in the
         backward). Returns the metrics (``loss``, ``grad_norm``, the step's own) averaged over steps."""
@@ -326,16 +327,20 @@ class OnlineRun:
             idx = [order[(cursor + k) % len(order)] for k in range(min(per_step, len(order)))] if order else []
             cursor += len(idx)
             total = float(self.all_sum(torch.tensor(float(len(idx)))))
-            stats: dict[str, float] = {}
+            num: dict[str, float] = {}  # metric -> (sum over this step's examples, count), then over processes
+            den: dict[str, float] = {}
             for m in range(n_micro):
                 micro = idx[m * t.batch_size : (m + 1) * t.batch_size]
                 rows = [examples[i] for i in micro] or examples[:1] or [dummy]  # an empty share joins at weight 0
                 with self.autocast():
                     out = step_fn(self.model, to_device(collate_fn(rows), self.device))
-                weight = len(micro) / total
-                self.backward(out.loss * weight * P)  # DDP averages over processes
-                for k, v in {"loss": out.loss, **out.metrics}.items():
-                    stats[k] = stats.get(k, 0.0) + weight * P * float(v.detach() if isinstance(v, Tensor) else v)
+                self.backward(out.loss * len(micro) / total * P)  # DDP averages over processes
+                for k, v in {"loss": out.loss, **out.metrics}.items():  # plain: a mean over the micro-batch
+                    s_k, c_k = v if isinstance(v, tuple) else (_num(v) * len(micro), len(micro))
+                    num[k], den[k] = num.get(k, 0.0) + _num(s_k) * bool(micro), den.get(k, 0.0) + _num(c_k) * bool(micro)
+            keys = sorted(num)
+            totals = self.all_sum(torch.tensor([num[k] for k in keys] + [den[k] for k in keys], dtype=torch.float64))
+            stats = {k: float(totals[i]) / max(float(totals[len(keys) + i]), 1e-12) for i, k in enumerate(keys)}
             stats["grad_norm"] = self.step()[0]
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -469,6 +474,10 @@ class OnlineRun:
             log(f"{self.name}: eval scores {before.get('scores', float('nan')):.4f} -> {eval_after['scores']:.4f}")
         log(f"{self.name} done: {self.run_dir}")
         return out
+
+
+def _num(x) -> float:
+    return float(x.detach()) if isinstance(x, Tensor) else float(x)
 
 
 def _row_stats(scored: ScoredRollout) -> dict[str, Tensor]:

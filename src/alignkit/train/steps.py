@@ -12,9 +12,9 @@ def sft_step(model, batch: dict) -> StepOutput:
     logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
                            first_index=first_response_index(batch["response_mask"]))  # [B, T]
     losses = sft_loss(logps, batch["response_mask"])  # [B]
-    n_resp = batch["response_mask"].sum()
+    nll_sum = float(-(logps.detach() * batch["response_mask"]).sum())
     return StepOutput(
         loss=losses.mean(),
-        metrics={"nll/token": float(-(logps.detach() * batch["response_mask"]).sum() / n_resp.clamp(min=1))},
+        metrics={"nll/token": (nll_sum, int(batch["response_mask"].sum()))},  # (sum, count): per token over the step
         num_tokens=int(batch["attention_mask"].sum()),
     )
