@@ -12,7 +12,7 @@ import torch
 from torch.testing import assert_close
 
 from alignkit.config import DataConfig
-from alignkit.data.collate import collate_kto, collate_preference, collate_prompts, collate_sft, pad_sequences
+from alignkit.data.collate import collate_preference, collate_prompts, collate_sft, pad_sequences
 from alignkit.data.formats import load_examples
 from alignkit.data.io import DataError, read_records
 from alignkit.data.tokenize import (
@@ -517,24 +517,6 @@ def test_collate_preference_order_and_padding():
     assert_close(batch["group"], torch.tensor([0, 0]))
 
 
-def test_collate_kto_mismatched_pairs():
-    """KL row i = prompt_i + completion_{(i+1) mod 3}, cut to max_length 4:
-    row 0: [1] + [20, 21]      -> [1, 20, 21]      mask [0, 1, 1]
-    row 1: [2, 2] + [30, 31, 32] -> [2, 2, 30, 31]  mask [0, 0, 1, 1]  (cut)
-    row 2: [3] + [10]          -> [3, 10]          mask [0, 1]
-    """
-    def ex(prompt, completion, label):
-        return {"input_ids": (prompt + completion)[:4], "response_mask": ([0] * len(prompt) + [1] * len(completion))[:4],
-                "label": label, "prompt_input_ids": prompt, "completion_input_ids": completion, "max_length": 4}
-
-    batch = collate_kto([ex([1], [10], True), ex([2, 2], [20, 21], False), ex([3], [30, 31, 32], True)], 0)
-    assert_close(batch["label"], torch.tensor([True, False, True]))
-    assert_close(batch["input_ids"], torch.tensor([[1, 10, 0, 0], [2, 2, 20, 21], [3, 30, 31, 32]]))
-    assert_close(batch["kl_input_ids"], torch.tensor([[1, 20, 21, 0], [2, 2, 30, 31], [3, 10, 0, 0]]))
-    assert_close(batch["kl_attention_mask"], torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]]))
-    assert_close(batch["kl_response_mask"], torch.tensor([[0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0]]))
-
-
 def test_collate_prompts_left_padding():
     batch = collate_prompts([{"prompt_input_ids": [5, 6, 7], "extras": {"answer": "1"}},
                              {"prompt_input_ids": [8], "extras": {"answer": "2"}}], pad_token_id=0)
@@ -554,3 +536,20 @@ def test_end_to_end_file_to_batch(tmp_path, tok):
     rejected = batch["input_ids"][1][batch["response_mask"][1].bool()].tolist()
     assert (tok.decode(chosen), tok.decode(rejected)) == ("yes<|im_end|>", "no<|im_end|>")
     assert batch["input_ids"][1, -1].item() == tok.pad_token_id == 0
+
+
+def test_split_train_eval_holds_out_a_seeded_fraction():
+    """10 examples, eval_fraction 0.2 -> 2 held out (original order kept on both sides), the same for the same
+    seed; no split with an eval file, a fraction of 0, or a single example."""
+    from alignkit.data.pipeline import split_train_eval
+
+    examples = list(range(10))
+    data = DataConfig(eval_fraction=0.2)
+    train, held = split_train_eval(examples, data, seed=0)
+    assert len(held) == 2 and sorted(train + held) == examples
+    assert train == sorted(train) and held == sorted(held)
+    assert split_train_eval(examples, data, seed=0) == (train, held)
+    assert any(split_train_eval(examples, data, seed=s)[1] != held for s in range(1, 6))
+    assert split_train_eval(examples, DataConfig(eval_fraction=0.2, eval="x.jsonl"), 0) == (examples, [])
+    assert split_train_eval(examples, DataConfig(eval_fraction=0.0), 0) == (examples, [])
+    assert split_train_eval([7], data, 0) == ([7], [])

@@ -17,7 +17,7 @@ from alignkit.ops.kl import (
     kl_k2,
     kl_k3,
 )
-from alignkit.ops.stats import aggregate_token_losses, masked_mean, masked_sum, masked_var, masked_whiten
+from alignkit.ops.stats import aggregate_token_losses, last_index, masked_mean, masked_sum, masked_var, masked_whiten
 
 LOG2 = math.log(2.0)
 
@@ -40,6 +40,16 @@ def test_masked_sum_and_mean_hand_computed():
     assert_close(masked_mean(x, mask, dim=-1), t(1.5, 0.0))
     assert_close(masked_mean(x, mask), torch.tensor(1.5))
     assert_close(masked_mean(x, torch.zeros_like(mask)), torch.tensor(0.0))
+
+
+def test_last_index_hand_examples():
+    """Last non-zero column: [0,1,1,0] -> 2 (pads on both sides); [1,1,1,1] -> 3; [0,0,1,0] -> 2;
+    [1,0,0,0] -> 0; an empty row -> 0. Works on bool and float masks alike."""
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    expected = torch.tensor([2, 3, 2, 0, 0])
+    assert torch.equal(last_index(mask), expected)
+    assert torch.equal(last_index(mask.bool()), expected)
+    assert torch.equal(last_index(mask.float()), expected)
 
 
 def test_masked_var_hand_computed():

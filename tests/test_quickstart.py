@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,26 +65,145 @@ def test_gold_pairs_orient_by_gold_and_drop_ties():
     assert {(p["chosen"], p["rejected"]) for p in pairs} == {("a", "b"), ("c", "b")}
 
 
+REDUCED = ["n_train_prompts=3", "samples_per_prompt=2", "n_eval_prompts=2", "eval_samples=2", "kl_samples=2",
+           "max_new_tokens=6", "max_steps=1", "hhh_epochs=1", "show_samples=1", "bon_n=3", "ppo_iterations=1",
+           "ppo_rollout_batch_size=2", "value_layers=1"]
+
+
 @pytest.mark.slow
 def test_quickstart_reduced_budget(tmp_path):
     out = tmp_path / "qs"
-    rc = main(["quickstart", f"output_dir={out}", "n_train_prompts=3", "samples_per_prompt=2", "n_eval_prompts=2",
-               "eval_samples=2", "max_new_tokens=6", "max_steps=1", "hhh_epochs=1", "show_samples=1", "bon_n=2",
-               "ppo_iterations=1", "ppo_rollout_batch_size=2", "value_layers=1"])
+    rc = main(["quickstart", f"output_dir={out}", *REDUCED])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["policies"]) == {"base", "sft", "dpo", "ppo", "bon"}
-    for row in summary["policies"].values():
+    policies = summary["policies"]
+    assert set(policies) == {"base", "sft", "dpo", "ppo", "bon"}
+    for row in policies.values():
         assert -1.0 <= row["gold_mean"] <= 1.0
-    assert summary["policies"]["sft"]["kl_mean"] == pytest.approx(0.0, abs=1e-4)  # KL of the reference to itself
+    # KL to the SFT reference is estimated from samples (2 prompts x kl_samples=2 of each prompt's samples) for every
+    # sampled policy: exactly 0 for the SFT policy against itself (both log-prob passes in fp32 on the same rows),
+    # and not 0 for the base policy, which SFT moved away from
+    for name in ("base", "sft", "dpo", "ppo"):
+        assert policies[name]["kl_n"] == 4, name
+    assert policies["sft"]["kl_mean"] == 0.0 and policies["sft"]["kl_se"] == 0.0
+    assert math.isfinite(policies["base"]["kl_mean"]) and policies["base"]["kl_mean"] != 0.0
+    # best-of-3 (bon_n=3 > eval_samples=2: SFT drew 3 samples per prompt): KL = log 3 - 2/3, by hand
+    assert policies["bon"]["name"] == "best-of-3" and policies["bon"]["kl_n"] is None
+    assert policies["bon"]["kl_mean"] == pytest.approx(0.4319456220014432, abs=1e-12)
+    assert [r["n"] for r in summary["best_of_n_curve"]] == [1, 2, 3]
+    assert summary["best_of_n_curve"][2]["kl"] == pytest.approx(policies["bon"]["kl_mean"])
+    # ... and each pick is the proxy-argmax (the first on ties) among its prompt's 3 SFT samples
+    sft = json.loads((out / "eval/sft.json").read_text())["samples"]
+    picks = json.loads((out / "eval/bon.json").read_text())["samples"]
+    assert len(sft) == 2 * 3 and len(picks) == 2
+    for i, pick in enumerate(picks):
+        group = sft[3 * i : 3 * i + 3]
+        best = max(range(3), key=lambda j: (group[j]["proxy"], -j))
+        assert pick == group[best]
     assert 0.0 <= summary["reward_model_hhh"]["test_accuracy"] <= 1.0
-    assert summary["policies"]["bon"]["kl_mean"] == pytest.approx(math.log(2) - 0.5)
     for path in summary["artifacts"].values():
         assert Path(path).exists(), path
     assert (out / "reward_vs_kl.png").stat().st_size > 1000
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert "dpo " in (out / "summary.md").read_text().split("paired by prompt")[1]
     assert set(summary["vs_sft"]) == {"base", "dpo", "ppo", "bon"}
+
+
+def test_quickstart_resume_reuses_finished_stages_and_continues_an_interrupted_one(tmp_path, monkeypatch):
+    """On tiny models (seconds): a run that crashes in DPO (after its last checkpoint, before model/ and summary.json)
+    leaves SFT, the collected data, the base/SFT evaluations and both reward models in place; `--resume` reuses them
+    (no stage trained or evaluated again, nothing deleted), continues DPO from its checkpoint, then runs PPO and the
+    rest. A second `--resume` redoes nothing and reports the same numbers."""
+    import zlib
+
+    from alignkit.algorithms import dpo, ppo, reward_model, sft
+    from alignkit.models.tiny import save_tiny_models
+    from alignkit.pipelines import quickstart
+
+    paths = save_tiny_models(tmp_path / "models")
+    out = tmp_path / "qs"
+    args = ["quickstart", f"output_dir={out}", f"policy={paths['policy']}", f"reward_model={paths['reward']}",
+            f"hhh_reward_model={paths['reward']}", "lora_layers=1", "batch_size=2", "mixed_precision='no'", *REDUCED]
+    # VADER scores a random tiny model's character soup 0; a hash of the text gives distinct gold scores
+    monkeypatch.setattr(quickstart, "vader_scores", lambda texts: [zlib.crc32(t.encode()) % 2001 / 1000 - 1 for t in texts])
+    calls: list[tuple[str, bool]] = []
+
+    def recorded(module, crash: bool = False):
+        real = module.train
+
+        def train(cfg, resume=False):
+            calls.append((Path(cfg.train.output_dir).name, resume))
+            result = real(cfg, resume=resume)
+            if crash and not resume:
+                run_dir = Path(cfg.train.output_dir)
+                (run_dir / "summary.json").unlink()
+                shutil.rmtree(run_dir / "model")
+                raise KeyboardInterrupt  # interrupted after the final checkpoint
+            return result
+
+        monkeypatch.setattr(module, "train", train)
+
+    for module in (sft, reward_model, ppo):
+        recorded(module)
+    recorded(dpo, crash=True)
+    evaluated: list[str] = []
+    real_evaluate = quickstart.evaluate_policy
+
+    def evaluate(name, *a, **kw):
+        evaluated.append(name)
+        return real_evaluate(name, *a, **kw)
+
+    monkeypatch.setattr(quickstart, "evaluate_policy", evaluate)
+
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert calls == [("sft", False), ("rm_sentiment", False), ("rm_hhh", False), ("dpo", False)]
+    assert evaluated == ["base", "sft"]
+    assert json.loads((out / "quickstart.json").read_text())["status"] == "running"
+    kept = {p: p.read_bytes() for p in [out / "data/preferences.jsonl", out / "data/collect.json",
+                                        out / "sft/model/model.safetensors", out / "rm_hhh/summary.json"]}
+
+    def without_proxy(name):  # the final step adds the proxy scores to every evaluation
+        row = json.loads((out / "eval" / f"{name}.json").read_text())
+        row.pop("proxy_mean"), row.pop("proxy_se")
+        return row, [{k: v for k, v in s.items() if k != "proxy"} for s in row.pop("samples")]
+
+    evals = {name: without_proxy(name) for name in ("base", "sft")}
+
+    calls.clear(), evaluated.clear()
+    assert main(args + ["--resume"]) == 0
+    assert calls == [("dpo", True), ("ppo", False)]
+    assert evaluated == ["dpo", "ppo"]
+    for path, content in kept.items():
+        assert path.read_bytes() == content, path
+    assert {name: without_proxy(name) for name in ("base", "sft")} == evals
+    first = json.loads((out / "summary.json").read_text())
+    assert set(first["policies"]) == {"base", "sft", "dpo", "ppo", "bon"} and first["resumed"]
+    assert json.loads((out / "quickstart.json").read_text())["status"] == "done"
+    assert set(first["timings_s"]) >= {"sft", "collect", "eval_base", "rm_hhh", "dpo", "ppo", "eval_ppo"}
+
+    calls.clear(), evaluated.clear()
+    assert main(args + ["--resume"]) == 0
+    assert calls == [] and evaluated == []
+    again = json.loads((out / "summary.json").read_text())
+    assert again["policies"] == first["policies"] and again["best_of_n_curve"] == first["best_of_n_curve"]
+    assert again["timings_s"] == {**first["timings_s"], "proxy_bon": again["timings_s"]["proxy_bon"]}
+
+
+def test_quickstart_resume_refuses_a_missing_run_or_a_changed_config(tmp_path, capsys):
+    from alignkit.config import QuickstartConfig, config_to_yaml
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", f"output_dir={out}", "--resume"]) == 1
+    assert "holds no quickstart run" in capsys.readouterr().err
+    out.mkdir()
+    (out / "quickstart.json").write_text(json.dumps({"status": "running", "timings_s": {}}))
+    (out / "config.yaml").write_text(config_to_yaml(QuickstartConfig(output_dir=str(out))))
+    assert main(["quickstart", f"output_dir={out}", "seed=1", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume with a different config" in err and "seed: saved 0, now 1" in err
+    assert err.count(": saved ") == 1  # the only difference
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "quickstart.json"]  # nothing deleted or written
 
 
 def test_paired_difference_cancels_prompt_effects():

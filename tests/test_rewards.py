@@ -17,7 +17,6 @@ from alignkit.rewards.base import RewardFn, RewardSpecError, load_callable
 from alignkit.rewards.combine import CombinedReward, apply_missing_eos_penalty, build_reward
 from alignkit.rewards.reward_model import (
     RewardModelScorer,
-    last_token_index,
     load_reward_model_scorer,
     pack_left,
 )
@@ -46,11 +45,8 @@ def varied_rm(seed: int = 0):
 
 
 # ---------------------------------------------------------------- reward model scorer
-def test_last_token_index_and_pack_left_hand_examples():
-    """mask [0,1,1,0] -> t* = 2; [1,1,1,1] -> 3; [0,0,1,0] -> 2.
-    pack_left([9,5,6,9] with mask [0,1,1,0]) -> [5,6,pad,pad] mask [1,1,0,0]."""
-    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 1, 0]])
-    assert torch.equal(last_token_index(mask), torch.tensor([2, 3, 2]))
+def test_pack_left_hand_example():
+    """pack_left([9,5,6,9] with mask [0,1,1,0]) -> [5,6,pad,pad] mask [1,1,0,0]."""
     ids, m = pack_left(torch.tensor([[9, 5, 6, 9]]), torch.tensor([[0, 1, 1, 0]]), pad_token_id=0)
     assert torch.equal(ids, torch.tensor([[5, 6, 0, 0]])) and torch.equal(m, torch.tensor([[1, 1, 0, 0]]))
 

@@ -11,8 +11,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.data.tokenize import tokenize_pair
-
 
 def pad_sequences(seqs: list[list[int]], pad_value: int, side: str = "right") -> Tensor:
     """Stack ``seqs`` into a ``[B, T]`` LongTensor, ``T = max len``, filling with ``pad_value`` on ``side``."""
@@ -62,29 +60,6 @@ def collate_preference(examples: list[dict[str, Any]], pad_token_id: int) -> dic
     batch = _rows(ids, masks, pad)
     batch["margin"] = torch.tensor([float(e.get("margin", 0.0)) for e in examples], dtype=torch.float32)  # [B]
     batch["group"] = torch.tensor([int(e.get("group", 0)) for e in examples], dtype=torch.long)  # [B]
-    return batch
-
-
-def collate_kto(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, Tensor]:
-    """KTO batch plus the mismatched rows of its KL reference point (Ethayarajh et al. 2024, sec. 4.1).
-
-    ``kl_*`` row i is prompt x_i followed by completion y_{(i+1) mod B} (a completion not written for
-    that prompt), cut to the example's ``max_length`` like any sequence. With B = 1 the row is the
-    matched pair itself. ``label``: ``[B]`` bool; the others ``[B, T]`` / ``[B, T_kl]``, right-padded.
-    """
-    pad = _check_pad(pad_token_id)
-    batch = _rows([e["input_ids"] for e in examples], [e["response_mask"] for e in examples], pad)
-    batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)  # [B]
-    B = len(examples)
-    kl_ids, kl_masks = [], []
-    for i, e in enumerate(examples):
-        y_next = examples[(i + 1) % B]["completion_input_ids"]
-        max_length = e.get("max_length", len(e["prompt_input_ids"]) + len(y_next))
-        ids, mask, _ = tokenize_pair(None, e["prompt_input_ids"], y_next, max_length)
-        kl_ids.append(ids)
-        kl_masks.append(mask)
-    kl = _rows(kl_ids, kl_masks, pad)
-    batch.update({f"kl_{k}": v for k, v in kl.items()})
     return batch
 
 

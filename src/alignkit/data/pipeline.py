@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from alignkit.config import DataConfig
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import tokenize_kto, tokenize_preference, tokenize_prompts, tokenize_sft
@@ -23,9 +25,17 @@ class PreparedData:
     report: dict = field(default_factory=dict)
 
 
-def prepare_data(data: DataConfig, kind: str, tokenizer, seed: int, log=print) -> PreparedData:
-    from alignkit.train.run import split_train_eval
+def split_train_eval(examples: list, data: DataConfig, seed: int) -> tuple[list, list]:
+    """Hold out ``data.eval_fraction`` of train (deterministic in ``seed``) when no eval file is given."""
+    if data.eval is not None or data.eval_fraction == 0.0 or len(examples) < 2:
+        return examples, []
+    n_eval = max(1, int(round(len(examples) * data.eval_fraction)))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 12345)).tolist()
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
+
+def prepare_data(data: DataConfig, kind: str, tokenizer, seed: int, log=print) -> PreparedData:
     if not data.train:
         raise ValueError("data.train is not set: give a file path, a saved datasets dir, or builtin:<name>")
     train_raw, stats = load_examples(data.train, kind, on_error=data.on_error, split="train", limit=data.limit)

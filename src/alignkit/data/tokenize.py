@@ -210,7 +210,8 @@ def tokenize_preference(
 def tokenize_kto(examples: list[dict[str, Any]], tokenizer: Any, data_cfg: Any) -> tuple[list[dict], TruncationStats]:
     """KTO examples -> ``{"input_ids", "response_mask", "label", "prompt_input_ids", "completion_input_ids",
     "max_length"}``. ``prompt_input_ids`` (after left truncation) and the untruncated ``completion_input_ids``
-    let ``collate_kto`` build the mismatched (x_i, y_{i+1}) rows of the KL estimate, cut to ``max_length``."""
+    let the KTO trainer (``algorithms.kto.add_mismatched_pairs``) build the mismatched (x_i, y_{i+1}) rows of
+    the KL estimate, cut to ``max_length``."""
 
     def one(ex: dict[str, Any], stats: TruncationStats) -> dict[str, Any]:
         prompt = _encode_prompt(ex, tokenizer, data_cfg)

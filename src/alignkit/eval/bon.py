@@ -11,7 +11,9 @@ appendix (after Stiennon et al. 2020, appendix G.3; Nakano et al. 2021):
 
   x_(i) is the proxy-argmax of a subset iff the subset holds x_(i) and n - 1 of the i - 1 samples
   below it. n = 1 gives the mean gold score; n = N gives the gold score of the proxy-argmax.
-  Ties in the proxy are broken by sample order (a stable sort), like ``argmax`` over a subset would.
+  Ties in the proxy go to the EARLIER sample, as ``argmax`` (and ``best_indices``) over a subset picks the
+  first of its tied maxima: samples are sorted by (proxy ascending, index descending), so among equal
+  proxies the one with the smallest index ranks highest.
 
 ``bon_curve`` evaluates both (gold and proxy) for several n: the over-optimisation curve of
 gold score against d = sqrt(KL) (Gao et al. fit d (alpha - beta d) to it).
@@ -56,16 +58,20 @@ def _check_pair(proxy: Tensor, gold: Tensor) -> None:
 def bon_unbiased_estimate(proxy: Tensor, gold: Tensor, n: int) -> float:
     """Unbiased estimate of the gold score of best-of-n by ``proxy`` (Gao et al. 2023):
 
-        sum_{i=n}^{N} C(i - 1, n - 1) / C(N, n) * gold(x_(i)),   x sorted ascending by proxy.
+        sum_{i=n}^{N} C(i - 1, n - 1) / C(N, n) * gold(x_(i)),   x sorted by (proxy ascending, index descending).
 
+    It equals the mean, over every size-n subset, of the gold score of the subset's ``argmax`` by proxy (the
+    first sample among tied maxima, like :func:`best_indices`).
     proxy, gold: [N] samples of one prompt, or [P, N] (the estimate is averaged over the P prompts).
     """
     proxy, gold = torch.as_tensor(proxy), torch.as_tensor(gold)
     _check_pair(proxy, gold)
     if proxy.dim() == 1:
         proxy, gold = proxy.unsqueeze(0), gold.unsqueeze(0)  # [1, N]
-    weights = bon_weights(proxy.shape[-1], n)  # [N]
-    order = torch.sort(proxy.double(), dim=-1, stable=True).indices  # [P, N] ascending
+    N = proxy.shape[-1]
+    weights = bon_weights(N, n)  # [N]
+    # a stable ascending sort of the REVERSED samples keeps tied ones in descending index order
+    order = (N - 1) - torch.sort(proxy.double().flip(-1), dim=-1, stable=True).indices  # [P, N]
     gold_sorted = gold.double().gather(-1, order)  # [P, N]
     return float((gold_sorted * weights).sum(-1).mean())
 
@@ -91,7 +97,8 @@ def bon_curve(proxy: Tensor, gold: Tensor | None = None, ns: list[int] | None = 
 
 
 def best_indices(scores: Tensor) -> Tensor:
-    """[P, n] scores of n samples per prompt -> [P] index of the best (first one on ties)."""
+    """[P, n] scores of n samples per prompt -> [P] index of the best (the first one on ties, as
+    :func:`bon_unbiased_estimate` assumes)."""
     if scores.dim() != 2 or scores.shape[1] == 0:
         raise ValueError(f"scores must be [P, n] with n >= 1, got {tuple(scores.shape)}")
     return scores.argmax(dim=1)

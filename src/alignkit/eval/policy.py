@@ -5,6 +5,8 @@
 - KL(pi || pi_ref) estimated from the policy's own samples as the mean of the summed
   log-ratio sum_t [log pi(y_t|.) - log pi_ref(y_t|.)] (the unbiased k1 estimator, Schulman 2020),
   at temperature 1 — the x-axis of the DPO paper's reward-vs-KL frontier.
+
+Sampling, scoring and the KL each show a tqdm progress bar (on stderr): on a CPU each takes a minute or more.
 """
 
 from __future__ import annotations
@@ -13,9 +15,27 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, response_logprobs
 from alignkit.rollout.prompts import prompt_batch
+
+
+def progress(total: int, desc: str | None, unit: str = "row"):
+    """A tqdm bar on stderr, shown in logs too (not only on a terminal); none when ``desc`` is None."""
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=desc is None)
+
+
+def scores_in_chunks(fn, columns: list[list], chunk: int, desc: str) -> list[float]:
+    """``fn(*column_chunks)`` over consecutive chunks of the (equal-length) ``columns``, with a progress bar:
+    [float] for every row, in order."""
+    n = len(columns[0])
+    out: list[float] = []
+    with progress(n, desc) as bar:
+        for start in range(0, n, chunk):
+            out += [float(x) for x in fn(*(c[start : start + chunk] for c in columns))]
+            bar.update(min(chunk, n - start))
+    return out
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -58,6 +78,8 @@ class PolicyEval:
     proxy_se: float | None = None
     kl_mean: float | None = None
     kl_se: float | None = None
+    kl_n: int | None = None
+    """Sampled responses the KL estimate averages over (None: not estimated from samples, e.g. analytic)."""
     response_length: float = 0.0
     no_eos_frac: float = 0.0
     samples: list[dict] = field(default_factory=list)
@@ -68,28 +90,53 @@ class PolicyEval:
         return d
 
 
+class _ProgressBackend:
+    """A generation backend that advances a progress bar by the rows of each ``generate`` call."""
+
+    def __init__(self, backend, bar):
+        self.backend, self.bar = backend, bar
+
+    def generate(self, prompt_ids, prompt_mask, params, row_seeds=None):
+        args = (prompt_ids, prompt_mask, params) + (() if row_seeds is None else (row_seeds,))
+        out = self.backend.generate(*args)
+        self.bar.update(prompt_ids.shape[0])
+        return out
+
+    def update_weights(self, model) -> None:
+        self.backend.update_weights(model)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[dict], params: SamplingParams, num_samples: int, batch_size: int,
-           seed: int, autocast_dtype: torch.dtype | None = None) -> Rollout:
+           seed: int, autocast_dtype: torch.dtype | None = None, desc: str = "sample") -> Rollout:
+    """``num_samples`` responses per prompt (rows prompt-major), drawn after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     batch = prompt_batch(prompts, tokenizer.pad_token_id)
-    return generate_rollouts(
-        HFGenerateBackend(model, tokenizer, autocast_dtype), tokenizer, batch["input_ids"], batch["attention_mask"], params,
-        num_samples=num_samples, prompt_texts=batch["prompt_texts"], extras=batch["extras"], batch_size=batch_size,
-    )
+    with progress(len(prompts) * num_samples, desc) as bar:
+        backend = _ProgressBackend(HFGenerateBackend(model, tokenizer, autocast_dtype), bar)
+        return generate_rollouts(
+            backend, tokenizer, batch["input_ids"], batch["attention_mask"], params, num_samples=num_samples,
+            prompt_texts=batch["prompt_texts"], extras=batch["extras"], batch_size=batch_size,
+        )
 
 
 @torch.no_grad()
 def sequence_kl(policy, reference, rollout: Rollout, temperature: float = 1.0, micro_batch_size: int = 16,
-                reference_ctx=None) -> torch.Tensor:
-    """[B] summed log pi - log pi_ref over each sampled response (k1)."""
-    logp = response_logprobs(policy, rollout, temperature, micro_batch_size=micro_batch_size)  # [B, R]
-    if reference_ctx is not None:
-        with reference_ctx():
-            ref = response_logprobs(reference, rollout, temperature, micro_batch_size=micro_batch_size)
-    else:
-        ref = response_logprobs(reference, rollout, temperature, micro_batch_size=micro_batch_size)
-    return ((logp - ref) * rollout.response_mask).sum(-1)
+                reference_ctx=None, desc: str | None = None) -> torch.Tensor:
+    """[B] summed log pi - log pi_ref over each sampled response (k1); a progress bar when ``desc`` is given."""
+    out = []
+    with progress(len(rollout), desc) as bar:
+        for start in range(0, len(rollout), micro_batch_size):
+            rows = rollout.select(list(range(start, min(start + micro_batch_size, len(rollout)))))
+            logp = response_logprobs(policy, rows, temperature, micro_batch_size=micro_batch_size)  # [b, R]
+            if reference_ctx is not None:
+                with reference_ctx():
+                    ref = response_logprobs(reference, rows, temperature, micro_batch_size=micro_batch_size)
+            else:
+                ref = response_logprobs(reference, rows, temperature, micro_batch_size=micro_batch_size)
+            out.append(((logp - ref) * rows.response_mask).sum(-1))  # [b]
+            bar.update(len(rows))
+    return torch.cat(out)  # [B]
 
 
 def evaluate_policy(
@@ -114,8 +161,9 @@ def evaluate_policy(
     first ``kl_samples`` samples of every prompt (all when None): two full forwards per row are the
     evaluation's largest cost, and fewer rows only widen the KL's standard error."""
     if rollout is None:
-        rollout = sample(model, tokenizer, prompts, params, num_samples, batch_size, seed, autocast_dtype)
-    gold = [float(x) for x in gold_fn(rollout.response_texts)]
+        rollout = sample(model, tokenizer, prompts, params, num_samples, batch_size, seed, autocast_dtype,
+                         desc=f"{name}: sample")
+    gold = scores_in_chunks(gold_fn, [rollout.response_texts], batch_size, f"{name}: gold")
     g_mean, g_se = mean_se(gold)
     result = PolicyEval(
         name, g_mean, g_se,
@@ -124,14 +172,16 @@ def evaluate_policy(
     )
     proxy = None
     if proxy_fn is not None:
-        proxy = [float(x) for x in proxy_fn(rollout.prompt_texts, rollout.response_texts, rollout.extras)]
+        proxy = scores_in_chunks(proxy_fn, [rollout.prompt_texts, rollout.response_texts, rollout.extras], batch_size,
+                                 f"{name}: proxy")
         result.proxy_mean, result.proxy_se = mean_se(proxy)
     if reference is not None:
         rows = rollout
         if kl_samples is not None and kl_samples < num_samples:  # rows are prompt-major: p0 x G, p1 x G, ...
             rows = rollout.select(torch.nonzero(torch.arange(len(rollout)) % num_samples < kl_samples).flatten())
-        kl = sequence_kl(model, reference, rows, params.temperature).tolist()
+        kl = sequence_kl(model, reference, rows, params.temperature, desc=f"{name}: KL").tolist()
         result.kl_mean, result.kl_se = mean_se(kl)
+        result.kl_n = len(kl)
     lengths, has_eos = rollout.response_lengths.tolist(), rollout.has_eos.tolist()
     for i, (p, r) in enumerate(zip(rollout.prompt_texts, rollout.response_texts)):
         s = {"prompt": p, "response": r, "gold": gold[i], "length": int(lengths[i]), "eos": bool(has_eos[i])}

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from alignkit.config import LoraConfig, ModelConfig
+from alignkit.io_utils import atomic_save_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,15 +149,31 @@ def copy_frozen(model):
 
 
 def is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+    """Adapters (LoRA) on frozen base weights: a peft ``PeftModel``, a transformers model with adapters loaded
+    (``load_adapter``), or a container that declares its policy's (both carry ``peft_config``). Its trainable
+    weights are the adapters (a checkpoint stores only those), and with them disabled it is the reference."""
+    return hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def _adapters_disabled(model):
+    model.disable_adapters()
+    try:
+        yield
+    finally:
+        model.enable_adapters()
 
 
 def reference_context(model):
     """Context in which ``model`` computes reference log-probs: adapters disabled under LoRA."""
     unwrapped = getattr(model, "module", model)
-    if is_peft(unwrapped):
+    if not is_peft(unwrapped):
+        return contextlib.nullcontext()
+    if hasattr(unwrapped, "disable_adapter"):  # peft PeftModel
         return unwrapped.disable_adapter()
-    return contextlib.nullcontext()
+    if hasattr(unwrapped, "disable_adapters"):  # transformers model with adapters loaded
+        return _adapters_disabled(unwrapped)
+    raise TypeError(f"{type(unwrapped).__name__} carries peft_config but cannot disable its adapters")
 
 
 def init_reward_head(head: torch.nn.Linear) -> None:
@@ -166,12 +183,21 @@ def init_reward_head(head: torch.nn.Linear) -> None:
         torch.nn.init.zeros_(head.bias)
 
 
-def _score_head(model) -> torch.nn.Linear | None:
-    for name in ("score", "classifier"):
+SCORE_HEAD_NAMES = ("score", "classifier")
+
+
+def find_score_head(model, per_position: bool = False) -> torch.nn.Linear | None:
+    """The linear layer that outputs a sequence classifier's score: ``score`` (decoders such as
+    LlamaForSequenceClassification), ``classifier`` (BERT-style encoders), or ``classifier.out_proj`` (heads
+    with a dense layer before the projection, e.g. RoBERTa); None if there is none.
+
+    ``per_position``: only a head that maps a backbone hidden state straight to the score (``score`` or a linear
+    ``classifier``), i.e. one that may be applied at every position (the value model)."""
+    for name in SCORE_HEAD_NAMES:
         head = getattr(model, name, None)
         if isinstance(head, torch.nn.Linear):
             return head
-        if head is not None and isinstance(getattr(head, "out_proj", None), torch.nn.Linear):
+        if not per_position and head is not None and isinstance(getattr(head, "out_proj", None), torch.nn.Linear):
             return head.out_proj
     return None
 
@@ -192,7 +218,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
     _fit_vocab(model, tokenizer)
     disable_dropout(model)
     if fresh_head:
-        head = _score_head(model)
+        head = find_score_head(model)
         if head is not None:
             init_reward_head(head)
     if not trainable:
@@ -207,15 +233,13 @@ def load_reward_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
 def merged_for_saving(model):
     """A plain transformers model: LoRA merged into the base weights (no peft needed to load)."""
     unwrapped = getattr(model, "module", model)
-    if is_peft(unwrapped):
+    if is_peft(unwrapped) and hasattr(unwrapped, "merge_and_unload"):
         return copy.deepcopy(unwrapped).merge_and_unload()
     return unwrapped
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     """Atomically write a ``from_pretrained``-loadable model + tokenizer to ``out_dir``."""
-    from alignkit.train.checkpoint import atomic_save_dir
-
     out_dir = Path(out_dir)
     plain = merged_for_saving(model)
 

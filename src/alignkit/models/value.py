@@ -25,9 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.config import ModelConfig
+from alignkit.models.loading import SCORE_HEAD_NAMES, find_score_head, load_reward_model, resolve_path
 from alignkit.ops.logprobs import position_ids_from_mask
-
-HEAD_NAMES = ("score", "classifier")
 
 
 def find_backbone(model: nn.Module) -> nn.Module:
@@ -43,23 +42,6 @@ def find_backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
-def find_score_head(model: nn.Module) -> nn.Linear:
-    """The linear head with one output (``score`` or ``classifier``) applied per position."""
-    for name in HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
-            if head.out_features != 1:
-                raise ValueError(
-                    f"ValueModel needs a reward model with one output; {type(model).__name__}.{name} has "
-                    f"{head.out_features} (load it with num_labels=1)"
-                )
-            return head
-    raise ValueError(
-        f"ValueModel needs a linear score head named one of {list(HEAD_NAMES)} on {type(model).__name__} "
-        "(decoder reward models such as LlamaForSequenceClassification have `score`)"
-    )
-
-
 class ValueModel(nn.Module):
     """Token-level critic: ``forward(input_ids, attention_mask) -> values [B, T]`` (float32).
 
@@ -71,7 +53,17 @@ class ValueModel(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         find_backbone(model)  # validate now, fail early with a clear message
-        find_score_head(model)
+        head = find_score_head(model, per_position=True)
+        if head is None:
+            raise ValueError(
+                f"ValueModel needs a linear score head named one of {list(SCORE_HEAD_NAMES)} on "
+                f"{type(model).__name__} (decoder reward models such as LlamaForSequenceClassification have `score`)"
+            )
+        if head.out_features != 1:
+            raise ValueError(
+                f"ValueModel needs a reward model with one output; the score head of {type(model).__name__} has "
+                f"{head.out_features} (load it with num_labels=1)"
+            )
         self.model = model  # the only registered child: state_dict keys are the checkpoint's, prefixed "model."
 
     @classmethod
@@ -89,7 +81,6 @@ class ValueModel(nn.Module):
         head. ``model_cfg.num_hidden_layers`` keeps only the first N layers (a cheap critic)."""
         from transformers import AutoConfig
 
-        from alignkit.models.loading import load_reward_model, resolve_path
 
         if model_cfg.lora.enabled:
             raise ValueError("the value model is trained in full; give it a ModelConfig without LoRA")
@@ -110,7 +101,7 @@ class ValueModel(nn.Module):
 
     @property
     def head(self) -> nn.Linear:
-        return find_score_head(self.model)
+        return find_score_head(self.model, per_position=True)
 
     @property
     def config(self):

@@ -26,6 +26,13 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return torch.where(count > 0, total / safe_count, torch.zeros_like(total))
 
 
+def last_index(mask: Tensor) -> Tensor:
+    """[B, T] -> [B] long: the last column where ``mask`` is non-zero (masks may pad on both sides); 0 for an
+    all-zero row. The reward model's last real token (attention mask), PPO's last response token (response mask)."""
+    cols = torch.arange(mask.shape[1], device=mask.device)  # [T]
+    return (cols * (mask != 0).long()).argmax(dim=1)
+
+
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of the masked entries (all of them, one scalar).
 
@@ -40,12 +47,21 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, all_reduce=None) -> Tensor:
     """Whiten with masked statistics: (x - mean) / sqrt(var + eps); the mean is added back
     when ``shift_mean`` is False (scale only). Padding entries are transformed too and are
     not meaningful; reduce the result with the same mask.
+
+    ``all_reduce`` (a sum over processes, e.g. the online harness's ``all_sum``): the mean and variance are
+    those of the masked entries of ALL processes, so data parallelism whitens like one process would.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    if all_reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        mask = mask.to(x.dtype)
+        total, n = all_reduce(torch.stack([masked_sum(x, mask), mask.expand_as(x).sum()]))
+        mean = total / n.clamp(min=1)
+        var = all_reduce(masked_sum((x - mean) ** 2, mask)) / n.clamp(min=1) * n / (n - 1).clamp(min=1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -10,7 +10,10 @@
         KL to the SFT reference; gains over SFT paired by prompt; plot + HTML.
 
 Every stage is an ordinary alignkit run (its own run dir, config.yaml, metrics.jsonl, model/) driven by
-the same ``train(cfg)`` functions as the CLI, so each one can be re-run alone with ``alignkit <cmd>``."""
+the same ``train(cfg)`` functions as the CLI, so each one can be re-run alone with ``alignkit <cmd>``.
+The collected data (``data/``) and the evaluations (``eval/<policy>.json``) are written atomically, so
+``alignkit quickstart --resume`` reuses every finished stage, continues an interrupted training stage from its
+last checkpoint, and runs the rest."""
 
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,13 +36,15 @@ from alignkit.data.builtin import sentiment_prompts
 from alignkit.data.tokenize import render_prompt
 from alignkit.eval.bon import best_indices, bon_curve, bon_kl
 from alignkit.eval.report import html_report, plot_reward_vs_kl
-from alignkit.eval.policy import PolicyEval, evaluate_policy, mean_se, paired_difference, sample
+from alignkit.eval.policy import PolicyEval, evaluate_policy, mean_se, paired_difference, sample, scores_in_chunks
+from alignkit.io_utils import atomic_write_json, atomic_write_text
 from alignkit.models.loading import load_policy, load_tokenizer, resolve_path
 from alignkit.rewards.gold import vader_scores
 from alignkit.rewards.reward_model import load_reward_model_scorer
 from alignkit.rollout.engine import SamplingParams
 from alignkit.rollout.prompts import load_prompts
-from alignkit.train.run import log
+from alignkit.train.checkpoint import latest_checkpoint
+from alignkit.train.run import RunError, log, prepare_run_dir
 
 MARKER = "quickstart.json"
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -133,17 +139,19 @@ def best_vs_worst_pairs(records: list[dict], per_prompt: int) -> list[dict]:
     return out
 
 
-def add_proxy_scores(result: PolicyEval, proxy, raw_prompts: list[str]) -> None:
+def add_proxy_scores(result: PolicyEval, proxy, raw_prompts: list[str], chunk: int = 128) -> None:
     """Score samples with the reward model in its training format (plain user text, no chat markup)."""
     prompts = [render_prompt(proxy.tokenizer, [{"role": "user", "content": p}]) for p in raw_prompts]
-    scores = proxy(prompts, [s["response"] for s in result.samples], [{}] * len(prompts)).tolist()
+    scores = scores_in_chunks(lambda p, r: proxy(p, r, [{}] * len(p)).tolist(),
+                              [prompts, [s["response"] for s in result.samples]], chunk, f"{result.name}: proxy")
     result.proxy_mean, result.proxy_se = mean_se(scores)
     for s, v in zip(result.samples, scores):
         s["proxy"] = v
 
 
 def best_of_n_from_samples(sft: PolicyEval, n_prompts: int, n_samples: int, n: int) -> tuple[PolicyEval, list[dict]]:
-    """Best-of-n by proxy among the SFT policy's samples; KL = log n - (n-1)/n (analytic)."""
+    """Best-of-n by proxy among the first n of the SFT policy's samples per prompt (the first on ties);
+    KL = log n - (n-1)/n (analytic). The curve uses all ``n_samples`` through the unbiased estimator."""
     proxy = torch.tensor([s["proxy"] for s in sft.samples]).view(n_prompts, n_samples)
     gold = torch.tensor([s["gold"] for s in sft.samples]).view(n_prompts, n_samples)
     best = best_indices(proxy[:, :n])
@@ -168,14 +176,9 @@ def gold_pairs(prompts: list[str], responses: list[list[str]], gold: list[list[f
     return out
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- run dir, stages and resume
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
 
@@ -185,13 +188,63 @@ def _prompt_records(split: str, n: int, seed: int) -> list[dict]:
     return items[:n]
 
 
-def _clear(out: Path) -> None:
+def _open_run_dir(q: QuickstartConfig, out: Path, resume: bool) -> dict:
+    """Start a fresh run in ``out`` (a previous quickstart run there is deleted), or with ``resume`` continue
+    the one there (same config required). Returns the state of ``quickstart.json`` (earlier stage timings)."""
+    marker = out / MARKER
+    if resume:
+        if not marker.is_file():
+            raise RunError(f"--resume: {out} holds no quickstart run ({MARKER} is missing); "
+                           "run `alignkit quickstart` without --resume")
+        state = json.loads(marker.read_text(encoding="utf-8"))
+        prepare_run_dir(q, out, resume=True, name="quickstart")
+        return state
     if out.exists():
-        if not (out / MARKER).exists() and any(out.iterdir()):
-            raise RuntimeError(f"{out} exists and is not a quickstart run dir; choose another output_dir")
+        if not marker.exists() and any(out.iterdir()):
+            raise RunError(f"{out} exists and is not a quickstart run dir; choose another output_dir")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / MARKER).write_text(json.dumps({"status": "running"}), encoding="utf-8")
+    state = {"status": "running", "timings_s": {}, "elapsed_s": 0.0}
+    atomic_write_json(marker, state)
+    prepare_run_dir(q, out, resume=False, name="quickstart")
+    return state
+
+
+def finished_stage(run_dir: Path) -> dict | None:
+    """The result of a training stage that ran to the end: its ``summary.json`` (written last, atomically,
+    after ``model/``), or None."""
+    summary = Path(run_dir) / "summary.json"
+    if not summary.is_file():
+        return None
+    result = json.loads(summary.read_text(encoding="utf-8"))
+    model_dir = result.get("model_dir")
+    return result if model_dir and Path(model_dir).is_dir() else None
+
+
+def train_stage(train_fn, cfg, resume: bool) -> tuple[dict, bool]:
+    """``train_fn(cfg)``: an ordinary alignkit run in ``cfg.train.output_dir``. With ``resume`` a finished stage
+    is reused as it is, and an interrupted one continues from its last checkpoint (if it wrote one).
+    Returns (the stage's result, whether it ran now)."""
+    run_dir = Path(cfg.train.output_dir)
+    if resume:
+        done = finished_stage(run_dir)
+        if done is not None:
+            log(f"quickstart --resume: {run_dir.name} already finished; reusing {run_dir}")
+            return done, False
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            log(f"quickstart --resume: continuing {run_dir.name} from {checkpoint}")
+            return train_fn(cfg, resume=True), True
+    return train_fn(cfg), True
+
+
+def _save_eval(out: Path, key: str, result: PolicyEval) -> None:
+    atomic_write_json(out / "eval" / f"{key}.json", asdict(result), ensure_ascii=False)
+
+
+def _load_eval(out: Path, name: str) -> PolicyEval | None:
+    path = out / "eval" / f"{name}.json"
+    return PolicyEval(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
 def _train_cfg(q: QuickstartConfig, out: Path, lr: float, epochs: int) -> TrainConfig:
@@ -208,10 +261,27 @@ def _fmt(x: float | None, se: float | None = None, digits: int = 3) -> str:
 
 # ---------------------------------------------------------------- the pipeline
 def run(q: QuickstartConfig, resume: bool = False) -> dict:
+    """The whole pipeline in ``q.output_dir``. ``resume``: continue an interrupted run there: finished stages
+    (training run dirs with ``summary.json``; collected data and evaluations, written atomically) are reused,
+    an interrupted training stage continues from its checkpoint, and everything after it runs."""
     t_start = time.time()
     out = Path(q.output_dir)
-    _clear(out)
-    timings: dict[str, float] = {}
+    state = _open_run_dir(q, out, resume)
+    timings: dict[str, float] = dict(state.get("timings_s", {}))
+    elapsed_before = float(state.get("elapsed_s", 0.0))
+
+    def stage_done(name: str, t0: float) -> None:
+        timings[name] = time.time() - t0
+        atomic_write_json(out / MARKER, {"status": "running", "timings_s": timings,
+                                         "elapsed_s": elapsed_before + time.time() - t_start})
+
+    def train(name: str, train_fn, cfg) -> dict:
+        t0 = time.time()
+        result, ran = train_stage(train_fn, cfg, resume)
+        if ran:
+            stage_done(name, t0)
+        return result
+
     torch.manual_seed(q.seed)
     n_layers = AutoConfig.from_pretrained(resolve_path(q.policy)).num_hidden_layers
     lora = LoraConfig(enabled=True, r=q.lora_r, alpha=2 * q.lora_r, target_modules=LLAMA_LINEAR,
@@ -221,89 +291,96 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     tok = load_tokenizer(q.policy)
     eval_records = _prompt_records("test", q.n_eval_prompts, q.seed)
     train_records = _prompt_records("train", q.n_train_prompts, q.seed)
-    eval_file = write_jsonl(out / "data/eval_prompts.jsonl", eval_records)
+    eval_file = write_jsonl(out / "data/eval_prompts.jsonl", eval_records)  # deterministic: the same on resume
     train_file = write_jsonl(out / "data/train_prompts.jsonl", train_records)
     prompt_data = RLDataConfig(train=str(train_file), eval=str(eval_file))
     train_prompts = load_prompts(prompt_data, tok, q.max_new_tokens, "train", log=log)
     eval_prompts = load_prompts(prompt_data, tok, q.max_new_tokens, "eval", log=log)
+    raw_eval = [r["prompt"] for r in eval_records]
 
     # 1. SFT (LoRA on the last layers) on our demonstrations
-    t = time.time()
     from alignkit.algorithms import sft
     sft_cfg = SFTConfig(model=ModelConfig(name_or_path=q.policy, lora=lora),
                         data=DataConfig(train="builtin:sft_demos", max_length=256),
                         train=_train_cfg(q, out / "sft", q.sft_lr, q.sft_epochs))
-    sft_dir = sft.train(sft_cfg)["model_dir"]
-    timings["sft"] = time.time() - t
+    sft_dir = train("sft", sft.train, sft_cfg)["model_dir"]
+    loaded: dict = {}
 
-    # 2. preference collection from the SFT policy + simulated annotators
-    t = time.time()
-    sft_model = load_policy(ModelConfig(name_or_path=sft_dir), tok, trainable=False)
-    roll = sample(sft_model, tok, train_prompts, params, q.samples_per_prompt, q.generation_batch_size, q.seed + 1,
-                  amp)
-    gold = vader_scores(roll.response_texts)
-    K = q.samples_per_prompt
-    groups = [(train_records[i]["prompt"], roll.response_texts[i * K:(i + 1) * K], gold[i * K:(i + 1) * K])
-              for i in range(len(train_records))]
-    pref_records, ann = annotate(groups, q.annotator_agreement, q.n_annotators, q.seed, q.votes_per_pair)
-    pref_file = write_jsonl(out / "data/preferences.jsonl", pref_records)
-    dpo_file = write_jsonl(out / "data/preferences_dpo.jsonl", best_vs_worst_pairs(pref_records, q.dpo_pairs_per_prompt))
-    log(f"collected {ann['n_pairs']} pairs from {len(train_prompts)} prompts x {K} samples; each simulated annotator "
-        f"agrees with gold on {ann['agreement_with_gold']:.1%} of pairs (tau={ann['tau']:.3f}), the majority of "
-        f"{q.votes_per_pair} on {ann['majority_agreement_with_gold']:.1%}")
-    timings["collect"] = time.time() - t
+    def sft_model():
+        if "sft" not in loaded:
+            loaded["sft"] = load_policy(ModelConfig(name_or_path=sft_dir), tok, trainable=False)
+        return loaded["sft"]
 
-    # 3. held-out evaluation of base and SFT; SFT draws bon_n samples per prompt (best-of-n picks from them later),
-    #    and its samples, labelled by gold, are the reward model's held-out pairs
+    # 2. preference collection from the SFT policy + simulated annotators (collect.json, written last, marks it done)
     t = time.time()
-    base_model = load_policy(ModelConfig(name_or_path=q.policy), tok, trainable=False)
-    ev: dict[str, PolicyEval] = {}
-    ev["base"], _ = evaluate_policy("base", base_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                    batch_size=q.generation_batch_size, seed=q.seed + 2,
-                                   autocast_dtype=amp)
-    del base_model
+    pref_file, dpo_file, collect_file = (out / "data/preferences.jsonl", out / "data/preferences_dpo.jsonl",
+                                         out / "data/collect.json")
+    if resume and collect_file.is_file() and pref_file.is_file() and dpo_file.is_file():
+        ann = json.loads(collect_file.read_text(encoding="utf-8"))["annotators"]
+        log(f"quickstart --resume: reusing the {ann['n_pairs']} collected pairs in {pref_file}")
+    else:
+        K = q.samples_per_prompt
+        roll = sample(sft_model(), tok, train_prompts, params, K, q.generation_batch_size, q.seed + 1, amp,
+                      desc="collect: sample")
+        gold = scores_in_chunks(vader_scores, [roll.response_texts], q.generation_batch_size, "collect: gold")
+        groups = [(train_records[i]["prompt"], roll.response_texts[i * K:(i + 1) * K], gold[i * K:(i + 1) * K])
+                  for i in range(len(train_records))]
+        pref_records, ann = annotate(groups, q.annotator_agreement, q.n_annotators, q.seed, q.votes_per_pair)
+        write_jsonl(pref_file, pref_records)
+        write_jsonl(dpo_file, best_vs_worst_pairs(pref_records, q.dpo_pairs_per_prompt))
+        atomic_write_json(collect_file, {"annotators": ann}, indent=2)
+        log(f"collected {ann['n_pairs']} pairs from {len(train_prompts)} prompts x {K} samples; each simulated "
+            f"annotator agrees with gold on {ann['agreement_with_gold']:.1%} of pairs (tau={ann['tau']:.3f}), the "
+            f"majority of {q.votes_per_pair} on {ann['majority_agreement_with_gold']:.1%}")
+        stage_done("collect", t)
+
+    # 3. held-out evaluation of base and SFT, KL to the SFT reference measured for both (exactly 0 for the SFT
+    #    policy itself: a check of the estimator). SFT draws bon_n samples per prompt (best-of-n picks from them
+    #    later), and its samples, labelled by gold, are the reward model's held-out pairs
     n_sft = max(q.eval_samples, q.bon_n)
-    ev["sft"], sft_roll = evaluate_policy("sft", sft_model, tok, eval_prompts, vader_scores, params, n_sft,
-                                          batch_size=q.generation_batch_size, seed=q.seed + 3,
-                                   autocast_dtype=amp)
-    ev["sft"].kl_mean, ev["sft"].kl_se = 0.0, 0.0  # the SFT policy is the reference: KL(pi_sft || pi_sft) = 0 exactly
-    raw_eval = [r["prompt"] for r in eval_records]
+    ev: dict[str, PolicyEval] = {}
+    for name in ("base", "sft"):
+        t = time.time()
+        ev[name] = _load_eval(out, name) if resume else None
+        if ev[name] is not None:
+            log(f"quickstart --resume: reusing the evaluation of {name} in {out / 'eval'}")
+            continue
+        model = sft_model() if name == "sft" else load_policy(ModelConfig(name_or_path=q.policy), tok, trainable=False)
+        ev[name], _ = evaluate_policy(name, model, tok, eval_prompts, vader_scores, params,
+                                      n_sft if name == "sft" else q.eval_samples, reference=sft_model(),
+                                      kl_samples=q.kl_samples, batch_size=q.generation_batch_size,
+                                      seed=q.seed + (3 if name == "sft" else 2), autocast_dtype=amp)
+        _save_eval(out, name, ev[name])
+        del model
+        stage_done(f"eval_{name}", t)
     sft_gold = [[s["gold"] for s in ev["sft"].samples[i * n_sft:(i + 1) * n_sft]] for i in range(len(raw_eval))]
-    sft_texts = [sft_roll.response_texts[i * n_sft:(i + 1) * n_sft] for i in range(len(raw_eval))]
+    sft_texts = [[s["response"] for s in ev["sft"].samples[i * n_sft:(i + 1) * n_sft]] for i in range(len(raw_eval))]
     test_pairs = gold_pairs(raw_eval, [t_[:q.eval_samples] for t_ in sft_texts], [g[:q.eval_samples] for g in sft_gold])
     test_pair_file = write_jsonl(out / "data/preferences_test_gold.jsonl", test_pairs)
-    timings["eval_base_sft"] = time.time() - t
 
     # 4. reward models: sentiment (from our labels) and HHH (real human preferences)
-    t = time.time()
     from alignkit.algorithms import reward_model
     rm_cfg = RMConfig(model=ModelConfig(name_or_path=q.reward_model, freeze_embeddings=True),
                       data=DataConfig(train=str(pref_file), eval=str(test_pair_file), max_length=256),
                       train=_train_cfg(q, out / "rm_sentiment", q.rm_lr, q.rm_epochs), rm=RMSection(normalize=True))
-    rm_res = reward_model.train(rm_cfg)
-    timings["rm_sentiment"] = time.time() - t
-    t = time.time()
+    rm_res = train("rm_sentiment", reward_model.train, rm_cfg)
     hhh_cfg = RMConfig(model=ModelConfig(name_or_path=q.hhh_reward_model, freeze_embeddings=True),
                        data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=384, max_prompt_length=256),
                        train=_train_cfg(q, out / "rm_hhh", q.hhh_lr, q.hhh_epochs))
-    hhh_res = reward_model.train(hhh_cfg)
-    timings["rm_hhh"] = time.time() - t
+    hhh_res = train("rm_hhh", reward_model.train, hhh_cfg)
 
     # 5. DPO from the SFT policy on the annotated pairs
-    t = time.time()
     from alignkit.algorithms import dpo
     dpo_cfg = DPOConfig(model=ModelConfig(name_or_path=sft_dir, lora=lora),
                         data=DataConfig(train=str(dpo_file), max_length=256),
                         train=_train_cfg(q, out / "dpo", q.dpo_lr, q.dpo_epochs),
                         dpo=DPOSection(loss="dpo", beta=q.dpo_beta))
-    dpo_dir = dpo.train(dpo_cfg)["model_dir"]
-    timings["dpo"] = time.time() - t
+    dpo_dir = train("dpo", dpo.train, dpo_cfg)["model_dir"]
 
     # 6. PPO from the SFT policy against the sentiment reward model (KL penalty to the SFT reference;
     #    the critic is the SFT backbone's first layers, since the MiniLM reward model has another tokenizer)
     ppo_dir = None
     if q.ppo_iterations > 0:
-        t = time.time()
         from alignkit.algorithms import ppo
         ppo_cfg = PPOConfig(
             model=ModelConfig(name_or_path=sft_dir, lora=lora),
@@ -317,60 +394,66 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
                            num_minibatches=2, micro_batch_size=q.batch_size, kl_coef=q.ppo_kl_coef, value_lr=5e-5,
                            missing_eos_penalty=None),
         )
-        ppo_dir = ppo.train(ppo_cfg)["model_dir"]
-        timings["ppo"] = time.time() - t
+        ppo_dir = train("ppo", ppo.train, ppo_cfg)["model_dir"]
 
     # 7. evaluate DPO and PPO; proxy reward for every policy; best-of-n from the SFT samples by the proxy
+    for name, model_dir, seed in (("dpo", dpo_dir, q.seed + 4), ("ppo", ppo_dir, q.seed + 5)):
+        if model_dir is None:
+            continue
+        t = time.time()
+        ev[name] = _load_eval(out, name) if resume else None
+        if ev[name] is not None:
+            log(f"quickstart --resume: reusing the evaluation of {name} in {out / 'eval'}")
+            continue
+        model = load_policy(ModelConfig(name_or_path=model_dir), tok, trainable=False)
+        ev[name], _ = evaluate_policy(name, model, tok, eval_prompts, vader_scores, params, q.eval_samples,
+                                      reference=sft_model(), kl_samples=q.kl_samples,
+                                      batch_size=q.generation_batch_size, seed=seed, autocast_dtype=amp)
+        _save_eval(out, name, ev[name])
+        del model
+        stage_done(f"eval_{name}", t)
     t = time.time()
     proxy = load_reward_model_scorer(rm_res["model_dir"], batch_size=32)
-    dpo_model = load_policy(ModelConfig(name_or_path=dpo_dir), tok, trainable=False)
-    ev["dpo"], _ = evaluate_policy("dpo", dpo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                   reference=sft_model, kl_samples=q.kl_samples, batch_size=q.generation_batch_size, seed=q.seed + 4,
-                                   autocast_dtype=amp)
-    del dpo_model
-    if ppo_dir is not None:
-        ppo_model = load_policy(ModelConfig(name_or_path=ppo_dir), tok, trainable=False)
-        ev["ppo"], _ = evaluate_policy("ppo", ppo_model, tok, eval_prompts, vader_scores, params, q.eval_samples,
-                                       reference=sft_model, kl_samples=q.kl_samples, batch_size=q.generation_batch_size, seed=q.seed + 5,
-                                   autocast_dtype=amp)
-        del ppo_model
-    for name, n in [("base", q.eval_samples), ("sft", n_sft)] + [(k, q.eval_samples) for k in ("dpo", "ppo") if k in ev]:
+    for name in ev:
+        n = n_sft if name == "sft" else q.eval_samples
         add_proxy_scores(ev[name], proxy, [p for p in raw_eval for _ in range(n)])
     ev["bon"], bon_curve_rows = best_of_n_from_samples(ev["sft"], len(raw_eval), n_sft, q.bon_n)
-    timings["eval_rl_bon"] = time.time() - t
+    for name, result in ev.items():
+        _save_eval(out, name, result)  # now with the proxy scores
+    stage_done("proxy_bon", t)
 
-    total = time.time() - t_start
+    total = elapsed_before + time.time() - t_start
     summary = {
         "policies": {k: v.row() for k, v in ev.items()},
         "vs_sft": {k: dict(zip(("gold_diff", "gold_diff_se", "n_prompts"), paired_difference(v.samples, ev["sft"].samples)))
                    for k, v in ev.items() if k != "sft"},
         "annotators": ann,
-        "reward_model_sentiment": {"heldout_accuracy_vs_gold": rm_res.get("eval", {}).get("accuracy"),
-                                   "heldout_margin": rm_res.get("eval", {}).get("margin"),
-                                   "n_train_pairs": len(pref_records), "n_test_pairs": len(test_pairs)},
-        "reward_model_hhh": {"test_accuracy": hhh_res.get("eval", {}).get("accuracy"),
-                             "test_margin": hhh_res.get("eval", {}).get("margin")},
-        "timings_s": timings, "total_s": total,
+        "reward_model_sentiment": {"heldout_accuracy_vs_gold": (rm_res.get("eval") or {}).get("accuracy"),
+                                   "heldout_margin": (rm_res.get("eval") or {}).get("margin"),
+                                   "n_train_pairs": ann["n_pairs"], "n_test_pairs": len(test_pairs)},
+        "reward_model_hhh": {"test_accuracy": (hhh_res.get("eval") or {}).get("accuracy"),
+                             "test_margin": (hhh_res.get("eval") or {}).get("margin")},
+        "timings_s": timings, "total_s": total, "resumed": resume,
         "n_dpo_pairs": sum(1 for _ in open(dpo_file, encoding="utf-8")),
         "artifacts": {"sft_model": sft_dir, "dpo_model": dpo_dir, "ppo_model": ppo_dir, "reward_model": rm_res["model_dir"],
                       "hhh_reward_model": hhh_res["model_dir"], "preferences": str(pref_file),
-                      "heldout_gold_pairs": str(test_pair_file)},
+                      "heldout_gold_pairs": str(test_pair_file), "evaluations": str(out / "eval")},
         "best_of_n_curve": bon_curve_rows,
         "samples": {k: _first_per_prompt(v, q.show_samples) for k, v in ev.items()},
     }
     plot = plot_reward_vs_kl(summary["policies"], out / "reward_vs_kl.png", bon_curve_rows)
     summary["artifacts"]["plot"] = str(plot)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     text = render_summary(summary, q)
-    (out / "summary.md").write_text(text, encoding="utf-8")
+    atomic_write_text(out / "summary.md", text)
     rows = [{"policy": k, **{c: v[c] for c in ("gold_mean", "gold_se", "proxy_mean", "kl_mean")}}
             for k, v in summary["policies"].items()]
     report = out / "report.html"
-    report.write_text(html_report("alignkit quickstart", text, plot, [("Policies on held-out prompts", rows),
-                                                                        ("Best-of-n curve (SFT samples)", bon_curve_rows)]),
-                      encoding="utf-8")
+    atomic_write_text(report, html_report("alignkit quickstart", text, plot,
+                                          [("Policies on held-out prompts", rows),
+                                           ("Best-of-n curve (SFT samples)", bon_curve_rows)]))
     summary["artifacts"]["report"] = str(report)
-    (out / MARKER).write_text(json.dumps({"status": "done", "total_s": total}), encoding="utf-8")
+    atomic_write_json(out / "summary.json", summary, indent=2)
+    atomic_write_json(out / MARKER, {"status": "done", "timings_s": timings, "elapsed_s": total, "total_s": total})
     print(text)
     return summary
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.ops.logprobs import position_ids_from_mask
+from alignkit.ops.stats import last_index
 
 NORM_ATTR = "alignkit_reward_norm"
 
@@ -35,12 +36,6 @@ def _plain_model(model):
     if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
         model = model.get_base_model()
     return model
-
-
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """[B, T] -> [B]: the last column where ``attention_mask == 1`` (pads may be on both sides)."""
-    cols = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # [T]
-    return (cols * (attention_mask != 0).long()).argmax(dim=1)
 
 
 def pack_left(input_ids: Tensor, attention_mask: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -104,7 +99,7 @@ class RewardModelScorer:
                 position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False,
             ).last_hidden_state  # [B, T, d]
-            t_star = last_token_index(attention_mask)  # [B]
+            t_star = last_index(attention_mask)  # [B]
             h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), t_star]  # [B, d]
             return head(h_last)[:, 0]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

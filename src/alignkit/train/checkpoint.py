@@ -25,13 +25,15 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+from alignkit.io_utils import atomic_save_dir, atomic_write_text  # atomic_save_dir: algorithms import it from here
+from alignkit.models.loading import is_peft
 
 FORMAT_VERSION = 1
 WEIGHTS_NAME = "weights.safetensors"
@@ -41,77 +43,7 @@ _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _LEFTOVER = re.compile(r"^\.(tmp|old)-.+-(\d+)$")
 
 
-# ---------------------------------------------------------------------- atomic writes
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a directory (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def atomic_save_dir(final_dir: Path, write_fn: Callable[[Path], None]) -> None:
-    """Create ``final_dir`` atomically: ``write_fn(tmp)`` fills ``final_dir.parent/.tmp-<name>-<pid>``,
-    its files are fsync-ed, then it is renamed to ``final_dir``.
-
-    An existing ``final_dir`` is replaced only once the new one is complete (old -> ``.old-<name>-<pid>``,
-    new -> ``final_dir``, old removed). If ``write_fn`` raises, the temporary directory is removed and
-    ``final_dir`` is left as it was.
-    """
-    final_dir = Path(final_dir)
-    parent = final_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = parent / f".tmp-{final_dir.name}-{os.getpid()}"
-    old = parent / f".old-{final_dir.name}-{os.getpid()}"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    tmp.mkdir()
-    try:
-        write_fn(tmp)
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final_dir.exists():
-        os.replace(final_dir, old)
-    os.replace(tmp, final_dir)
-    _fsync_dir(parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small text file atomically (tmp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 # ---------------------------------------------------------------------- weights
-def is_peft_model(model: torch.nn.Module) -> bool:
-    """A peft ``PeftModel`` or a transformers model with adapters loaded (both carry ``peft_config``)."""
-    return hasattr(model, "peft_config")
-
-
 def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Parameters (tied ones once) and persistent buffers, by name."""
     persistent = set(model.state_dict().keys())
@@ -123,7 +55,7 @@ def _named_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint stores: for a peft model the trainable (adapter) parameters; else all
     parameters and persistent buffers. Tied weights appear once."""
-    if is_peft_model(model):
+    if is_peft(model):
         tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
     else:
         tensors = _named_tensors(model)
@@ -134,7 +66,7 @@ def load_trainable_state_dict(model: torch.nn.Module, tensors: dict[str, torch.T
     """Copy ``tensors`` (from :func:`trainable_state_dict`) into ``model`` in place."""
     targets = _named_tensors(model)
     expected = (
-        {n for n, p in model.named_parameters() if p.requires_grad} if is_peft_model(model) else set(targets)
+        {n for n, p in model.named_parameters() if p.requires_grad} if is_peft(model) else set(targets)
     )
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - set(targets))
     if missing or unexpected:

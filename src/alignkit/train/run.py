@@ -1,4 +1,4 @@
-"""Run directories, seeding and the train/eval split: what every algorithm does first.
+"""Run directories and seeding: what every algorithm does first.
 
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``tb/``,
 ``checkpoints/``, ``model/`` (the final weights, loadable with ``from_pretrained``) and
@@ -8,7 +8,6 @@ is never silently continued with different settings.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -19,7 +18,8 @@ import torch
 import yaml
 from pydantic import BaseModel
 
-from alignkit.config import DataConfig, config_to_yaml
+from alignkit.config import config_to_yaml
+from alignkit.io_utils import atomic_write_json, atomic_write_text
 
 
 class RunError(RuntimeError):
@@ -65,26 +65,15 @@ def prepare_run_dir(cfg: BaseModel, output_dir: str | Path, resume: bool, name: 
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        saved.write_text(config_to_yaml(cfg), encoding="utf-8")
+        atomic_write_text(saved, config_to_yaml(cfg))
     log(f"{name}: run dir {run_dir}\n--- resolved config ---\n{config_to_yaml(cfg)}-----------------------")
     return run_dir
 
 
-def split_train_eval(examples: list, data: DataConfig, seed: int) -> tuple[list, list]:
-    """Hold out ``data.eval_fraction`` of train (deterministic in ``seed``) when no eval file is given."""
-    if data.eval is not None or data.eval_fraction == 0.0 or len(examples) < 2:
-        return examples, []
-    n_eval = max(1, int(round(len(examples) * data.eval_fraction)))
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 12345)).tolist()
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
-
-
 def write_summary(run_dir: Path, summary: dict) -> Path:
+    """``run_dir/summary.json``, written atomically: written last, it marks a finished run."""
     path = Path(run_dir) / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=float), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_json(path, summary, indent=2, default=float)
     return path
 
 
@@ -149,9 +138,16 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool = False):
     accelerate keeps one process-wide ``AcceleratorState``; a second run in the same process (the
     quickstart chains several, with different mixed precision) must reset it first. The distributed
     ``PartialState`` is kept, so multi-process launches are unaffected.
+
+    Several processes (``accelerate launch`` / ``torchrun``, WORLD_SIZE > 1) on a machine without CUDA run as
+    accelerate's MULTI_CPU (gloo): accelerate only picks that when asked for the CPU, so we ask.
     """
+    import os
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        cpu = True
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
