@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from alignkit.rollout.engine import HFGenerateBackend, Rollout, SamplingParams, generate_rollouts, response_logprobs
+from alignkit.config import GenerationSection
+from alignkit.rollout.backends import make_backend
+from alignkit.rollout.engine import Rollout, SamplingParams, generate_rollouts, response_logprobs
 from alignkit.rollout.prompts import prompt_batch
 
 
@@ -108,14 +110,15 @@ class _ProgressBackend:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[dict], params: SamplingParams, num_samples: int, batch_size: int,
-           seed: int, autocast_dtype: torch.dtype | None = None, desc: str = "sample") -> Rollout:
-    """``num_samples`` responses per prompt (rows prompt-major), drawn after ``torch.manual_seed(seed)``."""
+           seed: int, autocast_dtype: torch.dtype | None = None, desc: str = "sample", backend: str = "hf") -> Rollout:
+    """``num_samples`` responses per prompt (rows prompt-major), drawn after ``torch.manual_seed(seed)`` with the
+    engine ``backend`` names (``generation.backend``)."""
     torch.manual_seed(seed)
     batch = prompt_batch(prompts, tokenizer.pad_token_id)
     with progress(len(prompts) * num_samples, desc) as bar:
-        backend = _ProgressBackend(HFGenerateBackend(model, tokenizer, autocast_dtype), bar)
+        engine = _ProgressBackend(make_backend(GenerationSection(backend=backend), model, tokenizer, autocast_dtype), bar)
         return generate_rollouts(
-            backend, tokenizer, batch["input_ids"], batch["attention_mask"], params, num_samples=num_samples,
+            engine, tokenizer, batch["input_ids"], batch["attention_mask"], params, num_samples=num_samples,
             prompt_texts=batch["prompt_texts"], extras=batch["extras"], batch_size=batch_size,
         )
 
