@@ -52,3 +52,28 @@ def test_shipped_config_loads_with_every_value_as_written(path):
     for spec in (cfg.data.train, cfg.data.eval):
         if spec is not None and spec.startswith(BUILTIN_PREFIX):
             assert spec[len(BUILTIN_PREFIX):] in BUILTIN_DATASETS, f"{path.name}: unknown built-in dataset {spec}"
+
+
+def test_yaml_no_is_the_string_no_for_mixed_precision(tmp_path):
+    """YAML 1.1 reads a bare `no` as false: `train.mixed_precision=no` and `mixed_precision: no` in a file both mean
+    "no"; boolean fields still take yes/no."""
+    from alignkit.config import SFTConfig, load_config
+
+    assert load_config(SFTConfig, overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\nmodel:\n  lora:\n    enabled: yes\n")
+    cfg = load_config(SFTConfig, path)
+    assert cfg.train.mixed_precision == "no" and cfg.model.lora.enabled is True
+    assert load_config(SFTConfig, overrides=["model.lora.enabled=yes"]).model.lora.enabled is True
+
+
+def test_auto_mixed_precision_is_bf16_only_where_native(monkeypatch):
+    import torch
+
+    from alignkit.train import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert run.resolve_mixed_precision("auto") == "no" and run.resolve_mixed_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert run.resolve_mixed_precision("auto") == "bf16"

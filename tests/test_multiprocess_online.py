@@ -105,3 +105,20 @@ def test_ppo_two_processes_equal_one(tiny, tmp_path):
     assert_same_run(one, two, ["loss/policy", "loss/value", "policy/grad_norm", "val/grad_norm", "objective/kl",
                                "kl_coef", "advantages", "returns", "response_length"], models=("model", "value_model"),
                     exact_scores=False)
+
+
+def test_best_of_n_two_processes_write_what_one_writes(tiny, tmp_path):
+    """best-of-n shards each chunk of prompts over the processes and the main process writes the gathered picks:
+    the file equals the one-process file line for line (prompt i is sampled with seed (seed, i) wherever it runs)."""
+    def args(out):
+        return ["bon", f"model.name_or_path={tiny['policy']}", f"data.train={tiny['root'] / 'prompts.jsonl'}",
+                f"reward.components=[{{type: callable, path: '{tiny['root'] / 'reward.py'}:varied'}}]",
+                "generation.max_new_tokens=6", "generation.batch_size=3", "bon.n=3", f"output_dir={out}"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(one)) == 0
+    launch(args(two), num_processes=2, cwd=tmp_path)
+    lines = (one / "best_of_n.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and len({json.loads(x)["completion"] for x in lines}) > 1
+    assert (two / "best_of_n.jsonl").read_text().splitlines() == lines
+    assert json.loads((two / "summary.json").read_text())["num_processes"] == 2

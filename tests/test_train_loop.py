@@ -563,9 +563,9 @@ def test_sharding_engines_are_refused_with_the_reason(kind):
 
     from accelerate.utils import DistributedType
 
-    from alignkit.train.loop import _check_launch
+    from alignkit.train.loop import check_launch
 
     fake = SimpleNamespace(distributed_type=DistributedType[kind], num_processes=2)
-    with pytest.raises(ValueError, match=r"does not support .*multi_gpu.yaml"):
-        _check_launch(fake)
+    with pytest.raises(ValueError, match=r"do not support .*multi_gpu.yaml"):
+        check_launch(fake)
 

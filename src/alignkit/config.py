@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -97,7 +97,14 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    """Autocast (accelerate's mixed precision). ``auto``: bf16 where the hardware computes it natively (a CUDA GPU with
+    bf16, a CPU with AVX512-BF16/AMX), else ``no`` (CPUs without it emulate bf16 ~20x slower than fp32)."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no(cls, v):
+        return "no" if v is False else v  # YAML reads a bare `no` as false
     eval_every: int = Field(0, ge=0)
     """Evaluate every N optimizer steps (0: only at the end)."""
     save_every: int = Field(0, ge=0)
@@ -210,6 +217,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, bool) and raw.strip().lower() in ("no", "yes", "on", "off", "y", "n"):
+            value = raw.strip()  # YAML 1.1 reads these as booleans; pydantic still accepts them for bool fields
         _set_dotted(tree, key, value)
     return tree
 
@@ -579,9 +588,15 @@ class QuickstartConfig(Section):
     ppo_kl_coef: float = Field(0.05, ge=0)
     value_layers: int = Field(4, gt=0)
     """PPO critic: the SFT backbone's first N layers + a value head."""
-    mixed_precision: Literal["no", "bf16"] = "bf16"
-    """Autocast for every training stage and for sampling: bf16 matmuls are ~2-3x faster on CPUs with AVX512-BF16
-    (the KL estimates of the report use fp32 log-probs)."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    """Autocast for every training stage and for sampling. ``auto``: bf16 where the hardware computes it natively (a
+    CUDA GPU with bf16, a CPU with AVX512-BF16/AMX: ~2-3x faster), else fp32 (a CPU without it emulates bf16 ~20x
+    slower). The KL estimates of the report use fp32 log-probs."""
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no(cls, v):
+        return "no" if v is False else v  # YAML reads a bare `no` as false
     batch_size: int = Field(8, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Cap every training stage at this many optimizer steps (for smoke runs)."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate.utils import gather_object
 from torch import Tensor
 
 from alignkit.config import BoNConfig, RewardSection
@@ -36,6 +37,7 @@ from alignkit.rewards.combine import apply_missing_eos_penalty, build_reward
 from alignkit.rollout.backends import make_backend
 from alignkit.rollout.engine import GenerationBackend, SamplingParams
 from alignkit.rollout.prompts import load_prompts
+from alignkit.train.loop import check_launch, process_share
 from alignkit.train.run import log, make_accelerator, prepare_run_dir, write_summary
 
 
@@ -155,7 +157,9 @@ def run(cfg: BoNConfig, resume: bool = False) -> dict:
     run_dir = prepare_run_dir(cfg, cfg.output_dir, resume, "bon")
     tokenizer = load_tokenizer(cfg.model.name_or_path, padding_side="left")
     prompts = load_prompts(cfg.data, tokenizer, cfg.generation.max_new_tokens, "train", log)
-    device = make_accelerator().device
+    accelerator = make_accelerator()
+    check_launch(accelerator)
+    device, P, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     model = load_policy(cfg.model, tokenizer, trainable=False).to(device)
     backend = make_backend(cfg.generation, model, tokenizer)
     reward_models: dict = {}
@@ -168,32 +172,41 @@ def run(cfg: BoNConfig, resume: bool = False) -> dict:
 
     out_path = run_dir / cfg.bon.output_file
     records = _read_done(out_path, chunk, len(prompts)) if resume else []
-    _write_lines(out_path, records, "w")
+    if accelerator.is_main_process:
+        _write_lines(out_path, records, "w")
     if records:
         log(f"bon: resuming after {len(records)} of {len(prompts)} prompts already in {out_path}")
     t0 = time.time()
     for k in range(len(records) // chunk, (len(prompts) + chunk - 1) // chunk):
-        idx = range(k * chunk, min((k + 1) * chunk, len(prompts)))
-        result = best_of_n(
-            model, tokenizer, [prompts[i] for i in idx], n, params, reward_fn, gold_fn, batch_size=chunk,
-            missing_eos_penalty=cfg.reward.missing_eos_penalty, missing_eos_mode=cfg.reward.missing_eos_mode,
-            backend=backend, prompt_seeds=[derive_seed(cfg.seed, i) for i in idx],
-        )
+        # chunk k of the prompts, this process's share of it; prompt i is sampled with seed (seed, i) wherever it runs
+        idx = process_share(list(range(k * chunk, min((k + 1) * chunk, len(prompts)))), P, rank)
         lines = []
-        for pick in result["picks"]:
-            line = {key: pick[key] for key in ("prompt", "completion", "score", "all_scores")}
-            if "gold" in pick:
-                line.update(gold=pick["gold"], all_gold=pick["all_gold"])
-            lines.append(line)
-        _write_lines(out_path, lines, "a")
+        if idx:
+            result = best_of_n(
+                model, tokenizer, [prompts[i] for i in idx], n, params, reward_fn, gold_fn, batch_size=chunk,
+                missing_eos_penalty=cfg.reward.missing_eos_penalty, missing_eos_mode=cfg.reward.missing_eos_mode,
+                backend=backend, prompt_seeds=[derive_seed(cfg.seed, i) for i in idx],
+            )
+            for pick in result["picks"]:
+                line = {key: pick[key] for key in ("prompt", "completion", "score", "all_scores")}
+                if "gold" in pick:
+                    line.update(gold=pick["gold"], all_gold=pick["all_gold"])
+                lines.append(line)
+        if P > 1:
+            lines = [line for part in gather_object([lines]) for line in part]  # in process (= prompt) order
+        if accelerator.is_main_process:
+            _write_lines(out_path, lines, "a")
         records += lines
-        log(f"bon: {len(records)}/{len(prompts)} prompts, mean best score {result['scores'].max(1).values.mean():.4f}")
+        best = sum(max(line["all_scores"]) for line in records) / len(records)
+        log(f"bon: {len(records)}/{len(prompts)} prompts, mean best score {best:.4f}")
 
     scores = torch.tensor([r["all_scores"] for r in records], dtype=torch.float32)  # [P, n]
     gold = torch.tensor([r["all_gold"] for r in records], dtype=torch.float32) if gold_fn is not None else None
     summary = summarize(scores, gold, n, cfg.seed)
-    summary.update(output_file=str(out_path), time_s=time.time() - t0)
-    write_summary(run_dir, summary)
+    summary.update(output_file=str(out_path), time_s=time.time() - t0, num_processes=P)
+    if accelerator.is_main_process:
+        write_summary(run_dir, summary)
+    accelerator.wait_for_everyone()
     msg = f"bon done: best-of-{n} mean score {summary['mean_best_score']:.4f} vs samples {summary['mean_sample_score']:.4f}"
     if gold is not None:
         msg += f"; gold {summary['gold/best_of_n']:.4f} vs random {summary['gold/random']:.4f}"

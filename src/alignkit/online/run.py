@@ -55,7 +55,7 @@ from alignkit.rollout.engine import (
 from alignkit.rollout.prompts import PromptSampler, load_prompts
 from alignkit.train.checkpoint import atomic_save_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.train.logging import MetricsLogger
-from alignkit.train.loop import NonFiniteLossError
+from alignkit.train.loop import NonFiniteLossError, check_launch
 from alignkit.train.optim import build_optimizer
 from alignkit.train.run import RunError, autocast_dtype, log, make_accelerator, prepare_run_dir, set_seed, write_summary
 
@@ -119,6 +119,7 @@ class OnlineRun:
         builds a trainable value model (its own param group at ``value_lr``). ``total_steps``: optimizer steps of
         the whole run (the LR schedule), or a function of the number of training prompts giving it."""
         accelerator = make_accelerator(cfg.train.mixed_precision, cfg.train.cpu)
+        check_launch(accelerator)  # DDP only, and a real process group
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         prompts = load_prompts(cfg.data, tokenizer, cfg.generation.max_new_tokens, "train", log)
         eval_prompts = load_prompts(cfg.data, tokenizer, cfg.generation.max_new_tokens, "eval", log)

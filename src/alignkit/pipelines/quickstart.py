@@ -44,7 +44,7 @@ from alignkit.rewards.reward_model import load_reward_model_scorer
 from alignkit.rollout.engine import SamplingParams
 from alignkit.rollout.prompts import load_prompts
 from alignkit.train.checkpoint import latest_checkpoint
-from alignkit.train.run import RunError, log, prepare_run_dir
+from alignkit.train.run import RunError, log, native_bf16, prepare_run_dir, resolve_mixed_precision
 
 MARKER = "quickstart.json"
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -250,7 +250,7 @@ def _load_eval(out: Path, name: str) -> PolicyEval | None:
 def _train_cfg(q: QuickstartConfig, out: Path, lr: float, epochs: int) -> TrainConfig:
     return TrainConfig(output_dir=str(out), seed=q.seed, lr=lr, epochs=epochs, max_steps=q.max_steps,
                        batch_size=q.batch_size, scheduler="cosine", warmup_steps=0, log_every=1,
-                       mixed_precision=q.mixed_precision)
+                       mixed_precision=resolve_mixed_precision(q.mixed_precision))
 
 
 def _fmt(x: float | None, se: float | None = None, digits: int = 3) -> str:
@@ -264,6 +264,11 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     """The whole pipeline in ``q.output_dir``. ``resume``: continue an interrupted run there: finished stages
     (training run dirs with ``summary.json``; collected data and evaluations, written atomically) are reused,
     an interrupted training stage continues from its checkpoint, and everything after it runs."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise RunError("the quickstart is a single-process demo (its collection and evaluation run in one process); "
+                       "run its stages' commands (sft, rm, dpo, ppo, ...) under accelerate launch instead")
     t_start = time.time()
     out = Path(q.output_dir)
     state = _open_run_dir(q, out, resume)
@@ -287,7 +292,9 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     lora = LoraConfig(enabled=True, r=q.lora_r, alpha=2 * q.lora_r, target_modules=LLAMA_LINEAR,
                       layers_to_transform=list(range(n_layers - q.lora_layers, n_layers)))
     params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=1.0)
-    amp = torch.bfloat16 if q.mixed_precision == "bf16" else None  # sampling under bf16 autocast: ~1.6x faster on CPU
+    precision = resolve_mixed_precision(q.mixed_precision)
+    log(f"quickstart: mixed precision {precision} ({q.mixed_precision}; native bf16: {native_bf16()})")
+    amp = torch.bfloat16 if precision == "bf16" else None  # sampling under bf16 autocast: ~1.6x faster where native
     tok = load_tokenizer(q.policy)
     eval_records = _prompt_records("test", q.n_eval_prompts, q.seed)
     train_records = _prompt_records("train", q.n_train_prompts, q.seed)
@@ -386,7 +393,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
             model=ModelConfig(name_or_path=sft_dir, lora=lora),
             data=RLDataConfig(train=str(train_file)),
             train=TrainConfig(output_dir=str(out / "ppo"), seed=q.seed, lr=q.ppo_lr, scheduler="constant",
-                              mixed_precision=q.mixed_precision),
+                              mixed_precision=precision),
             generation=GenerationSection(max_new_tokens=q.max_new_tokens, temperature=1.0,
                                          batch_size=q.generation_batch_size),
             ppo=PPOSection(reward_model=rm_res["model_dir"], value_model=sft_dir, value_layers=q.value_layers,

@@ -107,7 +107,7 @@ def map_over_processes(cfg: TrainConfig, fn: Callable[[list], list], items: list
     return [r for part in gathered for r in part]
 
 
-def _check_launch(accelerator: Accelerator) -> None:
+def check_launch(accelerator: Accelerator) -> None:
     """Refuse launches this loop would run wrongly, with the reason.
 
     - N processes that accelerate sees as 1 (``torchrun`` on a machine without GPUs, CPU not asked for) would train
@@ -126,7 +126,7 @@ def _check_launch(accelerator: Accelerator) -> None:
         )
     if kind in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise ValueError(
-            f"the offline training loop does not support {kind} yet (sharded weights/optimizer state: its checkpoints "
+            f"alignkit's training loops do not support {kind} yet (sharded weights/optimizer state: their checkpoints "
             "and saved model would be one process's shard, and DeepSpeed steps inside backward). Launch with "
             "data parallelism instead: accelerate launch --config_file configs/accelerate/multi_gpu.yaml (docs/gpus.md)"
         )
@@ -266,7 +266,7 @@ def train_loop(
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
 
     accelerator = accelerator or make_accelerator(cfg.mixed_precision, cfg.cpu)
-    _check_launch(accelerator)
+    check_launch(accelerator)
     main, P, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     set_seed(cfg.seed)
     resume_from = _resume_checkpoint(run_dir, resume)
