@@ -26,7 +26,7 @@ from alignkit.models.reference import Reference
 from alignkit.ops.logprobs import sequence_logprobs
 from alignkit.train.loop import StepOutput, distributed_state, is_main_process, map_over_processes, train_loop
 from alignkit.train.run import (
-    autocast_for, batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, write_summary,
+    autocast_for, evaluate, log, prepare_run_dir, set_seed, write_summary,
 )
 
 
@@ -45,29 +45,12 @@ def concatenated_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor,
     return logps[:n], logps[n:]
 
 
-def reference_logps_of(ref: Reference, examples: list[dict], pad_token_id: int, batch_size: int,
-                       amp=contextlib.nullcontext) -> list[tuple[float, float]]:
-    """(log pref(chosen), log pref(rejected)) summed over response tokens, per example."""
-    device = model_device(ref.model)
-    out = []
-    for chunk in batches(examples, batch_size):
-        batch = to_device(collate_preference(chunk, pad_token_id), device)
-        with amp():
-            chosen, rejected = ref.logprobs(concatenated_logps, batch, average=False)  # [B], [B]
-        out += zip(chosen.tolist(), rejected.tolist())
-    return out
-
-
 def precompute_reference_logps(ref: Reference, examples: list[dict], pad_token_id: int, batch_size: int,
                                amp=contextlib.nullcontext, map_fn=None) -> None:
-    """Adds ref_chosen_logps / ref_rejected_logps to each example (in place). ``map_fn(fn, examples)`` may share
-    the work out (:func:`alignkit.train.loop.map_over_processes`)."""
-    def compute(chunk: list[dict]) -> list[tuple[float, float]]:
-        return reference_logps_of(ref, chunk, pad_token_id, batch_size, amp)
-
-    values = map_fn(compute, examples) if map_fn is not None else compute(examples)
-    for e, (c, r) in zip(examples, values, strict=True):
-        e["ref_chosen_logps"], e["ref_rejected_logps"] = c, r
+    """Adds ref_chosen_logps / ref_rejected_logps (summed over response tokens) to each example, in place."""
+    ref.precompute(examples, partial(collate_preference, pad_token_id=pad_token_id),
+                   partial(concatenated_logps, average=False), ("ref_chosen_logps", "ref_rejected_logps"),
+                   batch_size, amp, map_fn)
 
 
 def make_dpo_step(cfg: DPOConfig, ref: Reference | None = None):

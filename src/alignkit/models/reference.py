@@ -61,6 +61,28 @@ class Reference:
         """The context in which ``self.model`` computes pi_ref (adapters off under LoRA)."""
         return reference_context(self.model) if self.kind == "adapters_off" else contextlib.nullcontext()
 
+    def precompute(self, examples: list[dict], collate_fn: Callable[[list[dict]], dict], fn: Callable,
+                   keys: tuple[str, ...], batch_size: int, amp: Callable = contextlib.nullcontext,
+                   map_fn: Callable | None = None) -> None:
+        """Store ``fn(pi_ref, collate_fn(chunk))`` (a tuple of [b] tensors, one per key) on each example under
+        ``keys``, in chunks of ``batch_size`` under ``amp()``; ``map_fn(compute, examples)`` may share the work out
+        over processes (``train.loop.map_over_processes``). Offline methods then read them from their batches."""
+        device = next(self.model.parameters()).device
+
+        def compute(chunk: list[dict]) -> list[tuple[float, ...]]:
+            out: list[tuple[float, ...]] = []
+            for start in range(0, len(chunk), batch_size):
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in collate_fn(chunk[start : start + batch_size]).items()}
+                with amp():
+                    values = self.logprobs(fn, batch)  # tuple of [b]
+                out += zip(*(v.tolist() for v in values))
+            return out
+
+        results = map_fn(compute, examples) if map_fn is not None else compute(examples)
+        for e, values in zip(examples, results, strict=True):
+            e.update(zip(keys, values))
+
     @torch.no_grad()
     def logprobs(self, fn: Callable, *args, **kwargs):
         """``fn(model, *args, **kwargs)`` evaluated as pi_ref (no grad, eval mode, adapters off if LoRA)."""
