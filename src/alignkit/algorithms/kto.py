@@ -30,7 +30,7 @@ from alignkit.models.reference import Reference
 from alignkit.ops.logprobs import sequence_logprobs
 from alignkit.train.loop import StepOutput, distributed_state, is_main_process, map_over_processes, train_loop
 from alignkit.train.run import (
-    batches, evaluate, log, model_device, prepare_run_dir, set_seed, to_device, autocast_for, write_summary,
+    evaluate, log, prepare_run_dir, set_seed, autocast_for, write_summary,
 )
 
 
@@ -69,28 +69,11 @@ def _split_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return logps[:n], logps[n:]
 
 
-def reference_logps_of(ref: Reference, examples: list[dict], pad: int, batch_size: int,
-                       amp=contextlib.nullcontext) -> list[tuple[float, float]]:
-    """(log pref(y|x), log pref(y'|x) of the mismatched row) per example."""
-    device = model_device(ref.model)
-    out = []
-    for chunk in batches(examples, batch_size):
-        batch = to_device(collate_kto_rows(chunk, pad), device)
-        with amp():
-            ref_logps, ref_kl = ref.logprobs(_split_logps, batch)  # [B], [B]
-        out += zip(ref_logps.tolist(), ref_kl.tolist())
-    return out
-
-
 def precompute_reference(ref: Reference, examples: list[dict], pad: int, batch_size: int,
                          amp=contextlib.nullcontext, map_fn=None) -> None:
-    """Adds ref_logps / ref_kl_logps to each example (in place); ``map_fn(fn, examples)`` may share the work out."""
-    def compute(chunk: list[dict]) -> list[tuple[float, float]]:
-        return reference_logps_of(ref, chunk, pad, batch_size, amp)
-
-    values = map_fn(compute, examples) if map_fn is not None else compute(examples)
-    for e, (a, b) in zip(examples, values, strict=True):
-        e["ref_logps"], e["ref_kl_logps"] = a, b
+    """Adds ref_logps / ref_kl_logps (log pref(y|x), and of the mismatched row) to each example, in place."""
+    ref.precompute(examples, partial(collate_kto_rows, pad_token_id=pad), _split_logps, ("ref_logps", "ref_kl_logps"),
+                   batch_size, amp, map_fn)
 
 
 def make_kto_step(cfg: KTOConfig, ref: Reference | None = None):
