@@ -283,3 +283,33 @@ def test_reward_vs_kl_plot_and_html_report(tmp_path):
     assert [0.0, 0.19] in gold_lines and [0.0, 0.19, 0.43] in proxy_lines  # the n=3 row has no gold
     page = report.html_report("t", "# summary", png, [("rows", [{"policy": "dpo", "kl": float("nan")}])])
     assert "data:image/png;base64," in page and "<td>-</td>" in page and "# summary" in page
+
+
+def test_quickstart_two_processes_on_tiny_models(tmp_path):
+    """`accelerate launch` with 2 CPU processes runs the whole quickstart: the training stages shard their data,
+    collection and evaluation run alike on both (seeded), and one process writes. The collected preferences and
+    the report's numbers equal a one-process run's (a user gold function in a file: `gold=file.py:function`)."""
+    from multiproc import launch
+
+    from alignkit.models.tiny import save_tiny_models
+
+    paths = save_tiny_models(tmp_path / "models")
+    gold = tmp_path / "gold.py"
+    gold.write_text("import zlib\n\ndef score(texts):\n"
+                    "    return [zlib.crc32(t.encode()) % 2001 / 1000 - 1 for t in texts]\n")
+
+    def args(out):
+        return ["quickstart", f"output_dir={out}", f"policy={paths['policy']}", f"reward_model={paths['reward']}",
+                f"hhh_reward_model={paths['reward']}", "lora_layers=1", "batch_size=2", "mixed_precision='no'",
+                f"gold={gold}:score", *REDUCED, "ppo_rollout_batch_size=4"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(one)) == 0
+    proc = launch(args(two), num_processes=2, cwd=tmp_path, timeout=600)
+    assert proc.stdout.count("# alignkit quickstart") == 1  # one process printed (and wrote) the report
+    assert (two / "data/preferences.jsonl").read_text() == (one / "data/preferences.jsonl").read_text()
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert set(s2["policies"]) == {"base", "sft", "dpo", "ppo", "bon"}
+    for name in ("base", "sft", "bon"):  # before any multi-process training could differ by float rounding
+        assert s2["policies"][name]["gold_mean"] == pytest.approx(s1["policies"][name]["gold_mean"], abs=1e-6), name
+    assert (two / "report.html").is_file() and json.loads((two / "quickstart.json").read_text())["status"] == "done"

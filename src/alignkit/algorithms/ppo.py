@@ -241,8 +241,9 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
         run.state["kl_ctl"] = kl_ctl.state_dict()  # Ziegler: n = batch size
         run.end_iteration(iteration, metrics, ppo.save_every)
 
-    def save_value(run_dir):
-        value = run.accelerator.unwrap_model(run.value)
-        return {"value_model_dir": str(save_module_dir(value, run.tokenizer, run_dir / "value_model"))}
+    def save_value(run_dir, write: bool):
+        if write:
+            save_module_dir(run.accelerator.unwrap_model(run.value), run.tokenizer, run_dir / "value_model")
+        return {"value_model_dir": str(run_dir / "value_model")}
 
     return run.finish({"final_metrics": metrics, "kl_coef": kl_ctl.value}, save_extra=save_value)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -177,8 +178,37 @@ def gold_pairs(prompts: list[str], responses: list[list[str]], gold: list[list[f
 
 
 # ---------------------------------------------------------------- run dir, stages and resume
+def gold_function(spec: str):
+    """The gold reward ``texts -> [float]``: VADER compound sentiment (``vader``), or a user function given as
+    ``file.py:function`` / ``module:function`` (it runs your code)."""
+    if spec == "vader":
+        return vader_scores
+    from alignkit.rewards.base import load_callable
+
+    return load_callable(spec)
+
+
+def _processes():
+    """This launch's processes. Under ``accelerate launch`` every process runs the whole pipeline: the training
+    stages share the work (data parallel), the collection and evaluation are computed by every process alike
+    (seeded), and only the main process writes; ``_sync()`` makes the others wait for its files."""
+    from accelerate import PartialState
+
+    several = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    return PartialState(cpu=several and not torch.cuda.is_available())
+
+
+def _is_main() -> bool:
+    return _processes().is_main_process
+
+
+def _sync() -> None:
+    _processes().wait_for_everyone()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if _is_main():
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
 
@@ -199,6 +229,9 @@ def _open_run_dir(q: QuickstartConfig, out: Path, resume: bool) -> dict:
         state = json.loads(marker.read_text(encoding="utf-8"))
         prepare_run_dir(q, out, resume=True, name="quickstart")
         return state
+    if not _is_main():  # the main process starts the run dir
+        _sync()
+        return {"status": "running", "timings_s": {}, "elapsed_s": 0.0}
     if out.exists():
         if not marker.exists() and any(out.iterdir()):
             raise RunError(f"{out} exists and is not a quickstart run dir; choose another output_dir")
@@ -207,6 +240,7 @@ def _open_run_dir(q: QuickstartConfig, out: Path, resume: bool) -> dict:
     state = {"status": "running", "timings_s": {}, "elapsed_s": 0.0}
     atomic_write_json(marker, state)
     prepare_run_dir(q, out, resume=False, name="quickstart")
+    _sync()
     return state
 
 
@@ -226,6 +260,14 @@ def train_stage(train_fn, cfg, resume: bool) -> tuple[dict, bool]:
     is reused as it is, and an interrupted one continues from its last checkpoint (if it wrote one).
     Returns (the stage's result, whether it ran now)."""
     run_dir = Path(cfg.train.output_dir)
+    _sync()  # the stage's data files are written
+    try:
+        return _train_stage(train_fn, cfg, resume, run_dir)
+    finally:
+        _sync()  # its model/ and summary.json are written
+
+
+def _train_stage(train_fn, cfg, resume: bool, run_dir: Path) -> tuple[dict, bool]:
     if resume:
         done = finished_stage(run_dir)
         if done is not None:
@@ -239,7 +281,8 @@ def train_stage(train_fn, cfg, resume: bool) -> tuple[dict, bool]:
 
 
 def _save_eval(out: Path, key: str, result: PolicyEval) -> None:
-    atomic_write_json(out / "eval" / f"{key}.json", asdict(result), ensure_ascii=False)
+    if _is_main():
+        atomic_write_json(out / "eval" / f"{key}.json", asdict(result), ensure_ascii=False)
 
 
 def _load_eval(out: Path, name: str) -> PolicyEval | None:
@@ -264,12 +307,8 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     """The whole pipeline in ``q.output_dir``. ``resume``: continue an interrupted run there: finished stages
     (training run dirs with ``summary.json``; collected data and evaluations, written atomically) are reused,
     an interrupted training stage continues from its checkpoint, and everything after it runs."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        raise RunError("the quickstart is a single-process demo (its collection and evaluation run in one process); "
-                       "run its stages' commands (sft, rm, dpo, ppo, ...) under accelerate launch instead")
     t_start = time.time()
+    gold_scores = gold_function(q.gold)  # checked before anything is written
     out = Path(q.output_dir)
     state = _open_run_dir(q, out, resume)
     timings: dict[str, float] = dict(state.get("timings_s", {}))
@@ -277,8 +316,9 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
 
     def stage_done(name: str, t0: float) -> None:
         timings[name] = time.time() - t0
-        atomic_write_json(out / MARKER, {"status": "running", "timings_s": timings,
-                                         "elapsed_s": elapsed_before + time.time() - t_start})
+        if _is_main():
+            atomic_write_json(out / MARKER, {"status": "running", "timings_s": timings,
+                                             "elapsed_s": elapsed_before + time.time() - t_start})
 
     def train(name: str, train_fn, cfg) -> dict:
         t0 = time.time()
@@ -300,6 +340,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     train_records = _prompt_records("train", q.n_train_prompts, q.seed)
     eval_file = write_jsonl(out / "data/eval_prompts.jsonl", eval_records)  # deterministic: the same on resume
     train_file = write_jsonl(out / "data/train_prompts.jsonl", train_records)
+    _sync()
     prompt_data = RLDataConfig(train=str(train_file), eval=str(eval_file))
     train_prompts = load_prompts(prompt_data, tok, q.max_new_tokens, "train", log=log)
     eval_prompts = load_prompts(prompt_data, tok, q.max_new_tokens, "eval", log=log)
@@ -329,13 +370,15 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
         K = q.samples_per_prompt
         roll = sample(sft_model(), tok, train_prompts, params, K, q.generation_batch_size, q.seed + 1, amp,
                       desc="collect: sample")
-        gold = scores_in_chunks(vader_scores, [roll.response_texts], q.generation_batch_size, "collect: gold")
+        gold = scores_in_chunks(gold_scores, [roll.response_texts], q.generation_batch_size, "collect: gold")
         groups = [(train_records[i]["prompt"], roll.response_texts[i * K:(i + 1) * K], gold[i * K:(i + 1) * K])
                   for i in range(len(train_records))]
         pref_records, ann = annotate(groups, q.annotator_agreement, q.n_annotators, q.seed, q.votes_per_pair)
         write_jsonl(pref_file, pref_records)
         write_jsonl(dpo_file, best_vs_worst_pairs(pref_records, q.dpo_pairs_per_prompt))
-        atomic_write_json(collect_file, {"annotators": ann}, indent=2)
+        if _is_main():
+            atomic_write_json(collect_file, {"annotators": ann}, indent=2)
+        _sync()
         log(f"collected {ann['n_pairs']} pairs from {len(train_prompts)} prompts x {K} samples; each simulated "
             f"annotator agrees with gold on {ann['agreement_with_gold']:.1%} of pairs (tau={ann['tau']:.3f}), the "
             f"majority of {q.votes_per_pair} on {ann['majority_agreement_with_gold']:.1%}")
@@ -353,7 +396,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
             log(f"quickstart --resume: reusing the evaluation of {name} in {out / 'eval'}")
             continue
         model = sft_model() if name == "sft" else load_policy(ModelConfig(name_or_path=q.policy), tok, trainable=False)
-        ev[name], _ = evaluate_policy(name, model, tok, eval_prompts, vader_scores, params,
+        ev[name], _ = evaluate_policy(name, model, tok, eval_prompts, gold_scores, params,
                                       n_sft if name == "sft" else q.eval_samples, reference=sft_model(),
                                       kl_samples=q.kl_samples, batch_size=q.generation_batch_size,
                                       seed=q.seed + (3 if name == "sft" else 2), autocast_dtype=amp)
@@ -364,6 +407,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     sft_texts = [[s["response"] for s in ev["sft"].samples[i * n_sft:(i + 1) * n_sft]] for i in range(len(raw_eval))]
     test_pairs = gold_pairs(raw_eval, [t_[:q.eval_samples] for t_ in sft_texts], [g[:q.eval_samples] for g in sft_gold])
     test_pair_file = write_jsonl(out / "data/preferences_test_gold.jsonl", test_pairs)
+    _sync()
 
     # 4. reward models: sentiment (from our labels) and HHH (real human preferences)
     from alignkit.algorithms import reward_model
@@ -413,7 +457,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
             log(f"quickstart --resume: reusing the evaluation of {name} in {out / 'eval'}")
             continue
         model = load_policy(ModelConfig(name_or_path=model_dir), tok, trainable=False)
-        ev[name], _ = evaluate_policy(name, model, tok, eval_prompts, vader_scores, params, q.eval_samples,
+        ev[name], _ = evaluate_policy(name, model, tok, eval_prompts, gold_scores, params, q.eval_samples,
                                       reference=sft_model(), kl_samples=q.kl_samples,
                                       batch_size=q.generation_batch_size, seed=seed, autocast_dtype=amp)
         _save_eval(out, name, ev[name])
@@ -448,9 +492,12 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
         "best_of_n_curve": bon_curve_rows,
         "samples": {k: _first_per_prompt(v, q.show_samples) for k, v in ev.items()},
     }
+    text = render_summary(summary, q)
+    if not _is_main():  # the main process writes the report
+        _sync()
+        return summary
     plot = plot_reward_vs_kl(summary["policies"], out / "reward_vs_kl.png", bon_curve_rows)
     summary["artifacts"]["plot"] = str(plot)
-    text = render_summary(summary, q)
     atomic_write_text(out / "summary.md", text)
     rows = [{"policy": k, **{c: v[c] for c in ("gold_mean", "gold_se", "proxy_mean", "kl_mean")}}
             for k, v in summary["policies"].items()]
@@ -462,6 +509,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     atomic_write_json(out / "summary.json", summary, indent=2)
     atomic_write_json(out / MARKER, {"status": "done", "timings_s": timings, "elapsed_s": total, "total_s": total})
     print(text)
+    _sync()
     return summary
 
 
