@@ -105,13 +105,14 @@ def test_parquet_corrupt(tmp_path):
 
 
 def test_csv_cells_are_strings_and_label_string_is_an_error(tmp_path):
+    """Cells stay strings when read; a KTO label cell must spell a bool (true/false, 1/0, yes/no)."""
     path = tmp_path / "d.csv"
-    path.write_text('prompt,completion,label\nhi,"hello, you",true\n')
+    path.write_text('prompt,completion,label\nhi,"hello, you",sure\n')
     records = read_records(str(path))
     assert [(r.data, r.line, r.unit) for r in records] == [
-        ({"prompt": "hi", "completion": "hello, you", "label": "true"}, 1, "row")
+        ({"prompt": "hi", "completion": "hello, you", "label": "sure"}, 1, "row")
     ]
-    with pytest.raises(DataError, match=where(path, 1, "label", "row") + r"expected a bool .* got str 'true'"):
+    with pytest.raises(DataError, match=where(path, 1, "label", "row") + r"expected a bool .* got str 'sure'"):
         load_examples(str(path), "kto")
 
 

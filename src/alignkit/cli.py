@@ -1,4 +1,4 @@
-"""Command line: ``alignkit <command> [config.yaml] [key=value ...] [--resume]``.
+"""Command line: ``alignkit <command> [config.yaml] [key=value ...] [--resume]`` (flags anywhere).
 
 Thin by design: parse, load + validate the config, call ``algorithms.<x>.train(cfg)``.
 ``alignkit <command> --help`` lists every config key with its type, default and meaning.
@@ -61,12 +61,27 @@ def _type_name(annotation) -> str:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " | ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is not None:
-        return str(annotation).replace("typing.", "")
+        return str(annotation).replace("typing.", "").replace("alignkit.config.", "")
     return getattr(annotation, "__name__", str(annotation))
 
 
+def _list_item_model(annotation) -> type[BaseModel] | None:
+    """``list[RewardComponent]`` -> ``RewardComponent`` (a list whose items are config sections), else None."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (None,)
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            return item
+    return None
+
+
+def _doc(cls: type[BaseModel], name: str) -> str:
+    field = cls.model_fields[name]
+    return " ".join((field.description or _attribute_doc(cls, name) or "").split())
+
+
 def describe_config(cls: type[BaseModel], prefix: str = "", default: BaseModel | None = None) -> list[str]:
-    """One line per leaf key: ``train.lr (float, default 5e-07): ...``."""
+    """One line per leaf key: ``train.lr (float, default 5e-07): ...``; the fields of a list of sections
+    (``reward.components``) follow it, one line each (``reward.components[].type``)."""
     lines = []
     inst = default if default is not None else cls()
     for name, field in cls.model_fields.items():
@@ -75,8 +90,16 @@ def describe_config(cls: type[BaseModel], prefix: str = "", default: BaseModel |
         if isinstance(value, BaseModel):
             lines += describe_config(type(value), key + ".", value)
             continue
-        doc = (field.description or _attribute_doc(cls, name) or "").strip().replace("\n", " ")
+        doc = _doc(cls, name)
         lines.append(f"  {key} ({_type_name(field.annotation)}, default {value!r}){': ' + doc if doc else ''}")
+        item = _list_item_model(field.annotation)
+        if item is not None:
+            for sub, sub_field in item.model_fields.items():
+                required = sub_field.is_required()
+                default_s = "required" if required else f"default {sub_field.get_default(call_default_factory=True)!r}"
+                sub_doc = _doc(item, sub)
+                lines.append(f"    {key}[].{sub} ({_type_name(sub_field.annotation)}, {default_s})"
+                             f"{': ' + sub_doc if sub_doc else ''}")
     return lines
 
 
@@ -105,19 +128,72 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+CALLABLE_WARNING = (
+    "Security: a `callable` reward component ({type: callable, path: ...}) imports and runs the Python code its "
+    "path names, so a config that contains one runs code: use configs only from sources you trust."
+)
+
+SMOKE_TEST_HELP = (
+    "Smoke-test a config in seconds with the built-in tiny random model: model.name_or_path=tiny-random "
+    "(a policy or a reward model; it learns nothing useful), e.g. `alignkit sft model.name_or_path=tiny-random "
+    "data.train=builtin:sft_demos train.max_steps=1`."
+)
+
+REWARD_HELP = """Reward components (reward.components, a list; fields listed above under reward.components[]):
+  reward.components='[{type: arithmetic}, {type: format, pattern: "[0-9]+$", weight: 0.5}]'
+  reward.components='[{type: model, path: runs/rm/model}]'      # the model `alignkit rm` writes
+  reward.components='[{type: callable, path: "mymod:score"}]'   # mymod.py in the current directory
+  reward.components='[{type: callable, path: "path/to/rewards.py:score"}]'
+
+A callable reward is called with keywords and returns one float per completion:
+
+  """ + C.CALLABLE_REWARD_SIGNATURE + """
+
+  # mymod.py
+  def score(prompts, completions, answer, **fields):
+      # prompts, completions: B strings each; every other field of the prompt records comes as a list of B
+      # values (None where a row lacks it), here `answer`
+      return [1.0 if c.strip().endswith(str(a)) else 0.0 for c, a in zip(completions, answer)]
+
+""" + CALLABLE_WARNING
+
+
+def _has_rewards(cls: type[BaseModel]) -> bool:
+    return any(isinstance(getattr(cls(), name), C.RewardSection) for name in cls.model_fields)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser that takes its flags anywhere: ``alignkit sft --resume train.max_steps=1`` as well as
+    ``alignkit sft train.max_steps=1 --resume``. argparse fills a ``nargs="*"`` positional from one run of
+    positional words only and reports later ones as unrecognized; here they join ``args`` in order (unknown
+    ``--flags`` stay errors)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        words = [a for a in extras if not a.startswith("-") or a == "-"]
+        if words and hasattr(ns, "args"):
+            ns.args = [*(ns.args or []), *words]
+            extras = [a for a in extras if a not in words]
+        return ns, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignkit",
         description="Align language models with preferences. Each command takes an optional YAML config and "
-        "dotted overrides, e.g. `alignkit dpo configs/dpo.yaml train.lr=1e-6 dpo.beta=0.2`.",
+        "dotted overrides, e.g. `alignkit dpo configs/dpo.yaml train.lr=1e-6 dpo.beta=0.2`; flags such as "
+        "--resume may come anywhere. " + SMOKE_TEST_HELP,
+        epilog=CALLABLE_WARNING,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     for name, cmd in COMMANDS.items():
+        epilog = REWARD_HELP if _has_rewards(cmd.config_cls) else None
         p = sub.add_parser(
             name,
             help=cmd.help,
             description=f"{cmd.help}.\n\nConfig keys (set in the YAML file or as key=value overrides):\n"
-            + "\n".join(describe_config(cmd.config_cls)),
+            + "\n".join(describe_config(cmd.config_cls)) + "\n\n" + SMOKE_TEST_HELP,
+            epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("args", nargs="*", metavar="[config.yaml] [key=value ...]")
@@ -127,16 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str]]:
-    path = None
-    overrides = []
-    for i, a in enumerate(args):
-        if i == 0 and "=" not in a:
-            path = a
-        elif "=" in a:
-            overrides.append(a)
-        else:
-            raise C.ConfigError(f"unexpected argument {a!r}: give at most one config file, then key=value overrides")
-    return path, overrides
+    """``[config.yaml] [key=value ...]`` in any order -> (config path or None, overrides in order)."""
+    paths = [a for a in args if "=" not in a]
+    if len(paths) > 1:
+        raise C.ConfigError(f"unexpected argument {paths[1]!r}: give at most one config file (got {paths}) and "
+                            "key=value overrides")
+    return (paths[0] if paths else None), [a for a in args if "=" in a]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,7 +145,9 @@ class RMConfig(Section):
 class DPOSection(Section):
     loss: Literal["dpo", "cdpo", "ipo", "orpo", "simpo"] = "dpo"
     beta: float | None = Field(None, gt=0)
-    """Default per loss: 0.1 (dpo, cdpo, ipo), 2.0 (simpo). Not used by orpo."""
+    """Default per loss: 0.1 (dpo, cdpo, ipo), 2.0 (simpo). Not used by orpo. A setting that the chosen loss does
+    not use (e.g. beta with orpo, label_smoothing with ipo/orpo, simpo_gamma_beta_ratio without simpo, ref_model
+    with reference_free=true) is an error."""
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     """cDPO's epsilon (required > 0 for ``cdpo``)."""
     reference_free: bool = False
@@ -160,7 +162,42 @@ class DPOSection(Section):
     def _check(self) -> "DPOSection":
         if self.loss == "cdpo" and self.label_smoothing <= 0:
             raise ValueError("dpo.loss=cdpo needs dpo.label_smoothing > 0 (e.g. 0.1)")
+        unused = unused_dpo_settings(self)
+        if unused:
+            raise ValueError("; ".join(f"dpo.{name}={getattr(self, name)!r} {why}" for name, why in unused)
+                             + f"; remove {'it' if len(unused) == 1 else 'them'}")
         return self
+
+
+# Settings that only matter through the reference model, and the setting that turns the reference off.
+_REFERENCE_SETTINGS = ("ref_model", "precompute_ref_logps")
+
+
+def unused_dpo_settings(section: DPOSection) -> list[tuple[str, str]]:
+    """``(setting, why)`` for every ``dpo:`` setting changed from its default that the chosen loss never reads.
+
+    Which settings a loss reads comes from its row of ``alignkit.losses.PREFERENCE_LOSSES`` (``settings``
+    and ``needs_reference``); the reference settings count only when a reference model is used."""
+    defaults = DPOSection.model_construct()
+    changed = [name for name in DPOSection.model_fields
+               if name != "loss" and getattr(section, name) != getattr(defaults, name)]
+    if not changed:
+        return []  # the defaults are always valid (checked without importing the losses, hence torch)
+    from alignkit.losses.preference import PREFERENCE_LOSSES
+
+    spec = PREFERENCE_LOSSES[section.loss]
+    read = {setting for _, setting in spec.settings}
+    unused = []
+    for name in changed:
+        if name in _REFERENCE_SETTINGS:
+            if not spec.needs_reference:
+                unused.append((name, f"does nothing: dpo.loss={section.loss} uses no reference model"))
+            elif section.reference_free:
+                unused.append((name, "does nothing: dpo.reference_free=true uses no reference model"))
+        elif name not in read:
+            uses = ", ".join(f"dpo.{r}" for r in sorted(read)) or "no other setting"
+            unused.append((name, f"does nothing with dpo.loss={section.loss} (it uses {uses})"))
+    return unused
 
 
 def default_beta(loss: str) -> float:
@@ -179,6 +216,9 @@ class KTOSection(Section):
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
     precompute_ref_logps: bool = True
+    allow_one_label: bool = False
+    """Train on data whose labels are all true (or all false). Refused by default: KTO then only pushes the rewards
+    one way, which is usually a data mistake (a label column read wrongly, a filtered file)."""
 
 
 class KTOConfig(Section):
@@ -309,13 +349,19 @@ class GenerationSection(Section):
     batch_size x G rows."""
 
 
+CALLABLE_REWARD_SIGNATURE = "def score(prompts: list[str], completions: list[str], **fields) -> list[float]"
+"""What a ``callable`` reward component's function looks like (``alignkit.rewards.base.UserRewardFn``)."""
+
+
 class RewardComponent(Section):
     type: Literal["model", "arithmetic", "format", "length", "callable", "vader"]
     weight: float = 1.0
     name: str | None = None
     """Logged as rewards/<name>; defaults to the type."""
     path: str | None = None
-    """``model``: reward-model checkpoint; ``callable``: ``module:function``."""
+    """``model``: reward-model checkpoint (``alignkit rm`` writes ``<output_dir>/model``); ``callable``:
+    ``module:function`` (a module in the current directory or on PYTHONPATH) or ``path/to/file.py:function``.
+    A callable reward IMPORTS AND RUNS that Python code: use configs only from sources you trust."""
     pattern: str | None = None
     """``format``: regex the completion must match (re.search) for reward 1, else 0."""
     target_length: int | None = Field(None, gt=0)
@@ -335,6 +381,10 @@ class RewardComponent(Section):
 
 class RewardSection(Section):
     components: list[RewardComponent] = []
+    """Reward terms summed with their weights, R = sum_k weight_k * r_k, each logged as rewards/<name>. Fields of
+    a component: type, weight, name, path, pattern, target_length, normalize (listed below). A ``callable``
+    component's function is called as ``fn(prompts=[...], completions=[...], **fields)`` and returns one float per
+    completion (see the example below)."""
     missing_eos_penalty: float | None = None
     """Responses that never emit EOS: score -= penalty (``missing_eos_mode=subtract``) or score := -penalty (``set``)."""
     missing_eos_mode: Literal["subtract", "set"] = "subtract"

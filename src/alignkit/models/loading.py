@@ -36,15 +36,32 @@ def resolve_path(name_or_path: str) -> str:
 
 
 def _wrap_load(fn, name_or_path: str, what: str):
+    from safetensors import SafetensorError, safe_open
+
     try:
         return fn()
+    except SafetensorError as e:  # a corrupt or truncated weights file: name it (the library's message does not)
+        folder = Path(resolve_path(name_or_path))
+        bad = []
+        for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except SafetensorError as file_error:
+                bad.append(f"{file} ({file_error})")
+        files = "; ".join(bad) or f"a .safetensors file under {folder} ({e})"
+        raise ModelLoadError(
+            f"could not load {what} from {name_or_path!r}: the weights file is corrupt or truncated: {files}. "
+            "Copy or save the model again (an interrupted download or copy leaves such a file)"
+        ) from None
     except (OSError, ValueError) as e:
         local = Path(name_or_path).exists()
         hint = (
             f"{name_or_path!r} is a local path but could not be read as a {what}: {e}"
             if local
             else f"{name_or_path!r} is not a local directory, and loading it from the Hugging Face hub failed "
-            f"(offline, or no such repo). Give a local path, or 'smollm2-135m-instruct' for the embedded model. "
+            f"(offline, or no such repo). Give a local path, 'smollm2-135m-instruct' for the embedded model, or "
+            f"'tiny-random' for a tiny random model that smoke-tests a config in seconds. "
             f"Cause: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         )
         raise ModelLoadError(f"could not load {what}: {hint}") from None

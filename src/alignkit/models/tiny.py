@@ -88,6 +88,15 @@ def tiny_reward_model(seed: int = 0, hidden_size: int = 32, num_layers: int = 2)
     return model, tok
 
 
+def save_tiny_random(out: str | Path, seed: int = 0) -> Path:
+    """The built-in ``tiny-random`` model (``model.name_or_path=tiny-random``): a tiny causal LM + tokenizer in
+    ``out``; a reward model loads it as a sequence classifier with a fresh head."""
+    model, tok = tiny_causal_lm(seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return Path(out)
+
+
 def save_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     """Write a tiny policy and a tiny reward model under ``root``; returns their paths.
 

@@ -1,8 +1,29 @@
-"""The reward-function interface and loading user reward functions by name.
+"""The reward-function interfaces and loading user reward functions by name.
 
-A reward function scores a batch of (prompt, completion) pairs; ``extras`` carries the
-per-row record fields (``answer``, ...) of the RL prompt data (DESIGN: "extra fields passed
-to reward functions"). Rows follow the rollout's layout (group-contiguous for G > 1).
+Two signatures, one for each side:
+
+* What you write for a ``{type: callable, path: "mymod:score"}`` component (:class:`UserRewardFn`), the
+  TRL-style keyword convention::
+
+      def score(prompts: list[str], completions: list[str], **fields) -> list[float]
+
+  called as ``score(prompts=[...], completions=[...], answer=[...], ...)``: B rendered prompts, B completions,
+  and each extra field of the prompt records (``answer``, ...) as one list of B values (``None`` for a row that
+  lacks it). It returns B finite floats (a list, a numpy array or a tensor). For example::
+
+      # mymod.py
+      def score(prompts, completions, answer, **fields):
+          return [1.0 if c.strip().endswith(str(a)) else 0.0 for c, a in zip(completions, answer)]
+
+  :class:`alignkit.rewards.rules.CallableReward` makes the call, and nothing else calls user code.
+* What every built-in component is (:class:`RewardFn`): ``(prompts, completions, extras) -> [B] float32``, where
+  ``extras`` holds the per-row record fields as B dicts (DESIGN: "extra fields passed to reward functions").
+  ``CallableReward`` turns a ``UserRewardFn`` into one. Rows follow the rollout's layout (group-contiguous
+  for G > 1).
+
+``module:function`` finds a module on ``sys.path`` and, failing that, in the current working directory;
+``path/to/file.py:function`` imports that file. Either way the code is imported and run: a config that names a
+callable reward runs its code, so use configs only from sources you trust.
 """
 
 from __future__ import annotations
@@ -10,12 +31,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from alignkit.config import CALLABLE_REWARD_SIGNATURE
 
 
 class RewardError(ValueError):
@@ -28,11 +52,27 @@ class RewardSpecError(ValueError):
 
 @runtime_checkable
 class RewardFn(Protocol):
-    """``(prompts, completions, extras) -> [B] float32`` with a ``name`` for logging (``rewards/<name>``)."""
+    """A built-in reward component: ``(prompts, completions, extras) -> [B] float32`` with a ``name`` for logging
+    (``rewards/<name>``); ``extras`` is one dict of record fields per row."""
 
     name: str
 
     def __call__(self, prompts: list[str], completions: list[str], extras: list[dict]) -> Tensor: ...
+
+
+USER_REWARD_SIGNATURE = CALLABLE_REWARD_SIGNATURE
+
+
+class UserRewardFn(Protocol):
+    """The function a ``callable`` reward component names (see the module docstring)::
+
+        def score(prompts: list[str], completions: list[str], **fields) -> list[float]
+
+    Called with keywords only: ``prompts`` and ``completions`` (B strings each), plus each extra field of the
+    prompt records as a list of B values (``None`` where a row lacks it), e.g. ``answer=[...]``. Returns B finite
+    floats (list, numpy array or tensor)."""
+
+    def __call__(self, *, prompts: list[str], completions: list[str], **fields: list) -> Sequence[float] | Tensor: ...
 
 
 def _import_file(file_part: str, spec: str):
@@ -59,14 +99,31 @@ def _import_file(file_part: str, spec: str):
     return module
 
 
+def _in_working_dir(module_part: str) -> bool:
+    """Whether the top-level package of ``module_part`` lies in the current working directory (``x.py`` or
+    ``x/``) while the current directory is not on ``sys.path`` (the ``alignkit`` script does not put it there)."""
+    cwd = os.getcwd()
+    on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
+    top = module_part.split(".")[0]
+    return cwd not in on_path and (Path(cwd, top + ".py").is_file() or Path(cwd, top).is_dir())
+
+
 def _import_module(module_part: str, spec: str):
     try:
-        return importlib.import_module(module_part)
+        try:
+            return importlib.import_module(module_part)
+        except ModuleNotFoundError as e:
+            if e.name != module_part.split(".")[0] or not _in_working_dir(module_part):
+                raise
+            # `alignkit ...` run from the folder holding mymod.py: look there too, after everything else, so a
+            # local file never shadows an installed module
+            sys.path.append(os.getcwd())
+            return importlib.import_module(module_part)
     except ModuleNotFoundError as e:
         if e.name is not None and (module_part == e.name or module_part.startswith(e.name + ".")):
             raise RewardSpecError(
-                f"reward function {spec!r}: module {module_part!r} not found "
-                "(is it installed or on PYTHONPATH? a file can be given as 'path/to/file.py:function')"
+                f"reward function {spec!r}: module {module_part!r} not found in the current directory nor on "
+                "PYTHONPATH (is it installed? a file can be given as 'path/to/file.py:function')"
             ) from None
         raise RewardSpecError(
             f"reward function {spec!r}: importing module {module_part!r} failed: {type(e).__name__}: {e}"
@@ -78,7 +135,8 @@ def _import_module(module_part: str, spec: str):
 
 
 def load_callable(spec: str) -> Callable:
-    """Resolve ``"package.module:function"`` or ``"path/to/file.py:function"`` to the callable.
+    """Resolve ``"package.module:function"`` or ``"path/to/file.py:function"`` to the callable (importing, i.e.
+    running, that code). A module is looked for on ``sys.path``, then in the current working directory.
 
     The attribute part may be dotted (``module:Class.method``). Errors name the spec and say
     which part failed: format, module/file not found, import failure, missing attribute, not callable.

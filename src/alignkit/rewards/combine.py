@@ -154,8 +154,8 @@ def build_reward(section: RewardSection, tokenizer=None, reward_models: dict | N
     """
     if not section.components:
         raise RewardSpecError(
-            "reward.components is empty; add at least one, e.g. {type: model, path: runs/rm/final} "
-            "or {type: arithmetic}"
+            "reward.components is empty; add at least one, e.g. {type: model, path: runs/rm/model} (the model "
+            "`alignkit rm` writes to <train.output_dir>/model) or {type: arithmetic}"
         )
     names = [c.name or c.type for c in section.components]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -1,11 +1,14 @@
 """Rule-based and user-defined rewards: verifiable answers, format, length, gold sentiment.
 
 Every reward here follows :class:`alignkit.rewards.base.RewardFn`:
-``(prompts, completions, extras) -> [B] float32``.
+``(prompts, completions, extras) -> [B] float32``. A user function (``type: callable``) is written as
+``score(prompts, completions, **fields)`` instead (:class:`alignkit.rewards.base.UserRewardFn`);
+:class:`CallableReward` adapts it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from fractions import Fraction
@@ -14,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from alignkit.rewards.base import RewardSpecError, as_reward_tensor, load_callable
+from alignkit.rewards.base import USER_REWARD_SIGNATURE, RewardSpecError, as_reward_tensor, load_callable
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
@@ -129,11 +132,14 @@ class VaderReward:
 
 
 class CallableReward:
-    """A user function ``fn(prompts=[...], completions=[...], **extras_as_lists) -> B floats``.
+    """A user function, called as :class:`alignkit.rewards.base.UserRewardFn` says (TRL-style keywords)::
 
-    TRL-like calling convention: each extras key becomes one list keyword argument
-    (``answer=[...]``), with ``None`` for rows that lack it. ``spec`` is ``module:function`` or
-    ``path/to/file.py:function``.
+        def score(prompts: list[str], completions: list[str], **fields) -> list[float]
+
+    ``score(prompts=[...], completions=[...], **fields)``: each extras key becomes one list keyword argument
+    (``answer=[...]``), with ``None`` for rows that lack it. ``spec`` is ``module:function`` (a module on
+    ``sys.path`` or in the current working directory) or ``path/to/file.py:function``; loading it runs its code.
+    This object is a :class:`alignkit.rewards.base.RewardFn` (``(prompts, completions, extras)``) like the built-ins.
     """
 
     def __init__(self, spec: str | Callable, name: str | None = None):
@@ -142,6 +148,23 @@ class CallableReward:
         else:
             self.fn, self.spec = load_callable(spec), spec
         self.name = name or self.spec.rsplit(":", 1)[-1]
+        try:
+            self.signature: inspect.Signature | None = inspect.signature(self.fn)
+        except (TypeError, ValueError):  # some builtins have no introspectable signature
+            self.signature = None
+
+    def _check_call(self, kwargs: dict) -> None:
+        """A clear error, before the call, when the function cannot take the documented keywords."""
+        if self.signature is None:
+            return
+        try:
+            self.signature.bind(prompts=[], completions=[], **kwargs)
+        except TypeError as e:
+            given = ", ".join(["prompts", "completions", *kwargs])
+            raise RewardSpecError(
+                f"reward function {self.spec!r} cannot be called with the keywords ({given}): {e}. A callable reward "
+                f"must be `{USER_REWARD_SIGNATURE}`; each extra prompt-record field comes as a keyword list"
+            ) from None
 
     def __call__(
         self, prompts: list[str], completions: list[str], extras: list[dict] | None = None
@@ -149,5 +172,6 @@ class CallableReward:
         extras = extras if extras is not None else [{} for _ in completions]
         keys = sorted({k for e in extras for k in e} - {"prompts", "completions"})
         kwargs = {k: [e.get(k) for e in extras] for k in keys}
+        self._check_call(kwargs)
         values = self.fn(prompts=list(prompts), completions=list(completions), **kwargs)
         return as_reward_tensor(values, len(completions), f"reward function {self.spec!r}")
