@@ -26,6 +26,7 @@ from alignkit.train.checkpoint import (
 )
 from alignkit.train.logging import MetricsLogger, read_metrics
 from alignkit.train.loop import NonFiniteLossError, StepOutput, epoch_batches, process_share, train_loop
+from alignkit.train.run import RunError
 
 N_EXAMPLES = 10
 W_TRUE = torch.tensor([1.0, -2.0, 0.5])
@@ -491,8 +492,8 @@ def test_metrics_logger_truncate_after_drops_later_and_torn_lines(tmp_path):
 
 # ---------------------------------------------------------------------- user errors
 def test_resume_without_checkpoint_is_an_error(tmp_path):
-    expected = rf"no checkpoint to resume in {re.escape(str(tmp_path))}/checkpoints"
-    with pytest.raises(FileNotFoundError, match=expected):
+    expected = rf"no checkpoint in {re.escape(str(tmp_path))}/checkpoints to resume from .*run without --resume"
+    with pytest.raises(RunError, match=expected):
         run(cfg_(), tmp_path, resume=True)
 
 
@@ -504,7 +505,7 @@ def test_fresh_run_over_existing_checkpoints_is_an_error_and_resume_of_a_finishe
     assert summary["global_step"] == 2 and summary["train"] == {}
     assert (tmp_path / "metrics.jsonl").read_text() == lines
     assert not torch.equal(model.weight, make_model(seed=5).weight)  # weights restored from step 2
-    with pytest.raises(FileExistsError, match="already holds checkpoints \\(latest step-00000002\\); resume"):
+    with pytest.raises(RunError, match="already holds checkpoints \\(latest step-00000002\\); resume"):
         run(cfg_(max_steps=2), tmp_path)
 
 

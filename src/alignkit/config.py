@@ -9,6 +9,7 @@ after validation; unknown keys and wrong types are errors that name the key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -82,6 +83,28 @@ class DataConfig(Section):
         return self
 
 
+def check_output_dir_value(value: str, key: str) -> str:
+    """A run directory setting: not empty (an empty one would write checkpoints and the model into the current
+    directory)."""
+    if not str(value).strip():
+        raise ValueError(f"{key} is empty: give a directory for the run (e.g. runs/my_run)")
+    return value
+
+
+def check_path_inside_run(value: str, key: str) -> str:
+    """An output file named relative to the run directory: it may not be empty nor climb out of it with ``..``;
+    an absolute path is taken as given (written on purpose outside the run directory)."""
+    if not str(value).strip():
+        raise ValueError(f"{key} is empty: give a file name (relative to the run directory) or an absolute path")
+    if os.path.isabs(value):
+        return value
+    norm = os.path.normpath(value)
+    if norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
+        raise ValueError(f"{key}={value!r} would be written outside the run directory (or is the directory itself); "
+                         "give a path inside it, or an absolute path to write elsewhere on purpose")
+    return value
+
+
 class TrainConfig(Section):
     output_dir: str = "runs/run"
     seed: int = 0
@@ -109,12 +132,24 @@ class TrainConfig(Section):
     """Evaluate every N optimizer steps (0: only at the end)."""
     save_every: int = Field(0, ge=0)
     """Checkpoint every N optimizer steps (0: only at the end)."""
+    save_every_minutes: float = Field(30.0, ge=0)
+    """Also checkpoint when this many minutes have passed since the last checkpoint (0: off), so a killed long run
+    can always ``--resume``; where checkpoints fall never changes the results."""
+    keep_checkpoints: int = Field(2, ge=0)
+    """Keep the newest N checkpoints while training. 0: keep only the final model: the newest intermediate checkpoint
+    (``save_every`` / ``save_every_minutes``) is kept while training, and deleted with the others once the run has
+    finished (the run dir then holds model/, config, log, metrics and summary)."""
     log_every: int = Field(1, gt=0)
     eval_batch_size: int | None = Field(None, gt=0)
     save_model: bool = True
     """Write the final model (merged LoRA) loadable with ``from_pretrained``."""
     cpu: bool = False
     """Force CPU even when an accelerator is present."""
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "train.output_dir")
 
 
 # ---------------------------------------------------------------- algorithm sections
@@ -541,6 +576,12 @@ class BoNSection(Section):
     gold: RewardSection | None = None
     """Optional second reward used only for evaluation (e.g. the gold VADER score)."""
     output_file: str = "best_of_n.jsonl"
+    """Relative to ``output_dir`` (may not climb out of it with ``..``), or an absolute path."""
+
+    @field_validator("output_file")
+    @classmethod
+    def _output_file(cls, v: str) -> str:
+        return check_path_inside_run(v, "bon.output_file")
 
 
 class BoNConfig(Section):
@@ -553,6 +594,11 @@ class BoNConfig(Section):
     bon: BoNSection = BoNSection()
     output_dir: str = "runs/bon"
     seed: int = 0
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "output_dir")
 
 
 class RejectionSamplingSection(Section):
@@ -614,6 +660,9 @@ class QuickstartConfig(Section):
     max_new_tokens: int = Field(24, gt=0)
     generation_batch_size: int = Field(128, gt=0)
     """Rows (prompt x sample) per generate() call when the quickstart samples or evaluates."""
+    gold: str = "vader"
+    """The gold reward the simulated annotators and the report use: ``vader`` (VADER sentiment), or your own
+    ``file.py:function`` / ``module:function`` taking a list of response texts, returning one float each."""
     annotator_agreement: float = Field(0.72, gt=0.5, lt=1.0)
     """Target agreement of the simulated annotator pool with the gold (VADER) preference."""
     n_annotators: int = Field(5, gt=0)

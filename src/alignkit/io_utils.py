@@ -7,8 +7,10 @@ disk never leaves a half-written file that a later run (``--resume``) would trus
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -56,8 +58,11 @@ def atomic_save_dir(final_dir: Path, write_fn: Callable[[Path], None]) -> None:
     try:
         write_fn(tmp)
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as e:
+        disk_full = _disk_full_error(e, tmp, final_dir)
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full is not None:
+            raise disk_full from e
         raise
     if final_dir.exists():
         os.replace(final_dir, old)
@@ -65,6 +70,79 @@ def atomic_save_dir(final_dir: Path, write_fn: Callable[[Path], None]) -> None:
     _fsync_dir(parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+# Writers that report a full disk as something else than OSError(ENOSPC): torch.save (a zip stream writer) raises
+# RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed" / "[enforce fail at
+# inline_container.cc] . unexpected pos ..."), safetensors raises SafetensorError("... No space left on device").
+_WRITE_FAILURE = re.compile(r"PytorchStreamWriter failed|unexpected pos|file write failed|No space left|os error 28|"
+                            r"StorageFull|Disk quota exceeded|os error 122")
+LOW_SPACE_BYTES = 1 << 20
+"""A failed write with less free space than this left on the file system is reported as a full disk."""
+
+
+def _disk_full_error(e: BaseException, tmp: Path, final: Path) -> OSError | None:
+    """``OSError(ENOSPC, ..., final)`` for a write that failed because the disk is full, whatever the writer
+    raised (see ``_WRITE_FAILURE``); None for any other error (and for an OSError, which already says what it is)."""
+    if isinstance(e, OSError) or not isinstance(e, Exception) or not _WRITE_FAILURE.search(str(e)):
+        return None
+    try:
+        free = shutil.disk_usage(tmp).free
+    except OSError:
+        return None
+    if free >= LOW_SPACE_BYTES and not re.search(r"No space left|os error 28|StorageFull", str(e)):
+        return None  # a write failure on a disk with room left: not ours to rename
+    return OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+                   str(final))
+
+
+_LEFTOVER = re.compile(r"^\.(tmp|old)-.+-(\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a process we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete the ``.tmp-<name>-<pid>`` / ``.old-<name>-<pid>`` files and directories that the writers here left in
+    ``directory`` when their process was killed (never those of a live process, nor this one's). Returns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.iterdir():
+        match = _LEFTOVER.match(path.name)
+        if not match:
+            continue
+        pid = int(match.group(2))
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that a kill midway never leaves it half-deleted under its own name: it is renamed to
+    ``.old-<name>-<pid>`` first (which :func:`remove_stale_temporaries` cleans up if the kill comes mid-delete)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    doomed = path.parent / f".old-{path.name}-{os.getpid()}"
+    if doomed.exists():
+        shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -57,7 +57,16 @@ from alignkit.train.checkpoint import atomic_save_dir, latest_checkpoint, load_c
 from alignkit.train.logging import MetricsLogger
 from alignkit.train.loop import NonFiniteLossError, check_launch
 from alignkit.train.optim import build_optimizer
-from alignkit.train.run import RunError, autocast_dtype, log, make_accelerator, prepare_run_dir, set_seed, write_summary
+from alignkit.train.run import (
+    RunError,
+    autocast_dtype,
+    log,
+    make_accelerator,
+    no_checkpoint_message,
+    prepare_run_dir,
+    set_seed,
+    write_summary,
+)
 
 
 class Trainables(torch.nn.Module):
@@ -359,8 +368,7 @@ class OnlineRun:
     def _resume(self) -> None:
         path = latest_checkpoint(self.run_dir)
         if path is None:
-            raise RunError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'} to resume from; "
-                           "run without --resume to start fresh")
+            raise RunError(no_checkpoint_message(self.run_dir))
         state = load_checkpoint(path, self.trainables(), self.optimizer, self.scheduler,
                                 scaler=self.accelerator.scaler)
         self.iteration = self.last_saved = int(state["step"])
@@ -380,8 +388,10 @@ class OnlineRun:
         self.loop_state.update(sampler=self.sampler.state_dict(), iteration=iteration)
         if self.is_main:
             save_checkpoint(self.run_dir, iteration, self.trainables(), self.optimizer, self.scheduler,
-                            self.loop_state, self.state, scaler=self.accelerator.scaler)
+                            self.loop_state, self.state, scaler=self.accelerator.scaler,
+                            keep=max(self.cfg.train.keep_checkpoints, 1))
         self.accelerator.wait_for_everyone()
+        self._t_saved = time.perf_counter()
 
     # ------------------------------------------------------------ the loop
     def iterations(self, n: int) -> Iterator[int]:
@@ -399,7 +409,8 @@ class OnlineRun:
     def end_iteration(self, iteration: int, metrics: dict[str, float], save_every: int = 0,
                       history: bool = False) -> dict[str, float]:
         """Reduce the metrics over processes, add the time split, log one line, advance the bar, and checkpoint
-        every ``save_every`` iterations (0: ``train.save_every``). ``history``: also keep the line (without
+        every ``save_every`` iterations (0: ``train.save_every``) and when ``train.save_every_minutes`` have passed
+        since the last checkpoint (the main process's clock decides for all). ``history``: also keep the line (without
         timings) in ``state["history"]``, which the checkpoint and the summary carry."""
         metrics = self.reduce_metrics(metrics)
         if history:
@@ -415,9 +426,18 @@ class OnlineRun:
             self._bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
             self._bar.update(1)
         every = save_every or self.cfg.train.save_every
-        if every and iteration % every == 0:
+        if (every and iteration % every == 0) or self._time_to_save():
             self.save_checkpoint(iteration)
         return metrics
+
+    def _time_to_save(self) -> bool:
+        minutes = self.cfg.train.save_every_minutes
+        if getattr(self, "_t_saved", None) is None:
+            self._t_saved = getattr(self, "_t_iteration", time.perf_counter())  # the first iteration's start
+        due = bool(minutes) and time.perf_counter() - self._t_saved >= 60 * minutes
+        if self.num_processes > 1:
+            due = bool(self.all_sum(torch.tensor([float(due and self.is_main)])).item())
+        return due
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -453,7 +473,8 @@ class OnlineRun:
     # ------------------------------------------------------------ end
     def finish(self, summary: dict | None = None, save_extra: Callable[[Path], dict] | None = None) -> dict:
         """Final checkpoint, evaluation after training, the final model (``model/``, merged LoRA), summary.json.
-        ``save_extra(run_dir) -> {key: path}`` writes more artifacts on the main process (e.g. the value model)."""
+        ``save_extra(run_dir, write) -> {key: path}`` names more artifacts and writes them when ``write`` (the main
+        process), e.g. PPO's value model."""
         if self.last_saved != self.iteration:
             self.save_checkpoint(self.iteration)
         eval_after = self.evaluate()
@@ -462,11 +483,13 @@ class OnlineRun:
         out: dict[str, Any] = {"algorithm": self.name, "iterations": self.iteration,
                                "num_processes": self.num_processes, **(summary or {}),
                                "eval_before": self.loop_state.get("eval_before"), "eval_after": eval_after}
+        if self.cfg.train.save_model:  # the same result on every process; the main process writes
+            out["model_dir"] = str(self.run_dir / "model")
+            if self.is_main:
+                save_model(self.policy, self.tokenizer, self.run_dir / "model")
+            if save_extra is not None:
+                out.update(save_extra(self.run_dir, self.is_main))
         if self.is_main:
-            if self.cfg.train.save_model:
-                out["model_dir"] = str(save_model(self.policy, self.tokenizer, self.run_dir / "model"))
-                if save_extra is not None:
-                    out.update(save_extra(self.run_dir))
             write_summary(self.run_dir, out)
         self.accelerator.wait_for_everyone()
         self.logger.close()

@@ -15,24 +15,34 @@ Layout of ``run_dir/checkpoints/``::
 
 A checkpoint directory is written under a temporary name, fsync-ed and renamed, so a
 directory named ``step-*`` is always complete; a crash mid-save leaves the previous
-checkpoint untouched.
+checkpoint untouched. Pruned checkpoints are renamed to ``.old-*`` before they are deleted, so
+a kill mid-prune leaves no half-deleted ``step-*`` either; the ``.tmp-*``/``.old-*`` leftovers of
+a killed process are removed by the next save and when a run (re)starts.
+
+Loading never runs code from a checkpoint: the ``.pt`` files are read with ``torch.load(weights_only=True)``
+(tensors, numbers, strings and containers only), and anything else is refused (:class:`CheckpointError`).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import pickle
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from alignkit.io_utils import atomic_save_dir, atomic_write_text  # atomic_save_dir: algorithms import it from here
+from alignkit.io_utils import (  # atomic_save_dir: algorithms import it from here
+    atomic_save_dir,
+    atomic_write_text,
+    remove_dir,
+    remove_stale_temporaries,
+)
 from alignkit.models.loading import is_peft
 
 FORMAT_VERSION = 1
@@ -40,7 +50,10 @@ WEIGHTS_NAME = "weights.safetensors"
 STATE_NAME = "state.json"
 LATEST_NAME = "latest"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_LEFTOVER = re.compile(r"^\.(tmp|old)-.+-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that alignkit refuses to load (e.g. a pickle that would run code)."""
 
 
 # ---------------------------------------------------------------------- weights
@@ -146,24 +159,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def _remove_leftovers(root: Path) -> None:
-    """Delete ``.tmp-*``/``.old-*`` dirs left by a process that died mid-save (never a live one's)."""
-    for path in root.iterdir():
-        match = _LEFTOVER.match(path.name)
-        if not match or not path.is_dir():
-            continue
-        pid = int(match.group(2))
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
+    """Delete ``.tmp-*``/``.old-*`` entries left by a process that died mid-save (never a live one's)."""
+    remove_stale_temporaries(root)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
+def remove_run_leftovers(run_dir: str | Path) -> list[Path]:
+    """The temporaries a killed run left in ``run_dir`` (``.tmp-model-<pid>/``, ``.tmp-summary.json-<pid>``) and in
+    its ``checkpoints/`` (``.tmp-step-*``, ``.old-step-*``, ``.tmp-latest-<pid>``), removed unless their process lives."""
+    return remove_stale_temporaries(Path(run_dir)) + remove_stale_temporaries(checkpoints_dir(run_dir))
+
+
+def remove_checkpoints(run_dir: str | Path) -> None:
+    """Delete ``run_dir/checkpoints`` (renamed first: a kill midway leaves no half-deleted checkpoint)."""
+    remove_dir(checkpoints_dir(run_dir))
 
 
 def save_checkpoint(
@@ -216,7 +224,7 @@ def save_checkpoint(
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-keep]:
             if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)  # renamed to .old-* first: a step-* directory is always complete
     return final
 
 
@@ -250,12 +258,30 @@ def load_checkpoint(
     """
     path = Path(path)
     state = read_checkpoint_state(path)
-    load_trainable_state_dict(model, load_file(str(path / WEIGHTS_NAME)), str(path))
-    # Our own files: optimizer/scheduler state dicts may hold non-tensor python objects.
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+    try:
+        weights = load_file(str(path / WEIGHTS_NAME))
+    except SafetensorError as e:  # its message does not name the file
+        raise CheckpointError(f"checkpoint weights {path / WEIGHTS_NAME} are corrupt or truncated ({e}); resume from "
+                         "another checkpoint, or start afresh") from None
+    load_trainable_state_dict(model, weights, str(path))
+    optimizer.load_state_dict(load_pt(path / "optimizer.pt"))
+    scheduler.load_state_dict(load_pt(path / "scheduler.pt"))
     if scaler is not None and (path / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        scaler.load_state_dict(load_pt(path / "scaler.pt"))
     if restore_rng:
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        set_rng_state(load_pt(path / "rng.pt"))
     return state
+
+
+def load_pt(file: Path) -> Any:
+    """``torch.load(file, weights_only=True)``: tensors, numbers, strings and containers, never code. AdamW (any
+    number of param groups), the LR schedules of ``train.optim`` (LambdaLR over partials), the GradScaler and
+    :func:`rng_state` all load this way. Anything else is refused with :class:`CheckpointError`."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"refusing to load {file}: it holds Python objects other than tensors and plain data, which could run "
+            f"code when loaded (alignkit never writes such checkpoints; was the file replaced?). Detail: {first}"
+        ) from None

@@ -54,7 +54,7 @@ from alignkit.train.checkpoint import (
 )
 from alignkit.train.logging import MetricsLogger
 from alignkit.train.optim import build_optimizer
-from alignkit.train.run import make_accelerator
+from alignkit.train.run import RunError, make_accelerator, no_checkpoint_message
 
 
 @dataclass
@@ -243,7 +243,7 @@ def train_loop(
     extra_state_fn: Callable[[], dict] | None = None,
     load_extra_state_fn: Callable[[dict], None] | None = None,
     desc: str = "train",
-    keep_checkpoints: int | None = 2,
+    keep_checkpoints: int | None = None,
 ) -> dict:
     """Train ``model``'s trainable parameters with :func:`alignkit.train.optim.build_optimizer` (AdamW, the
     ``train.scheduler`` schedule with ``train.warmup_steps`` of warm-up); returns a summary dict.
@@ -252,7 +252,9 @@ def train_loop(
     often (forwards through a DDP module are collective). ``eval_fn(model) -> dict | None`` runs on every process
     every ``cfg.eval_every`` steps and at the end (the main process logs it as ``eval/<key>``). ``extra_state_fn()`` returns JSON-serialisable algorithm state stored in
     each checkpoint and handed back to ``load_extra_state_fn`` on resume. Logs go to
-    ``run_dir/metrics.jsonl`` and ``run_dir/tb``; checkpoints to ``run_dir/checkpoints``.
+    ``run_dir/metrics.jsonl`` and ``run_dir/tb``; checkpoints to ``run_dir/checkpoints``: every ``cfg.save_every``
+    steps, when ``cfg.save_every_minutes`` have passed since the last one, and at the end; the newest
+    ``keep_checkpoints`` (default ``cfg.keep_checkpoints``, at least 1) are kept.
 
     The model is put in train mode (dropout is expected to be disabled by the caller).
     Raises :class:`NonFiniteLossError` on a NaN/inf loss or gradient norm, without saving.
@@ -317,6 +319,8 @@ def train_loop(
         )
 
     last_ckpt: Path | None = resume_from
+    keep = max(keep_checkpoints if keep_checkpoints is not None else cfg.keep_checkpoints, 1)
+    last_save_time = time.monotonic()
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] | None = None
     first_step = step + 1
@@ -333,6 +337,7 @@ def train_loop(
         return metrics
 
     def save(at_step: int) -> Path:
+        nonlocal last_save_time
         loop_state = {
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
@@ -345,10 +350,19 @@ def train_loop(
             extra = extra_state_fn() if extra_state_fn is not None else None
             path = save_checkpoint(
                 run_dir, at_step, unwrapped, optimizer, scheduler, loop_state, extra,
-                scaler=accelerator.scaler, keep=keep_checkpoints,
+                scaler=accelerator.scaler, keep=keep,
             )  # fmt: skip
         accelerator.wait_for_everyone()
+        last_save_time = time.monotonic()
         return path
+
+    def time_to_save() -> bool:
+        """``cfg.save_every_minutes`` since the last checkpoint, as the main process's clock says (every process
+        must agree: a checkpoint waits for all of them)."""
+        due = bool(cfg.save_every_minutes) and time.monotonic() - last_save_time >= 60 * cfg.save_every_minutes
+        if P > 1:
+            due = bool(accelerator.reduce(torch.tensor([float(due and main)], device=accelerator.device), "sum").item())
+        return due
 
     batches = _step_batches(n_examples, global_batch, cfg.grad_accum, cfg.seed, epoch, batch_in_epoch)
     bar = tqdm(total=n_steps, initial=step, desc=desc, disable=not main, dynamic_ncols=True)
@@ -448,13 +462,14 @@ def train_loop(
                     window_tokens, window_time = 0, 0.0
             if eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < n_steps:
                 last_eval = evaluate(step)
-            if cfg.save_every and step % cfg.save_every == 0 and step < n_steps:
+            if step < n_steps and ((cfg.save_every and step % cfg.save_every == 0) or time_to_save()):
                 last_ckpt = save(step)
 
         if step >= first_step:  # trained in this call: final evaluation and checkpoint
             if eval_fn is not None:
                 last_eval = evaluate(step)
-            last_ckpt = save(step)
+            if keep_checkpoints is not None or cfg.keep_checkpoints > 0:  # 0: the run keeps only its final model,
+                last_ckpt = save(step)  # so the final checkpoint (weights + optimizer state: 3x the model) is skipped
     finally:
         bar.close()
         batches.close()
@@ -477,13 +492,11 @@ def _resume_checkpoint(run_dir: Path, resume: bool) -> Path | None:
     if resume:
         path = latest_checkpoint(run_dir)
         if path is None:
-            raise FileNotFoundError(
-                f"no checkpoint to resume in {checkpoints_dir(run_dir)} (run without resume to start fresh)"
-            )
+            raise RunError(no_checkpoint_message(run_dir))
         return path
     existing = list_checkpoints(run_dir)
     if existing:
-        raise FileExistsError(
+        raise RunError(
             f"{checkpoints_dir(run_dir)} already holds checkpoints (latest {existing[-1].name}); "
             "resume to continue that run, or choose a new output_dir"
         )

@@ -1,13 +1,14 @@
 """Run directories and seeding: what every algorithm does first.
 
-A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, ``tb/``,
-``checkpoints/``, ``model/`` (the final weights, loadable with ``from_pretrained``) and
-``summary.json``. Resuming checks that the saved config equals the current one, so a run
-is never silently continued with different settings.
+A run directory holds ``config.yaml`` (the resolved config), ``log.txt`` (every ``log()`` line of the run, the
+resolved config first), ``metrics.jsonl``, ``tb/``, ``checkpoints/``, ``model/`` (the final weights, loadable with
+``from_pretrained``) and ``summary.json``. Resuming checks that the saved config equals the current one, so a run
+is never silently continued with different settings. Only the main process (``RANK`` 0) writes or prints.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -20,6 +21,16 @@ from pydantic import BaseModel
 
 from alignkit.config import config_to_yaml
 from alignkit.io_utils import atomic_write_json, atomic_write_text
+from alignkit.train.checkpoint import (
+    checkpoints_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    remove_checkpoints,
+    remove_run_leftovers,
+)
+
+LOG_NAME = "log.txt"
+_log_file: Path | None = None  # the log.txt of the run this process prepared last (main process only)
 
 
 class RunError(RuntimeError):
@@ -27,7 +38,26 @@ class RunError(RuntimeError):
 
 
 def log(msg: str) -> None:
-    print(f"[alignkit {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    """One line on stderr, also appended to the current run's ``log.txt``."""
+    line = f"[alignkit {time.strftime('%H:%M:%S')}] {msg}"
+    print(line, file=sys.stderr, flush=True)
+    _to_log_file(line)
+
+
+def _to_log_file(text: str) -> None:
+    if _log_file is None:
+        return
+    try:
+        with open(_log_file, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError:
+        pass  # the log file is a convenience; never fail a run over it
+
+
+def is_main_launch_process() -> bool:
+    """Whether this process writes the run dir: the only one, or rank 0 under ``accelerate launch``/``torchrun``
+    (read from the environment, so it can be asked before any accelerate state exists)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def set_seed(seed: int) -> None:
@@ -45,9 +75,64 @@ def _diff(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: saved {a!r}, now {b!r}"]
 
 
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def changed_from_defaults(cfg: BaseModel) -> dict:
+    """``{dotted key: value}`` of the settings that differ from the config class's defaults."""
+    try:
+        default = _flat(type(cfg)().model_dump(mode="json"))
+    except Exception:  # a config class without defaults for every key: show nothing rather than fail
+        return {}
+    return {k: v for k, v in _flat(cfg.model_dump(mode="json")).items() if default.get(k, object()) != v}
+
+
+def no_checkpoint_message(run_dir: Path) -> str:
+    """The one message of every command for ``--resume`` on a run without a checkpoint."""
+    return (f"--resume: no checkpoint in {checkpoints_dir(run_dir)} to resume from (the run stopped before its first "
+            "checkpoint: train.save_every / train.save_every_minutes set how often one is written); "
+            "run without --resume to start fresh (the same command, which overwrites config.yaml there)")
+
+
+def _output_dir_key(cfg: BaseModel) -> str:
+    return "train.output_dir" if hasattr(cfg, "train") else "output_dir"
+
+
+def check_output_dir(run_dir: Path, key: str = "output_dir") -> None:
+    """Refuse an output directory that cannot be one, naming it: a file, a path under a file, or a place this
+    process cannot write. Creates ``run_dir`` (nothing else) when it passes."""
+    if str(run_dir).strip() == "":
+        raise RunError(f"{key} is empty: give a directory for the run")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{key} {run_dir} is a file, not a directory; choose another {key}")
+    for parent in run_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RunError(f"{key} {run_dir} lies under {parent}, which is a file, not a directory")
+            break
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".tmp-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"{key} {run_dir} cannot be written: {e.strerror or e}; choose another {key}") from None
+
+
 def prepare_run_dir(cfg: BaseModel, output_dir: str | Path, resume: bool, name: str) -> Path:
-    """Create the run dir and save the resolved config; on resume, refuse a changed config."""
+    """Check the run dir, create it and save the resolved config (``config.yaml``, and first in ``log.txt``);
+    on resume, refuse a changed config or a run with nothing to resume. Removes the temporaries a killed run left.
+    The terminal shows a short header (command, run dir, model, data, the settings changed from the defaults);
+    ``--print-config`` prints the whole config."""
+    global _log_file
     run_dir = Path(output_dir)
+    key = _output_dir_key(cfg)
     saved = run_dir / "config.yaml"
     current = cfg.model_dump(mode="json")
     if resume:
@@ -58,23 +143,54 @@ def prepare_run_dir(cfg: BaseModel, output_dir: str | Path, resume: bool, name: 
             raise RunError(
                 "--resume with a different config would not reproduce the run; differences:\n  " + "\n  ".join(diffs)
             )
-    elif (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        if hasattr(cfg, "train") and latest_checkpoint(run_dir) is None:
+            raise RunError(no_checkpoint_message(run_dir))
+    elif list_checkpoints(run_dir) or (checkpoints_dir(run_dir).is_dir() and (checkpoints_dir(run_dir) / "latest").is_file()):
         raise RunError(
             f"{run_dir} already holds checkpoints of an earlier run; pass --resume to continue it, "
-            f"or choose another train.output_dir"
+            f"or choose another {key}"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_main_launch_process():
+        return run_dir
+    check_output_dir(run_dir, key)
+    remove_run_leftovers(run_dir)
+    text = config_to_yaml(cfg)
     if not resume:
-        atomic_write_text(saved, config_to_yaml(cfg))
-    log(f"{name}: run dir {run_dir}\n--- resolved config ---\n{config_to_yaml(cfg)}-----------------------")
+        atomic_write_text(saved, text)
+        (run_dir / LOG_NAME).unlink(missing_ok=True)
+    _log_file = run_dir / LOG_NAME
+    _to_log_file(f"[alignkit {time.strftime('%Y-%m-%d %H:%M:%S')}] {name}{' --resume' if resume else ''}: "
+                 f"run dir {run_dir}\n--- resolved config ---\n{text}-----------------------")
+    model = getattr(getattr(cfg, "model", None), "name_or_path", None) or getattr(cfg, "policy", None)
+    data = getattr(getattr(cfg, "data", None), "train", None)
+    changed = {k: v for k, v in changed_from_defaults(cfg).items() if k not in ("model.name_or_path", "data.train")}
+    head = f"{name}: run dir {run_dir}" + (f", model {model}" if model else "") + (f", data {data}" if data else "")
+    log(head + "\n  settings changed from the defaults: "
+        + (", ".join(f"{k}={v}" for k, v in changed.items()) or "none")
+        + f"\n  full config: {saved} (or --print-config); log: {run_dir / LOG_NAME}")
     return run_dir
 
 
 def write_summary(run_dir: Path, summary: dict) -> Path:
-    """``run_dir/summary.json``, written atomically: written last, it marks a finished run."""
-    path = Path(run_dir) / "summary.json"
+    """``run_dir/summary.json``, written atomically: written last, it marks a finished run. A run whose config says
+    ``train.keep_checkpoints: 0`` then drops its checkpoints (a finished run needs none; the model is saved)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    drop = _keep_checkpoints(run_dir) == 0 and checkpoints_dir(run_dir).is_dir()
+    if drop:
+        summary = {**summary, "checkpoint": None}
     atomic_write_json(path, summary, indent=2, default=float)
+    if drop:
+        remove_checkpoints(run_dir)
     return path
+
+
+def _keep_checkpoints(run_dir: Path) -> int | None:
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        return int(saved["train"]["keep_checkpoints"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
 
 
 def batches(items: list, size: int):
