@@ -231,3 +231,13 @@ def test_resume_without_a_checkpoint_is_an_error(assets, tmp_path, capsys, monke
     assert cli.main([*grpo_args(assets, out), "--resume"]) == 1
     err = capsys.readouterr().err
     assert "no checkpoint" in err and "run without --resume to start fresh" in err
+
+
+def test_periodic_evaluation_every_n_iterations(assets, tmp_path):
+    """train.eval_every=2 over 4 iterations with data.eval: eval/ lines at 0 (before), 2 (periodic) and 4 (after)."""
+    out = tmp_path / "evals"
+    argv = grpo_args(assets, out, "varied", "grpo.num_iterations=4", "train.eval_every=2",
+                     f"data.eval={assets['prompts']}", "data.eval_limit=2")
+    assert cli.main(argv) == 0
+    evals = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval/scores" in r]
+    assert evals == [0, 2, 4]

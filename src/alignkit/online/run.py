@@ -108,6 +108,7 @@ class OnlineRun:
     timings: dict = field(default_factory=dict)
     last_saved: int = -1
     _bar: Any = None
+    _n_iterations: int = 0
 
     # ------------------------------------------------------------ setup
     @classmethod
@@ -396,6 +397,7 @@ class OnlineRun:
     # ------------------------------------------------------------ the loop
     def iterations(self, n: int) -> Iterator[int]:
         """Iterations ``iteration + 1 .. n`` with a progress bar; timings reset at the start of each."""
+        self._n_iterations = n
         self._bar = tqdm(total=n, initial=self.iteration, desc=self.name, disable=not self.is_main,
                          dynamic_ncols=True)
         try:
@@ -409,7 +411,7 @@ class OnlineRun:
     def end_iteration(self, iteration: int, metrics: dict[str, float], save_every: int = 0,
                       history: bool = False) -> dict[str, float]:
         """Reduce the metrics over processes, add the time split, log one line, advance the bar, and checkpoint
-        every ``save_every`` iterations (0: ``train.save_every``) and when ``train.save_every_minutes`` have passed
+        every ``save_every`` iterations (0: ``train.save_every``), evaluate every ``train.eval_every``, and when ``train.save_every_minutes`` have passed
         since the last checkpoint (the main process's clock decides for all). ``history``: also keep the line (without
         timings) in ``state["history"]``, which the checkpoint and the summary carry."""
         metrics = self.reduce_metrics(metrics)
@@ -428,6 +430,11 @@ class OnlineRun:
         every = save_every or self.cfg.train.save_every
         if (every and iteration % every == 0) or self._time_to_save():
             self.save_checkpoint(iteration)
+        eval_every = self.cfg.train.eval_every
+        if eval_every and iteration % eval_every == 0 and iteration < self._n_iterations:
+            eval_metrics = self.evaluate()  # periodic; the final evaluation is finish()'s
+            if eval_metrics is not None:
+                self.logger.log(eval_metrics, step=iteration, prefix="eval/")
         return metrics
 
     def _time_to_save(self) -> bool:
