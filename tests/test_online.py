@@ -191,12 +191,22 @@ def test_a_failing_reward_stops_the_run_with_a_clear_error(assets, tmp_path, cap
     assert not (out / "model").exists() and not (out / "checkpoints").exists()
 
 
-def test_an_exploding_update_stops_before_a_non_finite_checkpoint(assets, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ppo"])
+def test_an_exploding_update_stops_before_a_non_finite_checkpoint(assets, tmp_path, capsys, method):
     """train.lr=1e10: the weights blow up after the first update; the next iteration's log-probs (or loss, or
-    gradient) are non-finite and the run stops naming the last good checkpoint; nothing non-finite is saved."""
+    gradient) are non-finite and the run stops naming the last good checkpoint; nothing non-finite is saved
+    (before the online harness: a traceback, and PPO saved a NaN checkpoint that --resume would continue)."""
     out = tmp_path / "boom"
-    argv = grpo_args(assets, out, "varied", "train.lr=1e10", "train.max_grad_norm=null", "grpo.num_iterations=4",
-                     "train.save_every=1")
+    common = ["train.lr=1e10", "train.max_grad_norm=null", "train.save_every=1"]
+    argv = {
+        "grpo": grpo_args(assets, out, "varied", *common, "grpo.num_iterations=4"),
+        "rloo": ["rloo", *grpo_args(assets, out)[1:6], *common, "rloo.num_iterations=4", "rloo.num_generations=2",
+                 "rloo.prompts_per_iteration=2"],
+        "ppo": ["ppo", f"model.name_or_path={assets['policy']}", f"data.train={assets['prompts']}",
+                f"ppo.reward_model={assets['reward_model']}", f"train.output_dir={out}", "generation.max_new_tokens=6",
+                *common, "ppo.num_iterations=4", "ppo.rollout_batch_size=4", "ppo.num_minibatches=1",
+                "ppo.micro_batch_size=2"],
+    }[method]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert "non-finite" in err and "Last good checkpoint" in err and "Traceback" not in err
