@@ -55,7 +55,7 @@ def update_policy(
     if B == 0:
         raise ValueError("update_policy got an empty rollout batch")
     response_mask = rollout.response_mask.to(old_logprobs.dtype)  # [B, R]
-    counts = run.all_sum(torch.stack([torch.tensor(float(B)), response_mask.sum().cpu().double().float()]))
+    counts = run.all_sum(torch.tensor([float(B), float(response_mask.sum())]))  # rows, response tokens: global
     global_rows, global_tokens = float(counts[0]), counts[1].to(response_mask.device)
     P = run.num_processes
     stat_sums: dict[str, float] = {}
