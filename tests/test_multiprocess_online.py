@@ -122,3 +122,25 @@ def test_best_of_n_two_processes_write_what_one_writes(tiny, tmp_path):
     assert len(lines) == 8 and len({json.loads(x)["completion"] for x in lines}) > 1
     assert (two / "best_of_n.jsonl").read_text().splitlines() == lines
     assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
+
+
+def test_rejection_sampling_two_processes_equal_one(tiny, tmp_path):
+    """Rejection sampling: each process samples its share of the round's prompts, the SFT steps on the picks are
+    weighted over both processes (2 x batch 2 = 1 x batch 4), and the main process writes every process's picks."""
+    def args(out, batch_size):
+        return ["rs", f"model.name_or_path={tiny['policy']}", f"data.train={tiny['root'] / 'prompts.jsonl'}",
+                f"reward.components=[{{type: callable, path: '{tiny['root'] / 'reward.py'}:varied'}}]",
+                f"train.output_dir={out}", "generation.max_new_tokens=6", "train.lr=1e-3", "rs.n=3", "rs.rounds=2",
+                "rs.prompts_per_round=4", "train.max_steps=1", f"train.batch_size={batch_size}"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(one, 4)) == 0
+    launch(args(two, 2), num_processes=2, cwd=tmp_path)
+    for r in ("round-001.jsonl", "round-002.jsonl"):
+        picks = (one / "rounds" / r).read_text().splitlines()
+        assert len(picks) == 4 and (two / "rounds" / r).read_text().splitlines() == picks
+    m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    for r1, r2 in zip(m1, m2):
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=RTOL) and r1["scores/best"] == r2["scores/best"]
+    a, b = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < WEIGHTS_ATOL

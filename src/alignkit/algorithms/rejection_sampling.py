@@ -63,11 +63,12 @@ def train(cfg: RejectionSamplingConfig, resume: bool = False) -> dict:
     for round_idx in run.iterations(rs.rounds):
         batch = run.sample(*run.next_prompts(n_prompts), num_samples=n)
         examples, best = best_examples(batch, n)
+        keys = ("prompt", "completion", "score", "all_scores")
+        picks = run.gather_objects([{k: e[k] for k in keys} for e in examples])  # every process's, in prompt order
         if run.is_main:
             path = run.run_dir / "rounds" / f"round-{round_idx:03d}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            keys = ("prompt", "completion", "score", "all_scores")
-            atomic_write_text(path, "".join(json.dumps({k: e[k] for k in keys}) + "\n" for e in examples))
+            atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in picks))
         stats = run.fit(examples, collate, sft_step, steps=steps_per_round(n_prompts), seed=derive_seed(cfg.train.seed, round_idx))
         scores, lengths = batch.rewards.view(-1, n), batch.rollout.response_lengths.float().cpu()  # [P, n], [P*n]
         best_scores = torch.tensor([e["score"] for e in examples])  # [P]

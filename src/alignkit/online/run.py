@@ -209,6 +209,14 @@ class OnlineRun:
             return int(x)
         return int(self.accelerator.gather(torch.tensor([int(x)], device=self.device)).max())
 
+    def gather_objects(self, items: list) -> list:
+        """Every process's ``items`` (picklable), concatenated in process order (= the global prompt order)."""
+        if self.num_processes == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return [x for part in gather_object([list(items)]) for x in part]
+
     def global_masked_mean(self, x: Tensor, mask: Tensor) -> float:
         """Mean of the masked entries of ``x`` over every process (a token mean, weighted by tokens)."""
         mask = mask.to(x.device).double()
