@@ -468,7 +468,7 @@ def test_dapo_all_equal_groups_are_dropped_and_logged(assets, tmp_path, capsys):
                    "grpo.prompts_per_iteration=2", "grpo.num_iterations=1", "grpo.beta=0"])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "grpo iteration 1: dynamic sampling kept no group: this iteration makes no update" in err
+    assert "grpo iteration 1: dynamic sampling kept no group (on some process): no update this iteration" in err
     assert "reference: none" in err  # beta = 0: no reference model at all
     (record,) = metrics_without_time(out)
     assert record["dapo/dropped_groups"] == 4 and record["dapo/missing_groups"] == 2

@@ -191,8 +191,8 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
                                                  g.max_refill_rounds, run.tokenizer.pad_token_id, run.all_max)
         metrics = {**sampled.stats(), **dynamic, "lr": lr}
         metrics["frac_equal_groups"] = float(equal_reward_groups(sampled.rewards, G).float().mean())
-        if batch is None:
-            log(f"grpo iteration {iteration}: dynamic sampling kept no group: this iteration makes no update")
+        if run.all_max(batch is None):  # every process updates or none does (DDP needs all in the backward)
+            log(f"grpo iteration {iteration}: dynamic sampling kept no group (on some process): no update this iteration")
         else:
             rollout = batch.rollout
             mask = rollout.response_mask  # [B, R]
