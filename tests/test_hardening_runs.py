@@ -22,12 +22,7 @@ from alignkit.train.optim import build_optimizer
 from alignkit.train.run import prepare_run_dir
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

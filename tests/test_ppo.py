@@ -60,14 +60,7 @@ LOGGED_KEYS = [
 
 
 # ---------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-exact CPU runs: MKL may lower its thread count under machine load (MKL_DYNAMIC), which changes
-    float summation order between two otherwise identical runs; one thread removes that (and is as fast here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

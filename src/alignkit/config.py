@@ -473,11 +473,19 @@ class PPOSection(Section):
     save_every: int = Field(0, ge=0)
 
 
-class PPOConfig(Section):
+class OnlineConfig(Section):
+    """The sections every online method shares: the policy, its prompts, training, generation and the reward.
+    A method's config subclasses it, sets its ``train`` defaults and adds its own section."""
+
     model: ModelConfig = ModelConfig()
     data: RLDataConfig = RLDataConfig()
-    train: TrainConfig = TrainConfig(output_dir="runs/ppo", lr=1e-5, scheduler="linear")
+    train: TrainConfig = TrainConfig()
     generation: GenerationSection = GenerationSection()
+    reward: RewardSection = RewardSection()
+
+
+class PPOConfig(OnlineConfig):
+    train: TrainConfig = TrainConfig(output_dir="runs/ppo", lr=1e-5, scheduler="linear")
     reward: RewardSection = RewardSection()
     """Extra reward components added to the reward model's score (e.g. a format rule)."""
     ppo: PPOSection = PPOSection()
@@ -507,12 +515,8 @@ class GRPOSection(Section):
     """Checkpoint every N iterations (0: use train.save_every); a checkpoint is always written at the end."""
 
 
-class GRPOConfig(Section):
-    model: ModelConfig = ModelConfig()
-    data: RLDataConfig = RLDataConfig()
+class GRPOConfig(OnlineConfig):
     train: TrainConfig = TrainConfig(output_dir="runs/grpo", lr=1e-5, scheduler="constant")
-    generation: GenerationSection = GenerationSection()
-    reward: RewardSection = RewardSection()
     grpo: GRPOSection = GRPOSection()
 
 
@@ -529,12 +533,8 @@ class RLOOSection(Section):
     """Checkpoint every N iterations (0: use train.save_every); a checkpoint is always written at the end."""
 
 
-class RLOOConfig(Section):
-    model: ModelConfig = ModelConfig()
-    data: RLDataConfig = RLDataConfig()
+class RLOOConfig(OnlineConfig):
     train: TrainConfig = TrainConfig(output_dir="runs/rloo", lr=1e-5, scheduler="constant")
-    generation: GenerationSection = GenerationSection()
-    reward: RewardSection = RewardSection()
     rloo: RLOOSection = RLOOSection()
 
 
@@ -562,12 +562,8 @@ class ReinforcePPSection(Section):
         return self
 
 
-class ReinforcePPConfig(Section):
-    model: ModelConfig = ModelConfig()
-    data: RLDataConfig = RLDataConfig()
+class ReinforcePPConfig(OnlineConfig):
     train: TrainConfig = TrainConfig(output_dir="runs/reinforce_pp", lr=1e-5, scheduler="constant")
-    generation: GenerationSection = GenerationSection()
-    reward: RewardSection = RewardSection()
     reinforce_pp: ReinforcePPSection = ReinforcePPSection()
 
 
@@ -607,12 +603,8 @@ class RejectionSamplingSection(Section):
     prompts_per_round: int | None = Field(None, gt=0)
 
 
-class RejectionSamplingConfig(Section):
-    model: ModelConfig = ModelConfig()
-    data: RLDataConfig = RLDataConfig()
+class RejectionSamplingConfig(OnlineConfig):
     train: TrainConfig = TrainConfig(output_dir="runs/rs", lr=2e-5)
-    generation: GenerationSection = GenerationSection()
-    reward: RewardSection = RewardSection()
     rs: RejectionSamplingSection = RejectionSamplingSection()
 
 
@@ -626,12 +618,8 @@ class OnlineDPOSection(Section):
     steps_per_round: int = Field(4, gt=0)
 
 
-class OnlineDPOConfig(Section):
-    model: ModelConfig = ModelConfig()
-    data: RLDataConfig = RLDataConfig()
+class OnlineDPOConfig(OnlineConfig):
     train: TrainConfig = TrainConfig(output_dir="runs/online_dpo", lr=5e-6, scheduler="constant")
-    generation: GenerationSection = GenerationSection()
-    reward: RewardSection = RewardSection()
     online_dpo: OnlineDPOSection = OnlineDPOSection()
 
 
