@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.alignkit-installed
 
-.PHONY: quickstart test setup assets lint bench clean-venv
+.PHONY: quickstart test setup assets browser lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,13 @@ assets: setup
 quickstart: assets
 	$(VENV)/bin/alignkit quickstart
 
-test: assets
+# Debian's Chromium for the browser tests (labelling app, HTML report); they skip with the reason if it cannot be had
+browser:
+	@command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+	  || echo "note: chromium could not be installed; the browser tests will be skipped"
+
+test: assets browser
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest tests
 
