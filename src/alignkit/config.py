@@ -425,6 +425,42 @@ class RewardSection(Section):
     missing_eos_mode: Literal["subtract", "set"] = "subtract"
 
 
+class JudgeConfig(Section):
+    """An AI judge (``alignkit.judges``): compares two responses in both orders and averages (position
+    debiasing)."""
+
+    kind: Literal["hf", "openai", "callable"] = "hf"
+    """``hf``: a local causal LM reads the normalised probabilities of "(A)" / "(B)"; ``openai``: any
+    OpenAI-compatible endpoint through the ``openai`` client; ``callable``: ``fn(prompts, first, second,
+    principles) -> [N] P(first better)``."""
+    model: str = "embedded"
+    """``hf``: ``embedded``, ``tiny-random``, a local path or hub id; ``openai``: the served model's name."""
+    fn: str | None = None
+    """``callable``: ``module:function`` or ``path/to/file.py:function`` (imports and runs that code)."""
+    base_url: str | None = None
+    """``openai``: endpoint base URL (default ``$OPENAI_BASE_URL``)."""
+    api_key: str | None = None
+    """``openai``: API key (default ``$OPENAI_API_KEY``). Prefer the environment variable to a config file."""
+    chain_of_thought: bool = False
+    """Ask for reasoning before the verdict; probabilities are then clamped to [0.4, 0.6] (CAI)."""
+    cache_dir: str | None = None
+    """``openai``: on-disk response cache (default ``$ALIGNKIT_CACHE/judge_cache``)."""
+    max_concurrency: int = Field(4, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(256, gt=0)
+    """Tokens a parsed / chain-of-thought answer may use."""
+    batch_size: int = Field(8, gt=0)
+    """``hf``: comparisons per forward pass."""
+
+    @model_validator(mode="after")
+    def _needs(self) -> "JudgeConfig":
+        if self.kind == "callable" and ":" not in (self.fn or ""):
+            raise ValueError(f"a callable judge needs fn: 'module:function', got {self.fn!r}")
+        return self
+
+
 class RLDataConfig(Section):
     """Prompts for online methods: ``{"prompt", ...extra fields passed to reward functions}``."""
 
