@@ -227,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     if ns.print_config:
         print(C.config_to_yaml(cfg), end="")
         return 0
+    from alignkit.ops.threads import configure_threads
+
+    try:
+        configure_threads()
+    except ValueError as e:
+        print(f"alignkit {ns.command}: error: {e}", file=sys.stderr)
+        return 2
     module, fn = cmd.target.split(":")
     train = getattr(importlib.import_module(module), fn)
     from alignkit.data.io import DataError
