@@ -67,3 +67,33 @@ def test_chunked_head_with_bias_and_frozen_head():
     hidden.grad = None
     (chunked_head_logprobs(hidden, head, labels, 1.3, budget_bytes=1) * upstream).sum().backward()
     torch.testing.assert_close(hidden.grad, ref_grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("budget", [1 << 40, 1])  # plain head, chunked head
+def test_padding_free_matches_padded_values_gradients_and_entropy(side, budget):
+    from alignkit.data.collate import pad_sequences
+    from alignkit.ops.logprobs import sequence_logprobs
+
+    model, _ = tiny_causal_lm(seed=4)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 100, (n,), generator=g).tolist() for n in (4, 9, 6)]
+    ids = pad_sequences(seqs, 0, side)  # [3, 9]
+    mask = pad_sequences([[1] * len(s) for s in seqs], 0, side)
+    response = pad_sequences([[0] * 2 + [1] * (len(s) - 2) for s in seqs], 0, side)
+    results = []
+    for padding_free in (False, True):
+        model.zero_grad()
+        lp, ent = token_logprobs(model, ids, mask, 0.8, return_entropy=True, logits_budget_bytes=budget,
+                                 padding_free=padding_free)
+        seq = sequence_logprobs(model, ids, mask, response, padding_free=padding_free)
+        (seq * torch.tensor([1.0, -2.0, 3.0])).sum().backward()
+        predicted = mask * (mask.cumsum(-1) > 1)  # a row's first real token has no prediction in either path
+        results.append((lp * predicted, ent * predicted, seq, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (lp0, ent0, seq0, g0), (lp1, ent1, seq1, g1) = results
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent1, ent0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seq1, seq0, rtol=1e-5, atol=1e-5)
+    for name in g0:
+        scale = g0[name].abs().max().item()
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6 * scale, msg=name)

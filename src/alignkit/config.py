@@ -120,6 +120,9 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    padding_free: bool = False
+    """Run each micro-batch's sequences as one packed row (position ids restart per sequence, attention stays
+    inside each): no compute on padding. Same losses up to float rounding (SFT, DPO family, KTO)."""
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     """Autocast (accelerate's mixed precision). ``auto``: bf16 where the hardware computes it natively (a CUDA GPU with
     bf16, a CPU with AVX512-BF16/AMX), else ``no`` (CPUs without it emulate bf16 ~20x slower than fp32)."""

@@ -65,6 +65,7 @@ def token_logprobs(
     return_entropy: bool = False,
     first_index: int = 1,
     logits_budget_bytes: int | None = None,
+    padding_free: bool = False,
 ):
     """Log-prob of each token given its prefix, aligned to ``input_ids``.
 
@@ -76,12 +77,19 @@ def token_logprobs(
     When the fp32 logits [B, keep, V] would take more than ``logits_budget_bytes`` (default
     :data:`LOGITS_BUDGET_BYTES`), they are never materialised: the LM head runs on chunks of tokens
     (:func:`chunked_head_logprobs`), so peak memory stops growing with the vocabulary.
+
+    ``padding_free``: the rows' real tokens run as ONE packed sequence [1, N] whose position ids restart at
+    every row (transformers then keeps attention inside each row), so no compute is spent on padding; the
+    result is scattered back to the [B, T] layout and equals the padded path up to float rounding.
     """
     T = input_ids.shape[1]
     first = max(int(first_index), 1)
     keep = T - first + 1  # logits at positions first-1 .. T-1 predict tokens first .. T
     budget = LOGITS_BUDGET_BYTES if logits_budget_bytes is None else logits_budget_bytes
     head = _plain_lm_head(model)
+    if padding_free and input_ids.shape[0] > 1 and head is not None:
+        return _token_logprobs_packed(model, head, input_ids, attention_mask, temperature, return_entropy,
+                                      first, budget)
     if head is not None and input_ids.shape[0] * keep * head.out_features * 4 > budget:
         return _token_logprobs_chunked(model, head, input_ids, attention_mask, temperature, return_entropy,
                                        first, budget)
@@ -204,6 +212,44 @@ def _token_logprobs_chunked(model, head, input_ids, attention_mask, temperature,
     return logps, F.pad(ent, (first, 0))
 
 
+def _head_logprobs(hidden, head, labels, temperature, budget, return_entropy):
+    """[n, d] hidden states -> log-probs of ``labels`` [n] (and entropies [n]); chunked over the budget."""
+    if hidden.shape[0] * head.out_features * 4 > budget:
+        logps = chunked_head_logprobs(hidden, head, labels, temperature, budget)
+        if not return_entropy:
+            return logps, None
+        with torch.no_grad():
+            chunk = max(1, budget // (4 * head.out_features))
+            ent = torch.cat([entropy_from_logits(head(hidden[s:s + chunk]), temperature)
+                             for s in range(0, hidden.shape[0], chunk)])
+        return logps, ent
+    logits = head(hidden)  # [n, V]
+    logps = gather_logprobs(logits[None], labels[None], temperature)[0]
+    return logps, (entropy_from_logits(logits, temperature) if return_entropy else None)
+
+
+def _token_logprobs_packed(model, head, input_ids, attention_mask, temperature, return_entropy, first, budget):
+    """:func:`token_logprobs` with ``padding_free``: one packed row, position ids restarting per sequence."""
+    B, T = input_ids.shape
+    real = attention_mask.bool()  # [B, T]
+    ids = input_ids[real]  # [N] row after row
+    pos = position_ids_from_mask(attention_mask)[real]  # [N] 0 at every row's first token
+    col = torch.arange(T, device=input_ids.device).expand(B, T)[real]  # [N] each token's column
+    out = model(input_ids=ids[None], position_ids=pos[None], attention_mask=None, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    hidden = out.hidden_states[-1][0]  # [N, d]
+    # token j is predicted by token j-1 when both lie in one row (pos > 0) and its column is one we keep
+    target = (pos[1:] > 0) & (col[1:] >= first)  # [N-1]
+    logps, ent = _head_logprobs(hidden[:-1][target], head, ids[1:][target], temperature, budget, return_entropy)
+    flat = torch.zeros(ids.shape[0], dtype=logps.dtype, device=logps.device)
+    flat = flat.index_put((target.nonzero().squeeze(-1) + 1,), logps)  # [N]
+    result = torch.zeros(B, T, dtype=logps.dtype, device=logps.device).index_put((real.nonzero(as_tuple=True)), flat)
+    if not return_entropy:
+        return result
+    flat_ent = torch.zeros_like(flat).index_put((target.nonzero().squeeze(-1) + 1,), ent)
+    return result, torch.zeros_like(result).index_put(real.nonzero(as_tuple=True), flat_ent)
+
+
 def first_response_index(response_mask: torch.Tensor) -> int:
     """Smallest column holding a response token in the batch (0 if there is none)."""
     cols = response_mask.any(dim=0).nonzero()
@@ -217,10 +263,11 @@ def sequence_logprobs(
     response_mask: torch.Tensor,
     average: bool = False,
     temperature: float = 1.0,
+    padding_free: bool = False,
 ) -> torch.Tensor:
     """Summed (or per-token averaged) response log-prob: [B]. The DPO reference repo sums."""
     logps = token_logprobs(model, input_ids, attention_mask, temperature,
-                           first_index=first_response_index(response_mask))  # [B, T]
+                           first_index=first_response_index(response_mask), padding_free=padding_free)  # [B, T]
     mask = response_mask.to(logps.dtype)
     total = (logps * mask).sum(-1)
     if average:
