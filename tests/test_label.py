@@ -348,3 +348,67 @@ def test_simulated_three_annotators_match_the_implied_agreement(tmp_path, capsys
         assert r["majority_agreement"] == pytest.approx(implied_majority(acc, r["name"]), abs=0.04)
     assert s["flagged"] == ["c"] and s["items_complete"] == n_items and s["fleiss_units"] == n_items
     assert math.isclose(s["progress"], 1.0)
+
+
+# ---------------------------------------------------------------- the commands end to end on the tiny model
+def test_sample_create_label_export_then_train_rm_and_dpo(tmp_path, capsys):
+    from alignkit.models.tiny import save_tiny_models
+
+    paths = save_tiny_models(tmp_path / "models")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {w}"} for w in ["hi", "yes", "no", "cat"]]
+                          + [{"prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "a chat"}]}])
+    run = tmp_path / "sample"
+    assert main(["sample", f"model.name_or_path={paths['policy']}", f"data.train={prompts}", "sample.k=3",
+                 "generation.max_new_tokens=8", f"output_dir={run}", "seed=3"]) == 0
+    cands = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
+    assert len(cands) == 5 and all(len(c["responses"]) == 3 and c["models"] == [str(paths["policy"])] * 3 for c in cands)
+    assert cands[0]["prompt"] == "say hi" and cands[4]["prompt"][1] == {"role": "user", "content": "a chat"}
+    assert json.loads((run / "summary.json").read_text())["responses"] == 15
+    # a tiny random model may repeat itself: keep the records whose responses differ, as a user would
+    distinct = [c for c in cands if len(set(c["responses"])) == 3]
+    distinct += [{"prompt": f"extra {i}", "responses": [f"r{i}a", f"r{i}b", f"r{i}c"]} for i in range(3)]
+    cand_file = write_jsonl(tmp_path / "cands.jsonl", distinct)
+
+    db = tmp_path / "labels.db"
+    assert main(["label", "create", "--db", str(db), "--project", "demo", "--candidates", str(cand_file),
+                 "--overlap", "2", "--gold-rate", "0", "--annotators", "ann1,ann2"]) == 0
+    out = capsys.readouterr().out
+    assert "admin token" in out and "invite token for ann1" in out
+    store = Store(db)
+    project = store.project("demo")
+    for name in ("ann1", "ann2"):
+        a = store.authenticate(out.split(f"invite token for {name}: ")[1].split()[0]).annotator_id
+        n = 0
+        while (item := store.next_item(project, a)) is not None:
+            order = display_order(project.seed, a, item["id"], 2)
+            better = item["id"] % 2  # both annotators agree on every item
+            store.vote(project, a, item["id"], "A" if order[0] == better else "B", f"e2e-{a}-{n:05d}")
+            n += 1
+    assert main(["label", "stats", "--db", str(db), "--project", "demo"]) == 0
+    assert "Fleiss' kappa 1.000" in capsys.readouterr().out
+    prefs = tmp_path / "prefs.jsonl"
+    assert main(["label", "export", "--db", str(db), "--project", "demo", "--format", "pairs", "--out", str(prefs)]) == 0
+    records = [json.loads(line) for line in prefs.read_text().splitlines()]
+    assert len(records) == 3 * len(distinct) and all(r["label_prob"] == 1.0 and r["votes"]["chosen"] == 2 for r in records)
+    assert main(["label", "export", "--db", str(db), "--project", "demo", "--format", "kto", "--out",
+                 str(tmp_path / "k.jsonl")]) == 1
+    assert "needs a binary project" in capsys.readouterr().err
+
+    common = [f"data.train={prefs}", "train.batch_size=2", "train.max_steps=2", "train.cpu=true"]
+    assert main(["rm", f"model.name_or_path={paths['reward']}", f"train.output_dir={tmp_path / 'rm'}", *common]) == 0
+    assert (tmp_path / "rm" / "model").is_dir()
+    assert main(["dpo", f"model.name_or_path={paths['policy']}", f"train.output_dir={tmp_path / 'dpo'}", *common]) == 0
+    assert (tmp_path / "dpo" / "model").is_dir()
+
+
+def test_label_commands_report_errors(tmp_path, capsys):
+    db = str(tmp_path / "none.db")
+    assert main(["label", "stats", "--db", db, "--project", "x"]) == 1
+    assert "no such labelling database" in capsys.readouterr().err
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "p", "responses": ["a", "b"]}])
+    assert main(["label", "create", "--db", db, "--project", "x", "--candidates", str(path)]) == 0
+    assert main(["label", "create", "--db", db, "--project", "x", "--candidates", str(path)]) == 1
+    assert "a project named 'x' already exists" in capsys.readouterr().err
+    assert main(["label", "invite", "--db", db, "--project", "nope", "--name", "z"]) == 1
+    assert "no project named 'nope' (projects: x)" in capsys.readouterr().err
+    assert main(["label"]) == 2
