@@ -19,7 +19,6 @@ from alignkit.io_utils import atomic_write_text
 from alignkit.label.agreement import format_stats, project_stats
 from alignkit.label.candidates import TASKS, load_candidates
 from alignkit.label.export import EXPORTERS, export
-from alignkit.label.select import disagreement_order, item_disagreement, stratified_order
 from alignkit.label.store import LabelError, Store, project_items
 
 
@@ -77,6 +76,8 @@ def _prompt_text(prompt) -> str:
 def queue_order(task: str, candidates, seed: int, ensemble: str | None) -> list[int]:
     """Queue order of the non-gold items: by ensemble disagreement when ``ensemble`` is given, else random
     stratified by prompt."""
+    from alignkit.label.select import disagreement_order, item_disagreement, stratified_order  # imports torch
+
     items = [it for it in project_items(task, candidates) if it["gold"] is None]
     groups = [it["record"] for it in items]
     if ensemble is None:
