@@ -412,3 +412,39 @@ def test_label_commands_report_errors(tmp_path, capsys):
     assert main(["label", "invite", "--db", db, "--project", "nope", "--name", "z"]) == 1
     assert "no project named 'nope' (projects: x)" in capsys.readouterr().err
     assert main(["label"]) == 2
+    assert main(["sample", "model.name_or_path=tiny-random", f"output_dir={tmp_path / 's'}"]) == 1
+    assert "data.train is not set" in capsys.readouterr().err
+
+
+def test_create_with_an_ensemble_queues_the_most_disputed_pairs_first(tmp_path, monkeypatch, capsys):
+    """`--ensemble DIR` loads `alignkit.rewards.ensemble.load_ensemble(DIR)` (a fake here, whose two members
+    disagree only about the responses containing "?") and serves the pairs with the largest disagreement first."""
+    import sys
+    import types
+
+    class FakeEnsemble:
+        def member_scores(self, prompts, completions):
+            s1 = [float(len(c)) for c in completions]
+            s2 = [x + (10.0 if "?" in c else 0.0) for x, c in zip(s1, completions)]
+            return torch.tensor([s1, s2])  # [M=2, N]
+
+    loaded = []
+    fake = types.ModuleType("alignkit.rewards.ensemble")
+    fake.load_ensemble = lambda path: loaded.append(path) or FakeEnsemble()
+    monkeypatch.setitem(sys.modules, "alignkit.rewards.ensemble", fake)
+    recs = [{"prompt": f"p{i}", "responses": [f"plain {i}", f"other {i}", f"what {i}?"]} for i in range(3)]
+    path = write_jsonl(tmp_path / "c.jsonl", recs)
+    db = tmp_path / "l.db"
+    assert main(["label", "create", "--db", str(db), "--project", "act", "--candidates", str(path), "--ensemble",
+                 str(tmp_path / "ens"), "--overlap", "1", "--annotators", "a"]) == 0
+    out = capsys.readouterr().out
+    assert loaded == [str(tmp_path / "ens")] and "ordered by ensemble disagreement" in out
+    store = Store(db)
+    project = store.project("act")
+    a = store.authenticate(out.split("invite token for a: ")[1].split()[0]).annotator_id
+    served = []
+    while (item := store.next_item(project, a)) is not None:
+        served.append(item["indices"])
+        store.vote(project, a, item["id"], "A", f"act-{len(served):05d}")
+    # the 6 pairs with the "?" response (member margins differ by 10: std 5) come before the 3 without (std 0)
+    assert all(2 in idx for idx in served[:6]) and all(2 not in idx for idx in served[6:])
