@@ -25,6 +25,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from alignkit.label.agreement import project_stats
 from alignkit.label.store import LabelError, Principal, Project, Store, display_order, hash_token
@@ -255,7 +256,7 @@ def make_app(db_path: str) -> FastAPI:
         if not request.headers.get("content-type", "").startswith("application/json"):
             raise LabelError("expected a JSON body (Content-Type: application/json)", 415)
         token = str((await body_of(request)).get("token", ""))
-        p = store.authenticate(token)
+        p = await run_in_threadpool(store.authenticate, token)
         if p is None:
             raise LabelError("unknown token", 401)
         resp = JSONResponse({"redirect": "/", "name": p.name}, headers=SECURITY_HEADERS)
@@ -341,23 +342,28 @@ def make_app(db_path: str) -> FastAPI:
                  "csrf": csrf_token(secret, token)}
         return _page(f"{project.name}: label", body, state)
 
-    @app.post("/api/p/{name}/vote")
-    async def vote(name: str, request: Request):
+    # the async handlers read the JSON body, then run the database work in the thread pool (never on the event loop)
+    def cast(name: str, request: Request, body: dict) -> dict:
         p, _ = check_post(request)
         project = annotator_project(p, name)
-        body = await body_of(request)
         item_id = body.get("item_id")
         if isinstance(item_id, bool) or not isinstance(item_id, int):
             raise LabelError("item_id must be an integer", 422)
         ack = store.vote(project, p.annotator_id, item_id, body.get("choice"), body.get("vote_id"),
                          body.get("rationale") or "")
-        return JSONResponse({**ack, "progress": store.progress(project, p.annotator_id)}, headers=SECURITY_HEADERS)
+        return {**ack, "progress": store.progress(project, p.annotator_id)}
+
+    @app.post("/api/p/{name}/vote")
+    async def vote(name: str, request: Request):
+        body = await body_of(request)
+        return JSONResponse(await run_in_threadpool(cast, name, request, body), headers=SECURITY_HEADERS)
 
     @app.post("/api/p/{name}/undo")
-    async def undo(name: str, request: Request):
+    def undo(name: str, request: Request):
         p, _ = check_post(request)
         project = annotator_project(p, name)
-        return JSONResponse({"undone_item": store.undo(project, p.annotator_id)} | {"progress": store.progress(project, p.annotator_id)},
+        undone = store.undo(project, p.annotator_id)
+        return JSONResponse({"undone_item": undone, "progress": store.progress(project, p.annotator_id)},
                             headers=SECURITY_HEADERS)
 
     # ------------------------------------------------------------ admin
