@@ -45,11 +45,11 @@ def make_db(tmp_path: Path, records: list[dict], annotators: list[str], project:
 
 
 @contextmanager
-def serve(db: Path, port: int | None = None):
+def serve(db: Path, port: int | None = None, *flags: str):
     """``alignkit label serve`` in a subprocess; yields (base url, Popen). Killed (SIGKILL) at the end if alive."""
     port = port or free_port()
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "label", "serve", "--db", str(db), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "alignkit.cli", "label", "serve", "--db", str(db), "--port", str(port), *flags],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

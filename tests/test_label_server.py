@@ -103,6 +103,19 @@ def test_responses_are_escaped_and_scripts_are_blocked(server):
     assert seen == {"xss item"}
 
 
+def test_markdown_rendering_keeps_raw_html_escaped(tmp_path):
+    md = "**Bold** and `code`\n\n[a link](javascript:alert(1)) ![img](http://example.com/x.png)"
+    db, _, tokens = make_db(tmp_path, [{"prompt": "Format *this*", "responses": [md, XSS[0] + " " + XSS[1]]}], ["m"],
+                            overlap=1)
+    with serve(db, None, "--markdown") as (url, _):
+        status, html, _ = Client(url, tokens["m"]).page("/p/demo")
+    assert status == 200
+    assert "<strong>Bold</strong>" in html and "<code>code</code>" in html and "<em>this</em>" in html
+    assert 'href="javascript' not in html and "[a link](javascript:alert(1))" in html  # refused: left as text
+    assert "<img" not in html and "<script>alert" not in html  # images off; raw HTML escaped
+    assert "&lt;script&gt;alert('pwned')&lt;/script&gt;" in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
 # ---------------------------------------------------------------- reliability
 def annotator_loop(url: str, token: str, project: str, n_votes: int, acked: list, errors: list, stop: threading.Event,
                    retry_every: int = 7) -> None:

@@ -12,7 +12,8 @@ Security:
 * an annotator sees only their own project's labelling page (403 elsewhere, and on every admin page);
 * every text from the candidates file is HTML-escaped and shown as text (``white-space: pre-wrap``), and the
   Content-Security-Policy allows scripts from this server only, so a response holding ``<script>`` or
-  ``onerror=`` is inert twice over.
+  ``onerror=`` is inert twice over. With ``markdown=True`` (``serve --markdown``) texts are rendered by
+  markdown-it-py with raw HTML off (it is escaped), images off and its link check (no ``javascript:`` URLs).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ header{display:flex;justify-content:space-between;align-items:baseline;border-bo
 .prompt{background:#fff;border:1px solid #ccc;padding:.6rem .8rem;white-space:pre-wrap;margin:.6rem 0}
 .responses{display:grid;grid-template-columns:repeat(auto-fit,minmax(280px,1fr));gap:.8rem}
 .response{background:#fff;border:2px solid #ccc;border-radius:6px;padding:.6rem .8rem}
-.response pre{white-space:pre-wrap;word-wrap:break-word;font-family:inherit;margin:.3rem 0}
+.response pre,.prompt pre{white-space:pre-wrap;word-wrap:break-word;font-family:inherit;margin:.3rem 0}
+.md{white-space:normal}.md pre{background:#f3f3f3;padding:.4rem;overflow-x:auto}.prompt pre{display:inline}
 .response h3{margin:0;font-size:1rem;color:#555}.response.picked{border-color:#2a8a2a}
 .rank{float:right;font-weight:bold;color:#2a8a2a}
 .actions{margin:.8rem 0;display:flex;gap:.5rem;flex-wrap:wrap}
@@ -171,17 +173,33 @@ def _page(title: str, body: str, state: dict | None = None) -> HTMLResponse:
     return HTMLResponse(html, headers=SECURITY_HEADERS)
 
 
-def _prompt_html(prompt: Any) -> str:
+def markdown_renderer():
+    """Markdown -> HTML with raw HTML escaped, images disabled and markdown-it's link validation."""
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError as e:
+        raise LabelError("--markdown needs the markdown-it-py package (pip install markdown-it-py)", 500) from e
+    md = MarkdownIt("commonmark", {"html": False}).disable("image")
+    return lambda text: f"<div class=md>{md.render(text)}</div>"
+
+
+def _plain(text: str) -> str:
+    return f"<pre>{escape(text)}</pre>"
+
+
+def _prompt_html(prompt: Any, render=_plain) -> str:
     if isinstance(prompt, str):
-        return f"<div class=prompt>{escape(prompt)}</div>"
-    return "".join(f"<div class=prompt><b>{escape(m['role'])}:</b> {escape(m['content'])}</div>" for m in prompt)
+        return f"<div class=prompt>{render(prompt)}</div>"
+    return "".join(f"<div class=prompt><b>{escape(m['role'])}:</b> {render(m['content'])}</div>" for m in prompt)
 
 
 def csrf_token(secret: str, token: str) -> str:
     return hmac.new(secret.encode(), hash_token(token).encode(), hashlib.sha256).hexdigest()
 
 
-def make_app(db_path: str) -> FastAPI:
+def make_app(db_path: str, markdown: bool = False) -> FastAPI:
+    """The app over the database at ``db_path``; ``markdown``: render texts as Markdown (safely), else plain text."""
+    render = markdown_renderer() if markdown else _plain
     store = Store(db_path)
     store.check_exists()
     secret = store.meta("csrf_secret")
@@ -324,7 +342,7 @@ def make_app(db_path: str) -> FastAPI:
             title = ("AB"[pos] if task == "pairwise" else str(pos + 1)) if task != "binary" else "Response"
             pick = f" <button data-pick={pos}>{pos + 1}</button>" if task == "ranking" else ""
             boxes.append(f"<div class=response data-pos={pos}><h3>{title}{pick}<span class=rank></span></h3>"
-                         f"<pre>{escape(text)}</pre></div>")
+                         f"{render(text)}</div>")
         if task == "pairwise":
             buttons = ("<button data-choice=A>A is better <kbd>1</kbd></button><button data-choice=B>B is better "
                        "<kbd>2</kbd></button><button data-choice=tie>Tie <kbd>t</kbd></button><button "
@@ -333,7 +351,7 @@ def make_app(db_path: str) -> FastAPI:
             buttons = "<button data-choice=good>Good <kbd>1</kbd></button><button data-choice=bad>Bad <kbd>2</kbd></button>"
         else:
             buttons = ""
-        body = (head + guide + "<h2>Prompt</h2>" + _prompt_html(view["prompt"]) + "<div class=responses>"
+        body = (head + guide + "<h2>Prompt</h2>" + _prompt_html(view["prompt"], render) + "<div class=responses>"
                 + "".join(boxes) + f"</div><div class=actions>{buttons}{undo}</div>"
                 "<textarea id=rationale placeholder='Rationale (optional; r to type here, Esc to leave)'></textarea>"
                 f"<p class=hint>{HINTS[task]} &middot; <kbd>u</kbd> undo the last vote &middot; <kbd>r</kbd> "

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", "run the labelling web app")
     p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--markdown", action="store_true",
+                   help="render prompts and responses as Markdown (raw HTML stays escaped); default: plain text")
 
     p = add("stats", "progress, Cohen's/Fleiss' kappa, Krippendorff's alpha, per-annotator quality")
     p.add_argument("--project", required=True)
@@ -132,7 +134,7 @@ def cmd_serve(a) -> int:
 
     from alignkit.label.app import make_app
 
-    app = make_app(a.db)
+    app = make_app(a.db, markdown=a.markdown)
     print(f"alignkit label: serving {a.db} on http://{a.host}:{a.port} (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     return 0
