@@ -411,6 +411,14 @@ def test_label_commands_report_errors(tmp_path, capsys):
     assert "a project named 'x' already exists" in capsys.readouterr().err
     assert main(["label", "invite", "--db", db, "--project", "nope", "--name", "z"]) == 1
     assert "no project named 'nope' (projects: x)" in capsys.readouterr().err
+    assert main(["label", "invite", "--db", db, "--project", "x", "--name", "zoe"]) == 0
+    token = capsys.readouterr().out.split("invite token for zoe: ")[1].strip()
+    assert Store(db).authenticate(token).name == "zoe"
+    assert main(["label", "invite", "--db", db, "--project", "x", "--name", "zoe"]) == 1
+    assert "already has an annotator named 'zoe'" in capsys.readouterr().err
+    assert main(["label", "stats", "--db", db, "--project", "x", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["items"] == 1 and stats["votes"] == 0 and stats["annotators"][0]["name"] == "zoe"
     assert main(["label"]) == 2
     assert main(["sample", "model.name_or_path=tiny-random", f"output_dir={tmp_path / 's'}"]) == 1
     assert "data.train is not set" in capsys.readouterr().err
