@@ -21,7 +21,7 @@ from alignkit.ops.seeds import derive_seed
 from alignkit.rollout.backends import make_backend
 from alignkit.rollout.engine import SamplingParams, generate_rollouts
 from alignkit.rollout.prompts import load_prompts, prompt_batch
-from alignkit.train.run import log, prepare_run_dir, write_summary
+from alignkit.train.run import log, make_accelerator, prepare_run_dir, write_summary
 
 
 def prompt_as_written(messages: list[dict], system_prompt: str | None):
@@ -40,12 +40,16 @@ def run(cfg: SampleConfig, resume: bool = False) -> dict:
     run_dir = prepare_run_dir(cfg, cfg.output_dir, resume, "sample")
     tokenizer = load_tokenizer(cfg.model.name_or_path, padding_side="left")
     prompts = load_prompts(cfg.data, tokenizer, cfg.generation.max_new_tokens, "train", log)
-    model = load_policy(cfg.model, tokenizer, trainable=False)
+    accelerator = make_accelerator()
+    if accelerator.num_processes > 1:
+        raise ValueError("alignkit sample runs as one process (one GPU or the CPU); launch it without "
+                         "accelerate launch / torchrun, or use generation.backend=vllm with tensor parallelism")
+    device = accelerator.device
+    model = load_policy(cfg.model, tokenizer, trainable=False).to(device)
     backend = make_backend(cfg.generation, model, tokenizer)
     params = SamplingParams.from_section(cfg.generation)
     k, chunk = cfg.sample.k, cfg.generation.batch_size
     name = cfg.sample.model_label or cfg.model.name_or_path
-    device = next(model.parameters()).device
     lines, n_no_eos, t0 = [], 0, time.time()
     for start in range(0, len(prompts), chunk):
         part = prompts[start:start + chunk]
