@@ -420,6 +420,8 @@ def test_label_commands_report_errors(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["items"] == 1 and stats["votes"] == 0 and stats["annotators"][0]["name"] == "zoe"
     assert main(["label"]) == 2
+    assert main(["label", "create", "--db", db, "--project", "a b/c", "--candidates", str(path)]) == 1
+    assert "project name 'a b/c': use 1-64 letters" in capsys.readouterr().err
     assert main(["sample", "model.name_or_path=tiny-random", f"output_dir={tmp_path / 's'}"]) == 1
     assert "data.train is not set" in capsys.readouterr().err
 

@@ -295,9 +295,7 @@ def make_app(db_path: str, markdown: bool = False) -> FastAPI:
         if p is None:
             return RedirectResponse("/login", status_code=303)
         if p.kind == "annotator":
-            with store.connect() as con:
-                name = con.execute("SELECT name FROM projects WHERE id=?", (p.project_id,)).fetchone()["name"]
-            return RedirectResponse(f"/p/{name}", status_code=303)
+            return RedirectResponse(f"/p/{store.project_name(p.project_id)}", status_code=303)
         links = "".join(f"<li><a href='/p/{escape(n)}/admin'>{escape(n)}</a></li>" for n in store.projects())
         return _page("projects", f"<header><h1>Projects</h1><span>admin</span></header><ul>{links}</ul>")
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import secrets
 import sqlite3
 import threading
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from alignkit.label.candidates import Candidate
+
+PROJECT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 LEASE_S = 600.0
 """An item handed to an annotator counts towards its overlap for this long; unlabelled after that, it may go to
@@ -216,6 +219,9 @@ class Store:
         prompt (K-choose-2), ranking -> one item per prompt, binary -> one item per response. Gold records become
         gold items. ``order`` (a permutation of the non-gold items, see :mod:`alignkit.label.select`) is the queue
         order; None keeps file order."""
+        if not PROJECT_NAME.fullmatch(name):
+            raise LabelError(f"project name {name!r}: use 1-64 letters, digits, '.', '_' or '-' (it goes in URLs), "
+                             "starting with a letter or digit")
         if overlap < 1:
             raise LabelError(f"overlap must be >= 1, got {overlap}")
         if not 0 <= gold_rate < 1:
@@ -267,6 +273,10 @@ class Store:
         with self.connect() as con:
             r = self._project_row(con, name)
         return Project(r["id"], r["name"], r["task"], r["overlap"], r["gold_rate"], r["guidelines"], r["seed"])
+
+    def project_name(self, project_id: int) -> str:
+        with self.connect() as con:
+            return con.execute("SELECT name FROM projects WHERE id=?", (project_id,)).fetchone()["name"]
 
     def projects(self) -> list[str]:
         with self.connect() as con:
