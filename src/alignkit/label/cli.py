@@ -116,6 +116,8 @@ def cmd_create(a) -> int:
           + (", ordered by ensemble disagreement" if a.ensemble else ", random order stratified by prompt"))
     if admin:
         print(f"admin token (shown once; keep it secret): {admin}")
+    else:
+        print(f"(added to the existing database {a.db}: its admin token is unchanged)")
     for name in [n.strip() for n in a.annotators.split(",") if n.strip()]:
         print(f"invite token for {name}: {store.add_annotator(a.project, name)}")
     print(f"next: alignkit label serve --db {a.db}   (then open http://127.0.0.1:8000 and log in with a token)")
