@@ -432,8 +432,13 @@ def test_create_with_an_ensemble_queues_the_most_disputed_pairs_first(tmp_path, 
     import sys
     import types
 
+    from alignkit.models.tiny import tiny_tokenizer
+
     class FakeEnsemble:
+        tokenizer = tiny_tokenizer()  # ChatML, as the members' tokenizer would be
+
         def member_scores(self, prompts, completions):
+            assert all(p.startswith("<|im_start|>user\n") for p in prompts)  # rendered with the chat template
             s1 = [float(len(c)) for c in completions]
             s2 = [x + (10.0 if "?" in c else 0.0) for x, c in zip(s1, completions)]
             return torch.tensor([s1, s2])  # [M=2, N]

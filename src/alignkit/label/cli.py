@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from alignkit.data.io import DataError
+from alignkit.data.tokenize import render_prompt
 from alignkit.io_utils import atomic_write_text
 from alignkit.label.agreement import format_stats, project_stats
 from alignkit.label.candidates import TASKS, load_candidates
@@ -71,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prompt_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+def _prompt_text(prompt, tokenizer) -> str:
+    """The prompt as the ensemble's reward models saw it in training: rendered with their tokenizer's chat template
+    (``render_prompt``); a scorer without a tokenizer gets the text as written."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if tokenizer is None:
+        return "".join(m["content"] + "\n\n" for m in messages)
+    return render_prompt(tokenizer, messages)
 
 
 def queue_order(task: str, candidates, seed: int, ensemble: str | None) -> list[int]:
@@ -93,7 +99,8 @@ def queue_order(task: str, candidates, seed: int, ensemble: str | None) -> list[
         by_record.setdefault(it["record"], []).append(n)
     for record, ns in by_record.items():
         c = candidates[record]
-        scores = members.member_scores([_prompt_text(c.prompt)] * len(c.responses), c.responses)  # [M, K]
+        prompt = _prompt_text(c.prompt, getattr(members, "tokenizer", None))
+        scores = members.member_scores([prompt] * len(c.responses), c.responses)  # [M, K]
         d = item_disagreement(scores.float().cpu(), [items[n]["indices"] for n in ns])
         for n, value in zip(ns, d.tolist()):
             disagreement[n] = value
