@@ -17,6 +17,7 @@ from alignkit.label.store import Store
 from label_server import Client, make_db, serve
 
 CHROMIUM = "/usr/bin/chromium"
+MODELS = ["policy-alpha-sft", "policy-beta-dpo"]  # never shown: labelling is blind
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 XSS = ["<script>window.__pwned = 1; alert('pwned')</script> Sure, here is how.",
        "<img src=x onerror=\"window.__pwned = 2\"> I would rather not."]
@@ -41,8 +42,8 @@ ANSWERS = [("Put it in boiling water for 8 minutes, then cool it in cold water."
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("label_browser")
-    records = [{"prompt": "Tell me something <b>risky</b>.", "responses": XSS, "models": ["m1", "m2"]}]
-    records += [{"prompt": p, "responses": list(a), "models": ["sft", "base"]} for p, a in zip(PROMPTS, ANSWERS)]
+    records = [{"prompt": "Tell me something <b>risky</b>.", "responses": XSS, "models": MODELS}]
+    records += [{"prompt": p, "responses": list(a), "models": MODELS} for p, a in zip(PROMPTS, ANSWERS)]
     guidelines = ("Pick the response that is more helpful, honest and harmless. Use tie when they are equally good "
                   "and both bad when neither is acceptable. Responses are shown as plain text.")
     db, admin, tokens = make_db(tmp, records, ["alice", "bob", "carol"], overlap=3, guidelines=guidelines)
@@ -105,6 +106,7 @@ def test_annotator_labels_ten_pairs_by_keyboard_undoes_one_and_sees_progress(app
     seen = []
     for n, key in enumerate(["1", "2", "ArrowLeft", "ArrowRight", "t", "b", "1", "2", "1", "ArrowRight"]):
         seen.append(state(page)["item_id"])
+        assert not any(m in page.content() for m in MODELS)
         with page.expect_navigation():
             page.keyboard.press(key)
         assert f"Labelled {n + 1}" in page.locator("#progress").text_content()
