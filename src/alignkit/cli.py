@@ -47,7 +47,11 @@ COMMANDS: dict[str, Command] = {
                           "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
+    "sample": Command(C.SampleConfig, "alignkit.label.sample:run",
+                      "K responses per prompt from a policy -> a candidates file for `alignkit label create`"),
 }
+
+LABEL_HELP = "human preference labelling app: alignkit label create|invite|serve|stats|export (see label --help)"
 
 
 def register(name: str, command: Command) -> None:
@@ -199,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("args", nargs="*", metavar="[config.yaml] [key=value ...]")
         p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sub.add_parser("label", help=LABEL_HELP, add_help=False)  # its own flags: dispatched in main()
     return parser
 
 
@@ -212,6 +217,9 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["label"]:  # subcommands with flags, not a config: alignkit.label.cli
+        return importlib.import_module("alignkit.label.cli").main(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not ns.command:

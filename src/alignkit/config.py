@@ -662,6 +662,37 @@ class OnlineDPOConfig(OnlineConfig):
     online_dpo: OnlineDPOSection = OnlineDPOSection()
 
 
+# ---------------------------------------------------------------- human preference collection: `alignkit sample`
+class SampleSection(Section):
+    k: int = Field(4, ge=1)
+    """Responses sampled per prompt (the labelling app compares them: K-choose-2 pairs, a ranking, or K binary items)."""
+    output_file: str = "candidates.jsonl"
+    """The candidates file `alignkit label create` reads; relative to ``output_dir`` (no ``..``) or absolute."""
+    model_label: str | None = None
+    """The name written in each record's ``models`` (never shown to annotators); default: ``model.name_or_path``."""
+
+    @field_validator("output_file")
+    @classmethod
+    def _output_file(cls, v: str) -> str:
+        return check_path_inside_run(v, "sample.output_file")
+
+
+class SampleConfig(Section):
+    """Sample K responses per prompt from a policy and write a candidates file for `alignkit label create`."""
+
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    generation: GenerationSection = GenerationSection()
+    sample: SampleSection = SampleSection()
+    output_dir: str = "runs/sample"
+    seed: int = 0
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "output_dir")
+
+
 class QuickstartConfig(Section):
     """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 8 minutes)."""
 
