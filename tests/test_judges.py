@@ -1,0 +1,190 @@
+"""AI judges: position-swap averaging, the CoT clamp, self-consistency, the local HF judge on a tiny model, the
+OpenAI-compatible judge against a local flaky server (retries, cache, token accounting, parsed answers), and the
+HHH spot-check command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alignkit.config import JudgeConfig
+from alignkit.judges import DEFAULT_PRINCIPLE, CallableJudge, consistency_of, make_judge, self_consistency
+from alignkit.judges.hf import HFJudge, option_continuations
+from alignkit.judges.prompts import ANSWER_PREFIX, judging_messages, parse_verdict
+from alignkit.models.tiny import tiny_causal_lm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ---------------------------------------------------------------- the base class: both orders, clamp, consistency
+def _scripted(prompts, first, second, principles):
+    """A judge that likes "good" (0.9 when shown first, 0.3 = P(first better) when shown second) and otherwise
+    always prefers whichever response comes first (0.8)."""
+    out = []
+    for f, s in zip(first, second):
+        out.append(0.9 if f == "good" else 0.3 if s == "good" else 0.8)
+    return out
+
+
+def test_position_swap_averaging_by_hand():
+    """Item 0: A = good. p_ab = 0.9; shown second P(first better) = 0.3, so p_ba = 1 - 0.3 = 0.7;
+    p_a = (0.9 + 0.7) / 2 = 0.8; no flip.
+    Item 1: a pure first-position judge (0.8 in both orders): p_ab = 0.8, p_ba = 0.2, p_a = 0.5; the verdict flips.
+    position_bias_rate = 1/2; first_position_preference = mean(0.9, 0.8, 1-0.7, 1-0.2) = mean(.9,.8,.3,.8) = 0.7."""
+    judge = CallableJudge(_scripted)
+    comp = judge.compare(["q", "q"], ["good", "x"], ["bad", "y"])
+    np.testing.assert_allclose(comp.p_ab, [0.9, 0.8])
+    np.testing.assert_allclose(comp.p_ba, [0.7, 0.2])
+    np.testing.assert_allclose(comp.p_a, [0.8, 0.5])
+    assert comp.flipped.tolist() == [False, True]
+    assert comp.position_bias_rate == pytest.approx(0.5)
+    assert comp.first_position_preference == pytest.approx(0.7)
+
+
+def test_chain_of_thought_clamp_by_hand():
+    """With chain of thought each order is clamped to [0.4, 0.6] before averaging: item 0's 0.9 -> 0.6 and
+    0.3 -> 0.4 (p_ba = 0.6), so p_a = 0.6; item 1's 0.8 -> 0.6 both ways, p_a = (0.6 + 0.4) / 2 = 0.5."""
+    comp = CallableJudge(_scripted, chain_of_thought=True).compare(["q", "q"], ["good", "x"], ["bad", "y"])
+    np.testing.assert_allclose(comp.p_a, [0.6, 0.5])
+    np.testing.assert_allclose(comp.p_ab, [0.6, 0.6])
+
+
+def test_compare_rejects_bad_probabilities_and_lengths():
+    with pytest.raises(ValueError, match="must return 1 probabilities in \\[0, 1\\]"):
+        CallableJudge(lambda *a: [1.5]).compare(["q"], ["a"], ["b"])
+    with pytest.raises(ValueError, match="1 prompts but 2 A and 1 B"):
+        CallableJudge(_scripted).compare(["q"], ["a", "b"], ["c"])
+
+
+def test_consistency_of_by_hand():
+    """Verdicts (+,-,+), (+,+,+), (+,-,-): item 0 agrees in 3/3 pairs of draws, items 1 and 2 in 1/3 each ->
+    agreement 5/9; only item 0 is unanimous -> 1/3. Mean |diff|: item 0 (.1,.2,.1), item 1 (.5,.1,.4),
+    item 2 (0,.2,.2) -> 1.8 / 9 = 0.2."""
+    out = consistency_of([np.array([0.9, 0.2, 0.6]), np.array([0.8, 0.7, 0.6]), np.array([0.7, 0.3, 0.4])])
+    assert out["agreement"] == pytest.approx(5 / 9)
+    assert out["unanimous"] == pytest.approx(1 / 3)
+    assert out["mean_abs_diff"] == pytest.approx(0.2)
+
+
+def test_self_consistency_asks_independent_draws():
+    calls = []
+
+    class Flaky(CallableJudge):
+        def prefer_first(self, prompts, first, second, principles, sample=0):
+            calls.append(sample)
+            return np.full(len(prompts), 0.9 if sample % 2 else 0.1)  # draws 1, 3 prefer first; draw 2 second
+
+    out = self_consistency(Flaky(None), ["q"] * 4, ["a"] * 4, ["b"] * 4, repeats=3)
+    assert sorted(set(calls)) == [1, 2, 3]  # both orders of each draw, never the configured (sample 0) answer
+    # each draw prefers the first-shown in both orders -> p_a = 0.5 (a tie) every time: verdicts agree
+    assert out["agreement"] == 1.0 and out["position_bias_rate"] == 1.0
+
+
+# ---------------------------------------------------------------- prompts and parsing
+def test_judging_prompt_and_verdict_parsing():
+    (msg,) = judging_messages("Hi?", "first answer", "second answer", "Which is kinder?")
+    assert "(A) first answer" in msg["content"] and "(B) second answer" in msg["content"]
+    assert "Which is kinder?" in msg["content"] and "Human: Hi?" in msg["content"]
+    assert parse_verdict("(B)") == "B" and parse_verdict("A") == "A" and parse_verdict(" (A) because") == "A"
+    assert parse_verdict("I cannot decide") is None and parse_verdict("Both are fine") is None
+    cot = "(A) is terse and (B) is rude. Therefore, the better response is (A)."
+    assert parse_verdict(cot, chain_of_thought=True) == "A"
+    assert parse_verdict("first (B) then (A)", chain_of_thought=True) == "A"
+
+
+# ---------------------------------------------------------------- the local HF judge on the tiny model
+@pytest.fixture(scope="module")
+def tiny_judge():
+    model, tok = tiny_causal_lm(seed=3)
+    model.eval()
+    return HFJudge(model, tok, batch_size=4)
+
+
+def test_option_token_ids_are_the_letters(tiny_judge):
+    tok = tiny_judge.tokenizer
+    context = tiny_judge.render("Hi?", "one", "two", "Which is better?")
+    assert context.endswith(ANSWER_PREFIX)
+    prefix, conts = option_continuations(tok, context)
+    assert prefix == tok.encode(context, add_special_tokens=False)
+    assert conts == [[tok.convert_tokens_to_ids("A")], [tok.convert_tokens_to_ids("B")]]
+
+
+def test_option_continuations_when_the_tokenizer_merges_paren_and_letter():
+    class Merging:  # "(A" / "(B" are single tokens; everything else one token per character
+        def encode(self, text, add_special_tokens=False):
+            out, i = [], 0
+            while i < len(text):
+                if text[i:i + 2] in ("(A", "(B"):
+                    out.append(1000 + ord(text[i + 1]))
+                    i += 2
+                else:
+                    out.append(ord(text[i]))
+                    i += 1
+            return out
+
+    prefix, conts = option_continuations(Merging(), "is (")
+    assert prefix == [ord("i"), ord("s"), ord(" ")]
+    assert conts == [[1000 + ord("A")], [1000 + ord("B")]]
+
+
+def test_hf_judge_reads_the_normalised_next_token_probability(tiny_judge):
+    """P(first better) = P(A) / (P(A) + P(B)) at the last position of the unpadded context, computed by hand."""
+    tok, model = tiny_judge.tokenizer, tiny_judge.model
+    context = tiny_judge.render("Hi?", "one", "two", "Which is better?")
+    ids = torch.tensor([tok.encode(context, add_special_tokens=False)])
+    with torch.no_grad():
+        probs = model(input_ids=ids).logits[0, -1].softmax(-1)
+    a, b = probs[tok.convert_tokens_to_ids("A")], probs[tok.convert_tokens_to_ids("B")]
+    got = tiny_judge.prefer_first(["Hi?"], ["one"], ["two"], ["Which is better?"])
+    assert got.shape == (1,) and got[0] == pytest.approx(float(a / (a + b)), abs=1e-5)
+
+
+def test_hf_judge_padding_does_not_change_the_probability(tiny_judge):
+    alone = tiny_judge.prefer_first(["Hi?"], ["one"], ["two"], ["P"])
+    batched = tiny_judge.prefer_first(["Hi?", "A much longer question " * 5], ["one", "x"], ["two", "y"], ["P", "P"])
+    assert batched[0] == pytest.approx(alone[0], abs=1e-5)
+
+
+def test_hf_judge_continuation_path_equals_next_token_path(tiny_judge):
+    """Summed log-probs of single-token continuations (the fallback for merging tokenizers) equal the next-token
+    log-probs of the fast path."""
+    contexts = [tiny_judge.render("Hi?", "one", "two", "P"), tiny_judge.render("Longer question here", "a", "b", "P")]
+    split = [option_continuations(tiny_judge.tokenizer, c) for c in contexts]
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_judge._continuation_logprobs(split), tiny_judge._next_token_logprobs(split),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_hf_judge_compare_both_orders_and_usage(tiny_judge):
+    prompts, a, b = ["Hi?", "2+2?", "Name a colour"], ["Hello!", "4", "Blue"], ["Go away", "5", "Seven"]
+    comp = tiny_judge.compare(prompts, a, b)
+    for p in (comp.p_a, comp.p_ab, comp.p_ba):
+        assert p.shape == (3,) and np.all((p >= 0) & (p <= 1))
+    np.testing.assert_allclose(comp.p_a, 0.5 * (comp.p_ab + comp.p_ba))
+    # the second order really swaps the responses: P(A better | A second) = 1 - P(first better | B, A)
+    np.testing.assert_allclose(comp.p_ba, 1 - tiny_judge.prefer_first(prompts, b, a, [DEFAULT_PRINCIPLE] * 3))
+    assert comp.usage["requests"] == 6 and comp.usage["prompt_tokens"] > 0
+    assert 0 < comp.usage["option_mass"] <= 6
+    assert tiny_judge.deterministic
+
+
+def test_hf_judge_chain_of_thought_generates_then_clamps():
+    model, tok = tiny_causal_lm(seed=4)
+    judge = HFJudge(model.eval(), tok, batch_size=2, chain_of_thought=True, max_tokens=5)
+    comp = judge.compare(["Hi?", "Bye?"], ["Hello", "Bye"], ["Go", "No"])
+    assert np.all((comp.p_ab >= 0.4) & (comp.p_ab <= 0.6)) and np.all((comp.p_a >= 0.4) & (comp.p_a <= 0.6))
+    assert 0 < judge.usage()["completion_tokens"] <= 2 * 2 * 5
+    out = self_consistency(judge, ["Hi?", "Bye?"], ["Hello", "Bye"], ["Go", "No"], repeats=2)
+    assert 0 <= out["agreement"] <= 1 and out["deterministic"] == 0.0
+
+
+def test_make_judge_loads_tiny_random():
+    judge = make_judge(JudgeConfig(kind="hf", model="tiny-random", batch_size=2))
+    p = judge.compare(["Hi?"], ["Hello"], ["Go away"]).p_a
+    assert p.shape == (1,) and 0 <= p[0] <= 1
+
+
+def test_make_judge_callable_error_names_the_spec():
+    with pytest.raises(ValueError, match=r"judge function 'no_such_judge_mod:f'.*not found"):
+        make_judge(JudgeConfig(kind="callable", fn="no_such_judge_mod:f"))
