@@ -4,11 +4,16 @@ HHH spot-check command."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from alignkit.config import JudgeConfig
+from http_server import serve_in_thread
 from alignkit.judges import DEFAULT_PRINCIPLE, CallableJudge, consistency_of, make_judge, self_consistency
 from alignkit.judges.hf import HFJudge, option_continuations
 from alignkit.judges.prompts import ANSWER_PREFIX, judging_messages, parse_verdict
@@ -188,3 +193,124 @@ def test_make_judge_loads_tiny_random():
 def test_make_judge_callable_error_names_the_spec():
     with pytest.raises(ValueError, match=r"judge function 'no_such_judge_mod:f'.*not found"):
         make_judge(JudgeConfig(kind="callable", fn="no_such_judge_mod:f"))
+
+
+# ---------------------------------------------------------------- the OpenAI-compatible judge against a local server
+def _completion(text: str, logprobs: list | None, prompt_tokens: int = 11, completion_tokens: int = 3) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+              "logprobs": None if logprobs is None else {"content": logprobs}}
+    return {"id": "cmpl-1", "object": "chat.completion", "created": 0, "model": "judge-model", "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _tok(token: str, logprob: float, top: list[tuple[str, float]]) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": None,
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top]}
+
+
+def scripted_app(script: list, seen: list):
+    """A chat-completions endpoint that answers request i with ``script[i]``: an int status (an error body) or a
+    completion dict; the last entry repeats. ``seen`` collects each request's JSON body."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        seen.append(await request.json())
+        step = script[min(len(seen) - 1, len(script) - 1)]
+        if isinstance(step, int):
+            return JSONResponse({"error": {"message": f"scripted {step}", "type": "server_error", "param": None,
+                                           "code": None}}, status_code=step)
+        return JSONResponse(step)
+
+    return app
+
+
+def _remote(base_url, tmp_path, **kw):
+    from alignkit.judges.remote import OpenAIJudge
+
+    kw = {"cache_dir": tmp_path / "cache", "retry_base_delay_s": 0.01, "max_concurrency": 1, **kw}
+    return OpenAIJudge("judge-model", base_url=base_url + "/v1", api_key="k", **kw)
+
+
+def test_remote_judge_retries_429_then_500_then_reads_logprobs_and_caches(tmp_path):
+    """Top log-probs at the letter: A ln .6, " A" ln .1, B ln .2 -> P(first better) = .7 / .9."""
+
+    good = _completion("(A)", [_tok("(", -0.01, [("(", -0.01)]),
+                               _tok("A", math.log(0.6), [("A", math.log(0.6)), (" A", math.log(0.1)),
+                                                         ("B", math.log(0.2)), ("C", math.log(0.1))]),
+                               _tok(")", -0.01, [(")", -0.01)])])
+    seen: list = []
+    with serve_in_thread(scripted_app([429, 500, good], seen)) as url:
+        judge = _remote(url, tmp_path)
+        p = judge.prefer_first(["Hi?"], ["Hello"], ["Go"], ["Which is better?"])
+        assert p[0] == pytest.approx(0.7 / 0.9)
+        assert len(seen) == 3 and seen[-1]["logprobs"] is True and seen[-1]["top_logprobs"] == 5
+        assert "(A) Hello" in seen[-1]["messages"][0]["content"]
+        u = judge.usage()
+        assert (u["requests"], u["retries"], u["prompt_tokens"], u["completion_tokens"]) == (1, 2, 11, 3)
+        assert u["answers_logprobs"] == 1 and u["cache_hits"] == 0
+        # the same question again: answered from the disk cache, no request
+        again = _remote(url, tmp_path)
+        assert again.prefer_first(["Hi?"], ["Hello"], ["Go"], ["Which is better?"])[0] == pytest.approx(p[0])
+        assert len(seen) == 3 and again.usage()["cache_hits"] == 1 and again.usage()["requests"] == 0
+        # another parameter is another cache entry
+        _remote(url, tmp_path, temperature=0.5).prefer_first(["Hi?"], ["Hello"], ["Go"], ["Which is better?"])
+        assert len(seen) == 4
+    files = list((tmp_path / "cache").rglob("*.json"))
+    assert len(files) == 2 and not list((tmp_path / "cache").rglob(".tmp-*"))
+
+
+def test_remote_judge_parses_text_without_logprobs_and_counts_unparsed(tmp_path):
+
+    answers = {"Hello": "(B) is better.", "Go": "I cannot say."}
+    seen: list = []
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        seen.append(body)
+        content = body["messages"][0]["content"]
+        first = content.split("(A) ", 1)[1].split("\n", 1)[0]
+        return _completion(answers[first], None)
+
+    with serve_in_thread(app) as url:
+        judge = _remote(url, tmp_path, max_concurrency=2)
+        comp = judge.compare(["Hi?"], ["Hello"], ["Go"])
+    # A first: "(B)" -> P(first better) = 0; B first: unparseable -> 0.5, so p_ba = 1 - 0.5
+    assert comp.p_ab.tolist() == [0.0] and comp.p_ba.tolist() == [0.5] and comp.p_a.tolist() == [0.25]
+    assert comp.usage["answers_parsed"] == 1 and comp.usage["unparsed"] == 1 and comp.usage["requests"] == 2
+
+
+def test_remote_judge_gives_up_after_max_retries_and_fails_fast_on_401(tmp_path):
+    from alignkit.judges.remote import JudgeRequestError
+
+    seen: list = []
+    with serve_in_thread(scripted_app([503], seen)) as url:
+        with pytest.raises(JudgeRequestError, match="still failing after 2 retries"):
+            _remote(url, tmp_path, max_retries=2).prefer_first(["q"], ["a"], ["b"], ["p"])
+        assert len(seen) == 3
+    seen.clear()
+    with serve_in_thread(scripted_app([401], seen)) as url:
+        with pytest.raises(JudgeRequestError, match=r"refused the request \(HTTP 401\)"):
+            _remote(url, tmp_path).prefer_first(["q"], ["a"], ["b"], ["p"])
+        assert len(seen) == 1
+
+
+def test_probability_from_logprobs_chain_of_thought_reads_the_last_letter():
+    from alignkit.judges.remote import probability_from_logprobs
+
+    content = [_tok("A", 0.0, [("A", 0.0)]), _tok(" good", -1.0, []),
+               _tok(" (", 0.0, []), _tok("B", math.log(0.8), [("B", math.log(0.8)), ("A", math.log(0.2))])]
+    assert probability_from_logprobs(content, chain_of_thought=True) == pytest.approx(0.2)
+    assert probability_from_logprobs(content) == pytest.approx(1.0)  # direct: the first letter, only "A" on top
+    assert probability_from_logprobs([_tok("Sure", -0.1, [])]) is None
+
+
+def test_remote_judge_from_config_reads_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    judge = make_judge(JudgeConfig(kind="openai", model="m", cache_dir=str(tmp_path)))
+    assert judge.client.api_key == "sk-env" and judge.base_url.startswith("http://127.0.0.1:9/v1")

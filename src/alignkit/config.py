@@ -445,10 +445,23 @@ class JudgeConfig(Section):
     """Ask for reasoning before the verdict; probabilities are then clamped to [0.4, 0.6] (CAI)."""
     cache_dir: str | None = None
     """``openai``: on-disk response cache (default ``$ALIGNKIT_CACHE/judge_cache``)."""
+    cache: bool = True
+    """``openai``: read and write the response cache (false: always ask the endpoint)."""
     max_concurrency: int = Field(4, gt=0)
+    """``openai``: requests in flight at once."""
     timeout_s: float = Field(60.0, gt=0)
+    """``openai``: seconds per request before it counts as failed (and is retried)."""
     max_retries: int = Field(5, ge=0)
+    """``openai``: retries of a request that failed with 408/409/429/5xx, a timeout or a connection error."""
+    retry_base_delay_s: float = Field(0.5, ge=0)
+    """``openai``: backoff before retry k is ``retry_base_delay_s * 2**k`` seconds (at most 30; ``Retry-After``
+    is honoured)."""
+    logprobs: bool = True
+    """``openai``: ask for token log-probs (``top_logprobs``) and read P(A), P(B) from them; answers without
+    log-probs are parsed from the text ("(A)" / "(B)")."""
+    top_logprobs: int = Field(5, ge=1, le=20)
     temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of the judge's answer (``hf``: of its chain of thought); 0 is greedy."""
     max_tokens: int = Field(256, gt=0)
     """Tokens a parsed / chain-of-thought answer may use."""
     batch_size: int = Field(8, gt=0)
