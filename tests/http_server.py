@@ -32,3 +32,24 @@ def serve_in_thread(app, host: str = "127.0.0.1"):
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+def http_request(method: str, url: str, body=None, headers: dict | None = None, timeout: float = 30):
+    """A raw HTTP request (standard library): ``body`` bytes are sent as they are, anything else as JSON. Returns
+    ``(status, parsed JSON body or text)``; HTTP error statuses are returned, not raised."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")

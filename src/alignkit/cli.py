@@ -47,6 +47,10 @@ COMMANDS: dict[str, Command] = {
                           "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
+    "judge": Command(C.JudgeRunConfig, "alignkit.eval.judge_agreement:run",
+                     "an AI judge's agreement with human preference labels (default: BIG-bench HHH), position bias"),
+    "serve": Command(C.ServeConfig, "alignkit.serve:run",
+                     "OpenAI-compatible /v1/chat/completions + /v1/models server for a local checkpoint"),
 }
 
 

@@ -672,6 +672,62 @@ class OnlineDPOConfig(OnlineConfig):
     online_dpo: OnlineDPOSection = OnlineDPOSection()
 
 
+# ---------------------------------------------------------------- AI judges and the OpenAI-compatible server (issue 9)
+class JudgeRunConfig(Section):
+    """``alignkit judge``: the judge's agreement with human preference labels (the HHH spot-check)."""
+
+    judge: JudgeConfig = JudgeConfig()
+    data: str = "builtin:hhh"
+    """Preference pairs ``{"prompt", "chosen", "rejected"}`` (``chosen`` = the human label); an optional
+    ``subset`` / ``category`` field groups the report. Default: BIG-bench HHH (221 pairs, both splits)."""
+    split: Literal["all", "train", "test"] = "all"
+    limit: int | None = Field(None, gt=0)
+    """Judge only the first N pairs (a smoke run)."""
+    principle: str | None = None
+    """The judging question (default: "Which response is more helpful, honest and harmless?")."""
+    self_consistency_repeats: int = Field(0, ge=0)
+    """Also ask every pair this many more times as independent draws and report the agreement (0: skip; a
+    judge that reads probabilities without sampling is consistent by construction)."""
+    output_dir: str = "runs/judge"
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "output_dir")
+
+
+class ServeSection(Section):
+    host: str = "127.0.0.1"
+    """Interface to listen on. The default accepts local connections only; 0.0.0.0 exposes the model to the
+    network (set ``api_key`` then)."""
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    """Clients must send ``Authorization: Bearer <api_key>`` (default ``$ALIGNKIT_API_KEY``; unset: no key)."""
+    served_model_name: str | None = None
+    """The model id clients ask for and ``/v1/models`` lists (default: ``model.name_or_path``)."""
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    """Larger request bodies get 413."""
+    max_messages: int = Field(64, gt=0)
+    max_tokens: int = Field(512, gt=0)
+    """The most completion tokens a request may ask for (``max_tokens`` / ``max_completion_tokens``)."""
+    default_max_tokens: int = Field(128, gt=0)
+    """Completion tokens when a request names none."""
+    max_queue: int = Field(16, gt=0)
+    """Requests waiting or running at once; more get 429 (the ``openai`` client retries those itself)."""
+    max_batch_size: int = Field(8, gt=0)
+    """Non-streaming requests with the same sampling settings that arrive together share one generate() call."""
+    batch_wait_ms: float = Field(10.0, ge=0)
+    """How long the first request of a batch waits for companions."""
+
+
+class ServeConfig(Section):
+    """``alignkit serve``: an OpenAI-compatible chat server for a local checkpoint."""
+
+    model: ModelConfig = ModelConfig()
+    serve: ServeSection = ServeSection()
+    seed: int = 0
+
+
 class QuickstartConfig(Section):
     """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 8 minutes)."""
 
