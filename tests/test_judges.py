@@ -145,10 +145,16 @@ def test_hf_judge_reads_the_normalised_next_token_probability(tiny_judge):
     assert got.shape == (1,) and got[0] == pytest.approx(float(a / (a + b)), abs=1e-5)
 
 
-def test_hf_judge_padding_does_not_change_the_probability(tiny_judge):
-    alone = tiny_judge.prefer_first(["Hi?"], ["one"], ["two"], ["P"])
-    batched = tiny_judge.prefer_first(["Hi?", "A much longer question " * 5], ["one", "x"], ["two", "y"], ["P", "P"])
-    assert batched[0] == pytest.approx(alone[0], abs=1e-5)
+def test_hf_judge_padding_and_batch_order_do_not_change_the_probability(tiny_judge):
+    """Left padding and the length-sorted batching change nothing: each item batched with others (and given
+    longest first) equals the item judged alone, in the caller's order."""
+    prompts = ["A much longer question " * 5, "Hi?", "Medium question?"]
+    first, second = ["x", "one", "m"], ["y", "two", "n"]
+    alone = [tiny_judge.prefer_first([p], [f], [s], ["P"])[0] for p, f, s in zip(prompts, first, second)]
+    batched = tiny_judge.prefer_first(prompts, first, second, ["P"] * 3)
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    assert len(set(np.round(alone, 6))) == 3  # three different answers, so an order mix-up would show
+    assert tiny_judge.prefer_first([], [], [], []).shape == (0,)
 
 
 def test_hf_judge_continuation_path_equals_next_token_path(tiny_judge):
@@ -314,3 +320,78 @@ def test_remote_judge_from_config_reads_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
     judge = make_judge(JudgeConfig(kind="openai", model="m", cache_dir=str(tmp_path)))
     assert judge.client.api_key == "sk-env" and judge.base_url.startswith("http://127.0.0.1:9/v1")
+
+
+# ---------------------------------------------------------------- the human spot-check and `alignkit judge`
+def test_agreement_summary_by_hand():
+    """A = chosen. p_ab = [.9, .8, .3, .6], p_ba = [.7, .2, .1, .4] -> p_a = [.8, .5, .2, .5].
+    agreement = (1 + .5 + 0 + .5) / 4 = 0.5 (exact ties count one half); chosen first: [.9,.8,.6] > .5 -> 3/4;
+    chosen second: only .7 -> 1/4. Flips: pairs 1 (.8 vs .2) and 3 (.6 vs .4) -> 0.5. By category: x = pairs 0, 1
+    -> (1 + .5) / 2 = .75; y = pairs 2, 3 -> (0 + .5) / 2 = .25."""
+    from alignkit.judges import debias
+    from alignkit.judges.agreement import summarise_agreement
+    from alignkit.judges.base import Comparison
+
+    p_a, p_ab, p_ba = debias(np.array([0.9, 0.8, 0.3, 0.6]), 1 - np.array([0.7, 0.2, 0.1, 0.4]))
+    s = summarise_agreement(Comparison(p_a=p_a, p_ab=p_ab, p_ba=p_ba), ["x", "x", "y", "y"])
+    assert s["agreement"] == pytest.approx(0.5)
+    assert s["agreement_chosen_first"] == pytest.approx(0.75) and s["agreement_chosen_second"] == pytest.approx(0.25)
+    assert s["position_bias_rate"] == pytest.approx(0.5)
+    assert s["by_category"]["x"]["agreement"] == pytest.approx(0.75)
+    assert s["by_category"]["y"]["agreement"] == pytest.approx(0.25)
+
+
+def _write_pairs(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_judge_cli_end_to_end_with_a_callable_judge(tmp_path, monkeypatch, capsys):
+    """`alignkit judge` with a scripted judge that prefers the longer response: on pairs where the human chose the
+    longer one in 2 of 3 cases the agreement is 2/3, with no position bias."""
+    import json
+
+    from alignkit.cli import main
+
+    (tmp_path / "longer_judge.py").write_text(
+        "def prefer(prompts, first, second, principles):\n"
+        "    return [0.9 if len(f) > len(s) else 0.1 for f, s in zip(first, second)]\n")
+    data = _write_pairs(tmp_path / "pairs.jsonl", [
+        {"prompt": "q1", "chosen": "a long answer", "rejected": "no", "category": "helpful"},
+        {"prompt": "q2", "chosen": "a longer answer", "rejected": "x", "category": "helpful"},
+        {"prompt": "q3", "chosen": "ok", "rejected": "a rambling answer", "category": "harmless"},
+    ])
+    monkeypatch.chdir(tmp_path)
+    rc = main(["judge", "judge.kind=callable", "judge.fn=longer_judge.py:prefer", f"data.path={data}",
+               "self_consistency_repeats=2", f"output_dir={tmp_path / 'run'}"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pairs"] == 3 and summary["agreement"] == pytest.approx(2 / 3)
+    assert summary["by_category"]["helpful"]["agreement"] == 1.0 and summary["by_category"]["harmless"]["agreement"] == 0
+    assert summary["position_bias_rate"] == 0 and summary["first_position_preference"] == pytest.approx(0.5)
+    assert summary["self_consistency"]["agreement"] == 1.0
+    lines = (tmp_path / "run" / "judgments.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["p_chosen"] == pytest.approx(0.9)
+    assert "agreement with the human labels" in capsys.readouterr().err + (tmp_path / "run" / "log.txt").read_text()
+
+
+def test_judge_cli_on_tiny_random_hhh_subset(tmp_path):
+    import json
+
+    from alignkit.cli import main
+
+    assert main(["judge", "judge.model=tiny-random", "data.limit=3", f"output_dir={tmp_path}"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pairs"] == 3 and 0 <= summary["agreement"] <= 1 and summary["usage"]["requests"] == 6
+
+
+def test_judge_cli_bad_pair_names_file_line_and_field(tmp_path, capsys):
+    from alignkit.cli import main
+
+    data = _write_pairs(tmp_path / "pairs.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
+                                                   {"prompt": "q", "chosen": 3, "rejected": "b"}])
+    assert main(["judge", "judge.model=tiny-random", f"data.path={data}", f"output_dir={tmp_path / 'r'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"{data}, line 2, field 'chosen': expected a non-empty string, got int" in err

@@ -673,16 +673,22 @@ class OnlineDPOConfig(OnlineConfig):
 
 
 # ---------------------------------------------------------------- AI judges and the OpenAI-compatible server (issue 9)
+class JudgePairsSection(Section):
+    path: str = "builtin:hhh"
+    """Preference pairs ``{"prompt", "chosen", "rejected"}`` as text (``chosen`` = the human label): a .jsonl /
+    .json / .parquet / .csv file or ``builtin:hhh``; an optional ``subset`` / ``category`` field groups the report.
+    Default: BIG-bench HHH (221 pairs over both splits)."""
+    split: Literal["all", "train", "test"] = "all"
+    """Split of a built-in dataset (``all``: train + test); a file is read whole."""
+    limit: int | None = Field(None, gt=0)
+    """Judge only the first N pairs (a smoke run)."""
+
+
 class JudgeRunConfig(Section):
     """``alignkit judge``: the judge's agreement with human preference labels (the HHH spot-check)."""
 
     judge: JudgeConfig = JudgeConfig()
-    data: str = "builtin:hhh"
-    """Preference pairs ``{"prompt", "chosen", "rejected"}`` (``chosen`` = the human label); an optional
-    ``subset`` / ``category`` field groups the report. Default: BIG-bench HHH (221 pairs, both splits)."""
-    split: Literal["all", "train", "test"] = "all"
-    limit: int | None = Field(None, gt=0)
-    """Judge only the first N pairs (a smoke run)."""
+    data: JudgePairsSection = JudgePairsSection()
     principle: str | None = None
     """The judging question (default: "Which response is more helpful, honest and harmless?")."""
     self_consistency_repeats: int = Field(0, ge=0)

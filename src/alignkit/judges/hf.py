@@ -106,10 +106,14 @@ class HFJudge(Judge):
     @torch.no_grad()
     def option_probabilities(self, contexts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """For each context (ending right before the letter): (P(first better) [N], P(A) + P(B) [N], the
-        probability mass the model puts on the two options at all)."""
+        probability mass the model puts on the two options at all). Contexts are batched in length order (less
+        padding; the results do not depend on the batching) and returned in the callers' order."""
+        if not contexts:
+            return np.zeros(0), np.zeros(0)
         p_first, mass = [], []
+        order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))  # similar lengths share a batch
         for start in range(0, len(contexts), self.batch_size):
-            chunk = contexts[start:start + self.batch_size]
+            chunk = [contexts[i] for i in order[start:start + self.batch_size]]
             split = [option_continuations(self.tokenizer, c) for c in chunk]
             if all(len(cont) == 1 for _, conts in split for cont in conts):
                 lp = self._next_token_logprobs(split)  # [b, 2]
@@ -117,7 +121,9 @@ class HFJudge(Judge):
                 lp = self._continuation_logprobs(split)  # [b, 2]
             p_first.append(torch.sigmoid(lp[:, 0] - lp[:, 1]))  # [b]
             mass.append(lp.exp().sum(-1))  # [b]
-        return torch.cat(p_first).double().cpu().numpy(), torch.cat(mass).double().cpu().numpy()
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))  # back to the callers' order
+        return (torch.cat(p_first)[inverse].double().cpu().numpy(), torch.cat(mass)[inverse].double().cpu().numpy())
 
     def _next_token_logprobs(self, split) -> torch.Tensor:
         ids, mask = _pad_left([prefix for prefix, _ in split], self.tokenizer.pad_token_id)  # [b, T]
