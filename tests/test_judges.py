@@ -395,3 +395,15 @@ def test_judge_cli_bad_pair_names_file_line_and_field(tmp_path, capsys):
     assert main(["judge", "judge.model=tiny-random", f"data.path={data}", f"output_dir={tmp_path / 'r'}"]) == 1
     err = capsys.readouterr().err
     assert f"{data}, line 2, field 'chosen': expected a non-empty string, got int" in err
+
+
+def test_judge_cli_reports_a_refused_endpoint(tmp_path, capsys):
+    from alignkit.cli import main
+
+    with serve_in_thread(scripted_app([401], [])) as url:
+        rc = main(["judge", "judge.kind=openai", "judge.model=m", f"judge.base_url={url}/v1", "data.limit=2",
+                   f"judge.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "refused the request (HTTP 401)" in err and "scripted 401" in err
+    assert not (tmp_path / "run" / "summary.json").exists()

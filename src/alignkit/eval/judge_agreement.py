@@ -20,7 +20,8 @@ from alignkit.data.io import DataError, read_records
 from alignkit.io_utils import atomic_write_text
 from alignkit.judges import DEFAULT_PRINCIPLE, make_judge, self_consistency
 from alignkit.judges.agreement import judge_pairs, summarise_agreement
-from alignkit.train.run import log, prepare_run_dir, write_summary
+from alignkit.judges.remote import JudgeRequestError
+from alignkit.train.run import RunError, log, prepare_run_dir, write_summary
 
 CATEGORY_FIELDS = ("subset", "category")
 
@@ -61,9 +62,12 @@ def run(cfg: JudgeRunConfig, resume: bool = False) -> dict:
     principle = cfg.principle or DEFAULT_PRINCIPLE
     log(f"judge: {judge.name} on {len(pairs)} pairs of {cfg.data.path} ({cfg.data.split}), both orders; principle: {principle!r}")
     t0 = time.time()
-    comp = judge_pairs(judge, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
-                       [p["rejected"] for p in pairs], principle,
-                       progress=lambda done, total: log(f"judge: {done}/{total} pairs ({time.time() - t0:.0f}s)"))
+    try:
+        comp = judge_pairs(judge, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs],
+                           [p["rejected"] for p in pairs], principle,
+                           progress=lambda done, total: log(f"judge: {done}/{total} pairs ({time.time() - t0:.0f}s)"))
+    except JudgeRequestError as e:  # answers obtained so far stay in the judge's cache: a rerun does not re-ask them
+        raise RunError(f"{e} (answers received so far are cached; rerun to continue)") from None
     lines = [json.dumps({"category": p["category"], "p_chosen": float(comp.p_a[i]),
                          "p_chosen_first": float(comp.p_ab[i]), "p_chosen_second": float(comp.p_ba[i]),
                          "prompt": p["prompt"]}) + "\n" for i, p in enumerate(pairs)]
