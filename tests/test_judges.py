@@ -190,6 +190,11 @@ def test_hf_judge_chain_of_thought_generates_then_clamps():
     assert 0 <= out["agreement"] <= 1 and out["deterministic"] == 0.0
 
 
+def test_hf_judge_refuses_a_prompt_longer_than_the_model_context(tiny_judge):
+    with pytest.raises(ValueError, match="more than the model's 512 positions"):
+        tiny_judge.prefer_first(["q" * 600], ["a"], ["b"], ["P"])
+
+
 def test_make_judge_loads_tiny_random():
     judge = make_judge(JudgeConfig(kind="hf", model="tiny-random", batch_size=2))
     p = judge.compare(["Hi?"], ["Hello"], ["Go away"]).p_a

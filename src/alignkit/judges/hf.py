@@ -115,6 +115,7 @@ class HFJudge(Judge):
         for start in range(0, len(contexts), self.batch_size):
             chunk = [contexts[i] for i in order[start:start + self.batch_size]]
             split = [option_continuations(self.tokenizer, c) for c in chunk]
+            self._check_length(split)
             if all(len(cont) == 1 for _, conts in split for cont in conts):
                 lp = self._next_token_logprobs(split)  # [b, 2]
             else:
@@ -124,6 +125,13 @@ class HFJudge(Judge):
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))  # back to the callers' order
         return (torch.cat(p_first)[inverse].double().cpu().numpy(), torch.cat(mass)[inverse].double().cpu().numpy())
+
+    def _check_length(self, split) -> None:
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        longest = max(len(prefix) + max(len(c) for c in conts) for prefix, conts in split)
+        if limit is not None and longest > limit:
+            raise ValueError(f"judge {self.name}: a judging prompt has {longest} tokens, more than the model's "
+                             f"{limit} positions; shorten the prompts/responses or use a judge with a longer context")
 
     def _next_token_logprobs(self, split) -> torch.Tensor:
         ids, mask = _pad_left([prefix for prefix, _ in split], self.tokenizer.pad_token_id)  # [b, T]
