@@ -412,3 +412,32 @@ def test_judge_cli_reports_a_refused_endpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "refused the request (HTTP 401)" in err and "scripted 401" in err
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_remote_judge_bounds_concurrency_and_times_out(tmp_path):
+    """max_concurrency=2: six slow requests never have more than two in flight (and do overlap). A request slower
+    than timeout_s counts as failed and is retried, then reported."""
+    import asyncio
+
+    inflight = {"now": 0, "max": 0}
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        await request.json()
+        inflight["now"] += 1
+        inflight["max"] = max(inflight["max"], inflight["now"])
+        await asyncio.sleep(0.3)
+        inflight["now"] -= 1
+        return _completion("(A)", None)
+
+    with serve_in_thread(app) as url:
+        judge = _remote(url, tmp_path, max_concurrency=2, cache=False)
+        assert judge.prefer_first(["q"] * 6, [f"a{i}" for i in range(6)], ["b"] * 6, ["p"] * 6).tolist() == [1.0] * 6
+        assert inflight["max"] == 2 and judge.usage()["requests"] == 6
+        from alignkit.judges.remote import JudgeRequestError
+
+        slow = _remote(url, tmp_path, timeout_s=0.05, max_retries=1, cache=False)
+        with pytest.raises(JudgeRequestError, match="still failing after 1 retries: APITimeoutError"):
+            slow.prefer_first(["q"], ["a"], ["b"], ["p"])
+        assert slow.usage()["retries"] == 1
