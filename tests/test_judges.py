@@ -382,14 +382,35 @@ def test_judge_cli_end_to_end_with_a_callable_judge(tmp_path, monkeypatch, capsy
     assert "agreement with the human labels" in capsys.readouterr().err + (tmp_path / "run" / "log.txt").read_text()
 
 
-def test_judge_cli_on_tiny_random_hhh_subset(tmp_path):
+def test_judge_cli_with_the_tiny_random_hf_judge(tmp_path):
     import json
 
     from alignkit.cli import main
 
-    assert main(["judge", "judge.model=tiny-random", "data.limit=3", f"output_dir={tmp_path}"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    data = _write_pairs(tmp_path / "pairs.jsonl", [{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."},
+                                                   {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+                                                   {"prompt": "Sky?", "chosen": "Blue.", "rejected": "Green."}])
+    assert main(["judge", "judge.model=tiny-random", f"data.path={data}", f"output_dir={tmp_path / 'run'}"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["pairs"] == 3 and 0 <= summary["agreement"] <= 1 and summary["usage"]["requests"] == 6
+    assert summary["by_category"] == {"all": {"pairs": 3, "agreement": summary["agreement"],
+                                              "position_bias_rate": summary["position_bias_rate"]}}
+
+
+def test_judge_cli_reads_the_builtin_hhh_pairs_with_categories(tmp_path):
+    """The default data: BIG-bench HHH, both splits (221 pairs), categories from its `subset` field (a cheap
+    callable judge; the pairs are too long for the tiny model's 512 positions)."""
+    import json
+
+    from alignkit.cli import main
+
+    (tmp_path / "coin.py").write_text("def judge(prompts, first, second, principles):\n    return [0.5] * len(prompts)\n")
+    assert main(["judge", "judge.kind=callable", f"judge.fn={tmp_path / 'coin.py'}:judge",
+                 f"output_dir={tmp_path / 'run'}"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["pairs"] == 221 and summary["agreement"] == 0.5
+    assert {c: v["pairs"] for c, v in summary["by_category"].items()} == {
+        "harmless": 58, "helpful": 59, "honest": 61, "other": 43}
 
 
 def test_judge_cli_bad_pair_names_file_line_and_field(tmp_path, capsys):
