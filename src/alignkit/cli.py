@@ -49,6 +49,10 @@ COMMANDS: dict[str, Command] = {
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
     "sample": Command(C.SampleConfig, "alignkit.label.sample:run",
                       "K responses per prompt from a policy -> a candidates file for `alignkit label create`"),
+    "judge": Command(C.JudgeRunConfig, "alignkit.eval.judge_agreement:run",
+                     "an AI judge's agreement with human preference labels (default: BIG-bench HHH), position bias"),
+    "serve": Command(C.ServeConfig, "alignkit.serve:run",
+                     "OpenAI-compatible /v1/chat/completions + /v1/models server for a local checkpoint"),
 }
 
 LABEL_HELP = "human preference labelling app: alignkit label create|invite|serve|stats|export (see label --help)"
