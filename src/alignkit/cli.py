@@ -10,6 +10,8 @@ import argparse
 import errno
 import functools
 import importlib
+import json
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -47,7 +49,11 @@ COMMANDS: dict[str, Command] = {
                           "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
+    "eval": Command(C.EvalConfig, "alignkit.eval.run:run", "evaluate policies: win rates with CIs, ranking, diagnostics, sycophancy, refusal, alignment tax"),
+    "report": Command(C.ReportConfig, "alignkit.eval.html:run", "one self-contained HTML page comparing run directories"),
+    "w2s": Command(C.W2SConfig, "alignkit.eval.w2s:run", "weak-to-strong generalisation (Burns et al. 2023): PGR with and without the confidence loss"),
 }
+POSITIONAL_LISTS = {"report": "runs"}  # commands whose positional directories fill a list key
 
 
 def register(name: str, command: Command) -> None:
@@ -218,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     cmd = COMMANDS[ns.command]
+    listed = [a for a in ns.args if "=" not in a and os.path.isdir(a)] if ns.command in POSITIONAL_LISTS else []
+    if listed:
+        key = POSITIONAL_LISTS[ns.command]
+        ns.args = [a for a in ns.args if a not in listed] + [f"{key}={json.dumps(listed)}"]
     try:
         path, overrides = split_args(ns.args)
         cfg = C.load_config(cmd.config_cls, path, overrides)
