@@ -736,29 +736,32 @@ class ReportConfig(Section):
 
 
 class W2SConfig(Section):
-    """``alignkit w2s``: weak-to-strong generalisation (Burns et al. 2023) on a binary task with gold labels."""
+    """``alignkit w2s``: weak-to-strong generalisation (Burns et al. 2023) on a binary task with gold labels, with
+    linear probes on frozen features (their appendix's linear-probing setting; one forward pass per text)."""
 
     output_dir: str = "runs/w2s"
     task: Literal["sentiment", "hhh"] = "sentiment"
-    """``sentiment``: is a review positive (gold: VADER compound > 0)? ``hhh``: which of two replies is better
-    (BIG-bench HHH gold labels)."""
+    """``sentiment``: is a reply positive (gold: VADER compound > 0; texts: BIG-bench HHH replies and the built-in
+    SFT demonstrations)? ``hhh``: which of two replies is better (BIG-bench HHH gold labels)."""
     strong_model: str = "smollm2-135m-instruct"
     weak_layers: int = Field(2, gt=0)
-    """The weak supervisor: the first N layers of the strong model (a few-layer cut)."""
-    n_train: int = Field(120, gt=0)
-    """Examples the weak model trains on (ground truth) and, disjoint, the students train on (weak labels)."""
-    n_test: int = Field(80, gt=0)
-    seeds: list[int] = [0, 1, 2]
-    epochs: int = Field(2, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(8, gt=0)
-    max_length: int = Field(96, gt=0)
-    aux_alpha: float = Field(0.5, ge=0, le=1)
-    """Weight α of the auxiliary confidence loss (reached after the warm-up)."""
+    """The weak supervisor reads the hidden state after the first N layers of the strong model (a few-layer cut)."""
+    n_train: int = Field(150, gt=0)
+    """Examples of each training half: the weak model trains on one (ground truth), the students on the other
+    (weak labels; the ceiling on its ground truth). Capped by the data available."""
+    n_test: int = Field(100, gt=0)
+    seeds: list[int] = [0, 1, 2, 3, 4]
+    steps: int = Field(300, gt=0)
+    """Full-batch Adam steps of each probe."""
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    max_length: int = Field(128, gt=0)
+    batch_size: int = Field(16, gt=0)
+    """Texts per forward pass of the feature extraction."""
+    aux_alpha: float = Field(0.75, ge=0, le=1)
+    """Weight α of the auxiliary confidence loss after the warm-up (Burns et al. use 0.75 for large gaps)."""
     aux_warmup_frac: float = Field(0.2, ge=0, le=1)
-    """Share of the student's steps over which α rises linearly from 0."""
-    train_layers: int | None = Field(2, gt=0)
-    """Train only the last N transformer layers and the head (CPU); none: all."""
+    """Share of the steps over which α rises linearly from 0."""
 
 
 class QuickstartConfig(Section):
