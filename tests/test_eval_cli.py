@@ -140,7 +140,8 @@ def is_refusal(text):
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("eval_assets")
-    pol_a = save_tiny_models(root / "a", seed=0)["policy"]
+    tiny = save_tiny_models(root / "a", seed=0)
+    pol_a, rm = tiny["policy"], tiny["reward"]
     pol_b = save_tiny_models(root / "b", seed=1)["policy"]
     (root / "fns.py").write_text(FNS, encoding="utf-8")
     with open(root / "prompts.jsonl", "w", encoding="utf-8") as f:
@@ -153,7 +154,7 @@ def eval_run(tmp_path_factory) -> Path:
     out = root / "run"
     argv = ["eval", f"policies=[{{name: base, path: '{pol_a}'}}, {{name: tuned, path: '{pol_b}'}}, "
                     f"{{name: same, path: '{pol_a}'}}]",
-            f"prompts={root / 'prompts.jsonl'}", f"gold={root / 'fns.py'}:gold",
+            f"prompts={root / 'prompts.jsonl'}", f"gold={root / 'fns.py'}:gold", f"reward_model={rm}",
             f"judge={{kind: callable, fn: '{root / 'fns.py'}:judge'}}", "generation.max_new_tokens=6",
             "bootstrap=100", "sycophancy_arithmetic=4", "tax_task_items=3", "probe_max_new_tokens=4",
             f"refusal={{prompts: '{root / 'refusal.jsonl'}', detector: '{root / 'fns.py'}:is_refusal'}}",
@@ -164,13 +165,15 @@ def eval_run(tmp_path_factory) -> Path:
 
 def test_eval_e2e_writes_summary_tables_report(eval_run):
     s = json.loads((eval_run / "summary.json").read_text())
-    assert s["baseline"] == "base" and s["scorers"] == ["gold", "judge"] and s["n_prompts"] == 8
+    assert s["baseline"] == "base" and s["scorers"] == ["gold", "rm", "judge"] and s["n_prompts"] == 8
     for pol in ("tuned", "same"):
-        for sc in ("gold", "judge"):
+        for sc in ("gold", "rm", "judge"):
             r = s["winrates"][pol][sc]
             assert 0 <= r["ci"][0] <= r["win_rate"] <= r["ci"][1] <= 1 and r["n"] == 8
     # the same weights and seed sample the same texts: every comparison is a tie
-    assert s["winrates"]["same"]["gold"]["win_rate"] == 0.5 and s["winrates"]["same"]["judge"]["win_rate"] == 0.5
+    assert all(s["winrates"]["same"][sc]["win_rate"] == 0.5 for sc in ("gold", "rm", "judge"))
+    assert s["policies"]["same"]["diagnostics"]["proxy_gold_gap"] == pytest.approx(
+        s["policies"]["same"]["rm_mean"] - s["policies"]["same"]["gold_mean"])
     assert s["policies"]["same"]["diagnostics"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert {x["policy"] for x in s["ranking"]["systems"]} == {"base", "tuned", "same"}
     for pol in s["policies"].values():

@@ -177,10 +177,11 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     log(f"eval: {len(names)} policies x {len(prompts)} prompts from {cfg.prompts}; baseline {baseline}, "
         f"reference {reference_name}")
     proxy = None
-    if cfg.reward_model:
-        from alignkit.rewards.reward_model import load_reward_model_scorer
+    if cfg.reward_model:  # scored on the prompt in the reward model's own format when its tokenizer differs
+        from alignkit.config import RewardComponent
+        from alignkit.rewards.combine import build_component
 
-        proxy = load_reward_model_scorer(cfg.reward_model, batch_size=cfg.generation.batch_size)
+        proxy = build_component(RewardComponent(type="model", path=cfg.reward_model, name="rm"), tokenizer, {})
     judge = None
     if cfg.judge is not None:
         from alignkit.judges import make_judge
@@ -215,7 +216,7 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
         if gold_fn is not None:
             r["gold"] = [float(x) for x in gold_fn(texts)]
         if proxy is not None:
-            r["rm"] = [float(x) for x in proxy(roll.prompt_texts, texts, roll.extras)]
+            r["rm"] = [float(x) for x in proxy(roll.prompt_texts, texts, roll.extras).tolist()]
         tokens = [row[m.bool()].tolist() for row, m in zip(roll.response_ids, roll.response_mask)]
         reward = r.get("rm", r.get("gold", [0.0] * len(texts)))
         r["diagnostics"] = response_diagnostics(tokens, reward, r["eos"], entropy=ent, entropy_tokens=ntok,
