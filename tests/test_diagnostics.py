@@ -174,3 +174,31 @@ def test_online_runs_log_diagnostics_at_every_evaluation(assets, tmp_path: Path,
         assert 0 <= r["eval/diag/distinct_1"] <= 1
     summary = json.loads((out / "summary.json").read_text())
     assert "eval_warnings" in summary
+
+
+def test_diagnostics_two_processes_equal_one(assets, tmp_path: Path):
+    """3 eval prompts over 2 processes (one shard padded with a repeated prompt, weighted 0): every process's rows are
+    gathered, so the diagnostics equal those of one process."""
+    from multiproc import launch
+
+    def args(out):
+        return ["grpo", f"model.name_or_path={assets['policy']}", f"data.train={assets['prompts']}",
+                f"data.eval={assets['prompts']}", "data.eval_limit=3",
+                f"reward.components=[{{type: callable, path: '{assets['fns']}:varied'}}]", f"train.output_dir={out}",
+                "generation.max_new_tokens=5", "grpo.num_generations=2", "grpo.prompts_per_iteration=2",
+                "grpo.num_iterations=1"]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(args(one)) == 0
+    launch(args(two), num_processes=2, cwd=tmp_path)
+    e1 = [r for r in read_metrics(one / "metrics.jsonl") if "eval/scores" in r]
+    e2 = [r for r in read_metrics(two / "metrics.jsonl") if "eval/scores" in r]
+    assert len(e1) == len(e2) == 2
+    for r1, r2 in zip(e1, e2):
+        keys = [k for k in r1 if k.startswith("eval/diag/")]
+        assert len(keys) >= 8 and keys == [k for k in r2 if k.startswith("eval/diag/")]
+        for k in keys:
+            if math.isnan(r1[k]):
+                assert math.isnan(r2[k]), k
+            else:
+                assert r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-6), k

@@ -186,6 +186,9 @@ def test_eval_e2e_writes_summary_tables_report(eval_run):
     for name in ("tables.md", "winrates.csv", "samples.jsonl", "report.html", "judge_cache.json"):
         assert (eval_run / name).is_file(), name
     assert "| tuned | judge |" in (eval_run / "tables.md").read_text()
+    assert {p.name for p in (eval_run / "plots").iterdir()} == {"winrate.png", "reward_vs_kl.png", "sycophancy.png",
+                                                               "refusal.png"}
+    assert (eval_run / "plots" / "winrate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_judge_verdicts_are_cached(eval_run, monkeypatch):
@@ -211,6 +214,17 @@ def test_eval_config_errors_name_the_field(tmp_path, capsys):
     assert "names must be unique" in capsys.readouterr().err
     assert cli.main(["eval", "policies=[{name: a, path: x}]", "baseline=zzz"]) == 2
     assert "baseline: 'zzz' is not one of the policies" in capsys.readouterr().err
+    bad = tmp_path / "refusal.jsonl"
+    bad.write_text('{"prompt": "a", "category": "c", "harmful": true}\n{"prompt": "b", "category": "c"}\n')
+    out = tmp_path / "never"
+    assert cli.main(["eval", "policies=[{name: a, path: tiny-random}]", f"refusal={{prompts: '{bad}', detector: 'x:y'}}",
+                     f"output_dir={out}"]) == 1
+    assert f"{bad}: row 2: field 'harmful'" in capsys.readouterr().err
+    assert not out.exists()  # nothing written for a run that fails validation
+    bad.write_text('{"prompt": "a", "category": "c", "harmful": true}\n{oops\n')
+    assert cli.main(["eval", "policies=[{name: a, path: tiny-random}]", f"refusal={{prompts: '{bad}', detector: 'x:y'}}",
+                     f"output_dir={out}"]) == 1
+    assert f"{bad}: line 2: not valid JSON" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- alignkit report
@@ -280,3 +294,20 @@ def test_quickstart_eval_config_is_valid():
     cfg = load_config(EvalConfig, str(Path(__file__).parents[1] / "configs" / "eval_quickstart.yaml"), [])
     assert [p.name for p in cfg.policies] == ["base", "sft", "dpo", "ppo"] and cfg.baseline == "sft"
     assert shutil.which("true")  # keeps shutil used on systems without chromium
+
+
+def test_probe_generation_keeps_the_order_of_conversations():
+    """Batched by length, replies come back in the caller's order: equal to generating each conversation alone."""
+    from alignkit.eval.run import make_generate
+
+    model, tok = tiny_causal_lm(seed=0)
+    model.eval()
+    with torch.no_grad():  # input-dependent greedy output (a random tiny model's is nearly uniform)
+        for p in model.parameters():
+            p.mul_(6.0)
+    convs = [[{"role": "user", "content": t}] for t in ("a much longer question than the others here", "hi", "abc d")]
+    convs.append(convs[0] + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "sure?"}])
+    gen = make_generate(model, tok, 5, 2, 0, None)
+    together = gen(convs)
+    alone = [gen([c])[0] for c in convs]
+    assert together == alone and len(set(together)) > 1

@@ -18,6 +18,7 @@ import html
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -288,9 +289,19 @@ def render_report(run_dirs: list[str | Path], title: str = "alignkit report") ->
     return "\n".join(p for p in parts if p)
 
 
-def write_report(run_dirs: list[str | Path], path: str | Path, title: str = "alignkit report") -> Path:
+_FIGURE = re.compile(r"data-plot='([\w-]+)'><img alt='[^']*' src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
+
+
+def write_report(run_dirs: list[str | Path], path: str | Path, title: str = "alignkit report",
+                 png_dir: str | Path | None = None) -> Path:
+    """Write the page; with ``png_dir``, also each plot as ``<png_dir>/<name>.png``."""
     path = Path(path)
-    atomic_write_text(path, render_report(run_dirs, title))
+    page = render_report(run_dirs, title)
+    atomic_write_text(path, page)
+    if png_dir is not None:
+        Path(png_dir).mkdir(parents=True, exist_ok=True)
+        for name, data in _FIGURE.findall(page):
+            (Path(png_dir) / f"{name}.png").write_bytes(base64.b64decode(data))
     return path
 
 

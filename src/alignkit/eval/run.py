@@ -12,8 +12,8 @@
 4. Sycophancy (``eval.sycophancy``), over-refusal (``eval.overrefusal``, when ``refusal.prompts`` is set) and the
    alignment tax (``eval.tax``) of each policy, with greedy decoding.
 
-Writes ``summary.json``, ``tables.md``, ``winrates.csv``, ``samples.jsonl``, plots (``winrate.png``,
-``reward_vs_kl.png``) and ``report.html`` (``eval.html``) to ``output_dir``.
+Writes ``summary.json``, ``tables.md``, ``winrates.csv``, ``samples.jsonl``, ``plots/*.png`` (win rates, reward vs
+KL, sycophancy, refusal) and ``report.html`` (``eval.html``) to ``output_dir``.
 """
 
 from __future__ import annotations
@@ -95,14 +95,21 @@ class JudgeCache:
 
 # ---------------------------------------------------------------- generation helpers
 def make_generate(model, tokenizer, max_new_tokens: int, batch_size: int, seed: int, desc: str):
-    """``generate(conversations) -> replies``: greedy, batched, through the rollout engine."""
+    """``generate(conversations) -> replies``: greedy, batched by prompt length (less padding), through the rollout
+    engine; replies in the order of ``conversations``."""
     def generate(conversations: list[list[dict]]) -> list[str]:
         if not conversations:
             return []
         prompts, _ = tokenize_prompts([{"prompt": c} for c in conversations], tokenizer,
                                       DataConfig(train="<probe>", max_length=4096))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["prompt_input_ids"]))
         params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
-        return sample(model, tokenizer, prompts, params, 1, batch_size, seed, desc=desc).response_texts
+        texts = sample(model, tokenizer, [prompts[i] for i in order], params, 1, batch_size, seed,
+                       desc=desc).response_texts
+        out = [""] * len(prompts)
+        for pos, i in enumerate(order):
+            out[i] = texts[pos]
+        return out
     return generate
 
 
@@ -151,7 +158,6 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     t_start = time.time()
     if not cfg.policies:
         raise RunError("policies: give at least one {name, path} (a checkpoint dir, hub id or smollm2-135m-instruct)")
-    out = prepare_run_dir(cfg, cfg.output_dir, resume, "eval")
     names = [p.name for p in cfg.policies]
     baseline = cfg.baseline or names[0]
     reference_name = cfg.reference or baseline
@@ -168,12 +174,13 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
         from alignkit.rewards.base import load_callable
 
         detector = load_callable(spec)
-    tokenizer = load_tokenizer(EMBEDDED_ALIASES.get(cfg.policies[0].path, cfg.policies[0].path), padding_side="left")
+    tokenizer = load_tokenizer(EMBEDDED_ALIASES.get(cfg.policies[0].path, cfg.policies[0].path))
     raw, _ = load_examples(cfg.prompts, "prompt", split=cfg.split, limit=cfg.n_prompts)
     data_cfg = DataConfig(train=cfg.prompts, max_length=cfg.max_prompt_length + cfg.generation.max_new_tokens,
                           max_prompt_length=cfg.max_prompt_length, system_prompt=cfg.system_prompt)
     prompts, _ = tokenize_prompts(raw, tokenizer, data_cfg)
     prompt_texts = [p["prompt_text"] for p in prompts]
+    out = prepare_run_dir(cfg, cfg.output_dir, resume, "eval")  # inputs checked: nothing is written before
     log(f"eval: {len(names)} policies x {len(prompts)} prompts from {cfg.prompts}; baseline {baseline}, "
         f"reference {reference_name}")
     proxy = None
@@ -306,7 +313,7 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     write_summary(out, summary)
     from alignkit.eval.html import write_report
 
-    write_report([out], out / "report.html")
+    write_report([out], out / "report.html", png_dir=out / "plots")
     for n, ws in warnings.items():
         for w in ws:
             log(f"eval: WARNING {n}: {w}")

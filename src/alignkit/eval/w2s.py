@@ -89,15 +89,25 @@ def hhh_items(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return [one(r) for r in load_hhh("train")], [one(r) for r in load_hhh("test")]
 
 
+def _pool(items: list[dict], n: int) -> list[dict]:
+    """At most ``n`` items, drawn once with a fixed seed (features are computed only for these)."""
+    if len(items) <= n:
+        return items
+    return [items[i] for i in sorted(random.Random(0).sample(range(len(items)), n))]
+
+
 # ---------------------------------------------------------------- features
 @torch.no_grad()
-def features(model, tokenizer, texts: list[str], layer: int, max_length: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean-pooled hidden states after ``layer`` layers and after the last one: ([N, d], [N, d])."""
+def features(model, tokenizer, texts: list[str], layer: int, max_length: int, batch_size: int,
+             keep_tail: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-pooled hidden states after ``layer`` layers and after the last one: ([N, d], [N, d]). Texts longer than
+    ``max_length`` tokens keep their head (or their tail with ``keep_tail``: a reply after a long prompt)."""
     weak, strong = [], []
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(texts), batch_size):
-        ids = [encode(tokenizer, t)[:max_length] or [pad] for t in texts[start : start + batch_size]]
+        ids = [(encode(tokenizer, t)[-max_length:] if keep_tail else encode(tokenizer, t)[:max_length]) or [pad]
+               for t in texts[start : start + batch_size]]
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)  # [b, T]
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)  # [b, T]
@@ -175,23 +185,24 @@ def run(cfg: W2SConfig, resume: bool = False) -> dict:
         raise RunError(f"weak_layers {cfg.weak_layers} must be below the strong model's {n_layers} layers")
     if cfg.task == "sentiment":
         train, test = sentiment_items()
+        train, test = _pool(train, 2 * cfg.n_train), _pool(test, cfg.n_test)
         texts, test_texts = [r["text"] for r in train], [r["text"] for r in test]
         (Xw, Xs), (Xw_t, Xs_t) = (features(model, tok, t, cfg.weak_layers, cfg.max_length, cfg.batch_size)
                                   for t in (texts, test_texts))
     else:
         train, test = hhh_items(0)
+        train, test = _pool(train, 2 * cfg.n_train), _pool(test, cfg.n_test)
 
         def pair_features(items):
             fa = features(model, tok, [r["prompt"] + "\n\n" + r["a"] for r in items], cfg.weak_layers,
-                          cfg.max_length, cfg.batch_size)
+                          cfg.max_length, cfg.batch_size, keep_tail=True)
             fb = features(model, tok, [r["prompt"] + "\n\n" + r["b"] for r in items], cfg.weak_layers,
-                          cfg.max_length, cfg.batch_size)
+                          cfg.max_length, cfg.batch_size, keep_tail=True)
             return fa[0] - fb[0], fa[1] - fb[1]
 
         (Xw, Xs), (Xw_t, Xs_t) = pair_features(train), pair_features(test)
     y = np.array([r["label"] for r in train])
-    y_t = np.array([r["label"] for r in test])[: cfg.n_test]
-    Xw_t, Xs_t = Xw_t[: cfg.n_test], Xs_t[: cfg.n_test]
+    y_t = np.array([r["label"] for r in test])
     n_half = min(cfg.n_train, len(y) // 2)
     if n_half < 4 or len(set(y.tolist())) < 2:
         raise RunError(f"w2s {cfg.task}: too few training examples ({len(y)}) or a single class")
