@@ -261,7 +261,8 @@ def test_report_renders_in_headless_chromium(eval_run, tmp_path):
             f.write(json.dumps({"step": step, "eval/scores": 0.1, "eval/diag/length": length,
                                 "eval/diag/entropy": 1.0 / (step + 1), "eval/diag/kl": step / 10}) + "\n")
     (train / "summary.json").write_text(json.dumps({"algorithm": "grpo", "iterations": 10, "eval_warnings": [
-        {"iteration": 10, "warnings": ["length +100% <b>bold?</b>"]}]}))
+        {"iteration": 10, "warnings": ["length +100% <b>bold?</b>"]}], "eval_before": {"diag/length": 10.0},
+        "eval_after": {"diag/length": 20.0}}))
     page_path = tmp_path / "report.html"
     assert cli.main(["report", str(eval_run), str(train), f"output={page_path}"]) == 0
     with sync_playwright() as p:
@@ -285,7 +286,7 @@ def test_report_renders_in_headless_chromium(eval_run, tmp_path):
     assert names == {"winrate", "reward_vs_kl", "diagnostics_over_steps", "sycophancy", "refusal"}
     assert all(w > 0 for _, w in plots)  # every image decoded
     assert "<script>alert(1)</script>" in body and scripts == 0
-    assert "<b>bold?</b>" in body
+    assert "<b>bold?</b>" in body and "train_run\tafter\t20" in body  # before/after diagnostics row
 
 
 def test_quickstart_eval_config_is_valid():

@@ -709,6 +709,8 @@ class EvalConfig(Section):
     """Held-out reasoning_gym arithmetic questions (0: skip)."""
     tax_hhh: bool = True
     """HHH multiple-choice accuracy by log-prob (BIG-bench hhh_alignment test split)."""
+    tax_max_length: int = Field(256, gt=0)
+    """Tokens of prompt + reply scored per HHH choice (longer prompts lose their beginning)."""
     probe_max_new_tokens: int = Field(24, gt=0)
     """Tokens per answer in the sycophancy and task probes (short answers)."""
     refusal: EvalRefusalSection = EvalRefusalSection()

@@ -161,6 +161,11 @@ def _diagnostics_section(runs: list[dict]) -> str:
             d = row.get("diagnostics") if isinstance(row, dict) else None
             if d:
                 rows.append({"run": run["name"], "policy": pol, **{k: d.get(k) for k in DIAG_KEYS}})
+        for when in ("eval_before", "eval_after"):  # online training runs: diagnostics before / after training
+            ev = run["summary"].get(when)
+            if isinstance(ev, dict) and any(k.startswith("diag/") for k in ev):
+                rows.append({"run": run["name"], "policy": when.removeprefix("eval_"),
+                             **{k: ev.get(f"diag/{k}") for k in DIAG_KEYS}})
         for pol, ws in (run["summary"].get("warnings") or {}).items():
             warn += [f"{run['name']}/{pol}: {w}" for w in ws]
         for item in run["summary"].get("eval_warnings") or []:

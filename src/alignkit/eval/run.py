@@ -179,7 +179,8 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     data_cfg = DataConfig(train=cfg.prompts, max_length=cfg.max_prompt_length + cfg.generation.max_new_tokens,
                           max_prompt_length=cfg.max_prompt_length, system_prompt=cfg.system_prompt)
     prompts, _ = tokenize_prompts(raw, tokenizer, data_cfg)
-    prompt_texts = [p["prompt_text"] for p in prompts]
+    # what a judge and a reader see: the user's text, not the chat markup (the last user turn of a conversation)
+    prompt_texts = [_user_text(r["prompt"]) for r in raw]
     out = prepare_run_dir(cfg, cfg.output_dir, resume, "eval")  # inputs checked: nothing is written before
     log(f"eval: {len(names)} policies x {len(prompts)} prompts from {cfg.prompts}; baseline {baseline}, "
         f"reference {reference_name}")
@@ -244,7 +245,7 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
             if task_items:
                 r["tax"]["task_accuracy"] = task_accuracy(gen, task_items)
             if hhh_pairs:
-                r["tax"]["hhh_accuracy"] = hhh_accuracy(model, tokenizer, hhh_pairs, bs)
+                r["tax"]["hhh_accuracy"] = hhh_accuracy(model, tokenizer, hhh_pairs, bs, cfg.tax_max_length)
         results[name] = r
         timings[name] = time.time() - t0
         if model is not reference:
@@ -320,6 +321,13 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     print(text)
     log(f"eval done in {summary['total_s']:.0f}s: {out}")
     return summary
+
+
+def _user_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else str(prompt[-1].get("content", "")) if prompt else ""
 
 
 def _read_jsonl(path: str) -> list[dict]:

@@ -67,11 +67,12 @@ def completion_logprobs(model, tokenizer, prompts: list, completions: list[str],
     return out
 
 
-def hhh_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 8) -> float:
-    """Share of ``{"prompt", "chosen", "rejected"}`` pairs where the model gives the chosen reply more log-prob."""
+def hhh_accuracy(model, tokenizer, pairs: list[dict], batch_size: int = 8, max_length: int = 512) -> float:
+    """Share of ``{"prompt", "chosen", "rejected"}`` pairs where the model gives the chosen reply more log-prob
+    (each prompt + reply cut to its last ``max_length`` tokens)."""
     prompts = [p["prompt"] for p in pairs]
-    lc = completion_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size)
-    lr = completion_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size)
+    lc = completion_logprobs(model, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size, max_length)
+    lr = completion_logprobs(model, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size, max_length)
     return sum(a > b for a, b in zip(lc, lr)) / len(pairs) if pairs else float("nan")
 
 
