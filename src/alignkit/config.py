@@ -685,7 +685,7 @@ class EvalConfig(Section):
     reference: str | None = None
     """Name of the policy that is pi_ref for the KL (default: the baseline)."""
     prompts: str = "builtin:sentiment"
-    """A prompt file (JSONL ``{"prompt", ...}``) or ``builtin:<name>`` (its test split)."""
+    """A prompt file (JSONL ``{"prompt", ...}``) or ``builtin:<name>`` (its ``split``)."""
     split: Literal["train", "test"] = "test"
     """Split of a ``builtin:`` prompt set."""
     n_prompts: int | None = Field(100, gt=0)

@@ -214,7 +214,8 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     for name in names:
         t0 = time.time()
         model = reference if name == reference_name else _load_model(paths[name], tokenizer)
-        roll = sample(model, tokenizer, prompts, params, 1, bs, cfg.seed, desc=f"{name}: sample")
+        roll = sample(model, tokenizer, prompts, params, 1, bs, cfg.seed, desc=f"{name}: sample",
+                      backend=cfg.generation.backend)
         ent, ntok, ratio = _token_stats(model, roll, cfg.generation.temperature, bs,
                                         None if model is reference else reference)
         if model is reference:
