@@ -100,7 +100,7 @@ def _winrate_section(runs: list[dict]) -> str:
                 bars.append((label, r["win_rate"], r["ci"], r["lc_win_rate"]))
     if not rows:
         return ""
-    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(bars)))
+    fig, ax = plt.subplots(figsize=(8, max(2.6, 1.2 + 0.45 * len(bars))))
     y = list(range(len(bars)))
     vals = [b[1] for b in bars]
     err = [[max(b[1] - b[2][0], 0) for b in bars], [max(b[2][1] - b[1], 0) for b in bars]]
@@ -192,7 +192,7 @@ def _diagnostics_section(runs: list[dict]) -> str:
 
 
 def _bars(name: str, labels: list[str], series: dict[str, list[float]], xlabel: str, caption: str) -> str:
-    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.35 * len(labels) * len(series)))
+    fig, ax = plt.subplots(figsize=(8, max(2.6, 1.2 + 0.35 * len(labels) * len(series))))
     h = 0.8 / max(len(series), 1)
     for k, (s, vals) in enumerate(series.items()):
         ax.barh([i + k * h for i in range(len(labels))], [v if v is not None and math.isfinite(v) else 0 for v in vals],
