@@ -10,6 +10,8 @@ import argparse
 import errno
 import functools
 import importlib
+import json
+import os
 import sys
 import typing
 from dataclasses import dataclass
@@ -53,7 +55,11 @@ COMMANDS: dict[str, Command] = {
                      "an AI judge's agreement with human preference labels (default: BIG-bench HHH), position bias"),
     "serve": Command(C.ServeConfig, "alignkit.serve:run",
                      "OpenAI-compatible /v1/chat/completions + /v1/models server for a local checkpoint"),
+    "eval": Command(C.EvalConfig, "alignkit.eval.run:run", "evaluate policies: win rates with CIs, ranking, diagnostics, sycophancy, refusal, alignment tax"),
+    "report": Command(C.ReportConfig, "alignkit.eval.html:run", "one self-contained HTML page comparing run directories"),
+    "w2s": Command(C.W2SConfig, "alignkit.eval.w2s:run", "weak-to-strong generalisation (Burns et al. 2023): PGR with and without the confidence loss"),
 }
+POSITIONAL_LISTS = {"report": "runs"}  # commands whose positional directories fill a list key
 
 LABEL_HELP = "human preference labelling app: alignkit label create|invite|serve|stats|export (see label --help)"
 
@@ -230,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     cmd = COMMANDS[ns.command]
+    listed = [a for a in ns.args if "=" not in a and os.path.isdir(a)] if ns.command in POSITIONAL_LISTS else []
+    if listed:
+        key = POSITIONAL_LISTS[ns.command]
+        ns.args = [a for a in ns.args if a not in listed] + [f"{key}={json.dumps(listed)}"]
     try:
         path, overrides = split_args(ns.args)
         cfg = C.load_config(cmd.config_cls, path, overrides)

@@ -763,6 +763,113 @@ class ServeConfig(Section):
     seed: int = 0
 
 
+# ---------------------------------------------------------------- evaluation: alignkit eval / w2s (issue 11)
+class EvalPolicy(Section):
+    name: str
+    path: str
+    """A checkpoint directory (``<run>/model``), a hub id, or ``smollm2-135m-instruct`` / ``embedded``."""
+
+
+class EvalRefusalSection(Section):
+    prompts: str | None = None
+    """JSONL of ``{"prompt", "category", "harmful": bool}`` (harmful requests and benign look-alikes); none: skipped."""
+    detector: str | None = None
+    """``module:function`` ``is_refusal(text) -> bool`` (default: the built-in detector once it lands)."""
+
+
+class EvalConfig(Section):
+    """``alignkit eval``: sample every policy once on a prompt set, score with gold / reward model / judge; win rates
+    against a baseline with bootstrap CIs, a Bradley–Terry ranking, diagnostics, sycophancy, alignment tax."""
+
+    output_dir: str = "runs/eval"
+    seed: int = 0
+    policies: list[EvalPolicy] = []
+    baseline: str | None = None
+    """Name of the policy the others are compared with (default: the first)."""
+    reference: str | None = None
+    """Name of the policy that is pi_ref for the KL (default: the baseline)."""
+    prompts: str = "builtin:sentiment"
+    """A prompt file (JSONL ``{"prompt", ...}``) or ``builtin:<name>`` (its ``split``)."""
+    split: Literal["train", "test"] = "test"
+    """Split of a ``builtin:`` prompt set."""
+    n_prompts: int | None = Field(100, gt=0)
+    max_prompt_length: int = Field(256, gt=0)
+    system_prompt: str | None = None
+    generation: GenerationSection = GenerationSection(max_new_tokens=48, batch_size=32)
+    greedy: bool = False
+    """Greedy decoding instead of sampling at ``generation.temperature``."""
+    gold: str | None = "vader"
+    """``vader``, or ``file.py:function`` / ``module:function`` mapping response texts -> [float]; none: no gold."""
+    reward_model: str | None = None
+    """A reward-model directory (``alignkit rm`` output); its score is the proxy."""
+    judge: JudgeConfig | None = None
+    bootstrap: int = Field(1000, gt=0)
+    """Bootstrap resamples (prompts) of every win-rate CI (Bradley–Terry and LC use a fifth of them)."""
+    sycophancy: bool = True
+    sycophancy_arithmetic: int = Field(50, ge=0)
+    """Arithmetic items of the sycophancy probes (the written fact set adds 52)."""
+    tax: bool = True
+    tax_task_items: int = Field(50, ge=0)
+    """Held-out reasoning_gym arithmetic questions (0: skip)."""
+    tax_hhh: bool = True
+    """HHH multiple-choice accuracy by log-prob (BIG-bench hhh_alignment test split)."""
+    tax_max_length: int = Field(256, gt=0)
+    """Tokens of prompt + reply scored per HHH choice (longer prompts lose their beginning)."""
+    probe_max_new_tokens: int = Field(24, gt=0)
+    """Tokens per answer in the sycophancy and task probes (short answers)."""
+    refusal: EvalRefusalSection = EvalRefusalSection()
+    show_samples: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _policies(self) -> "EvalConfig":
+        names = [p.name for p in self.policies]  # none given: the command says so (defaults must construct)
+        if len(set(names)) != len(names):
+            raise ValueError(f"policies: names must be unique, got {names}")
+        for key in ("baseline", "reference"):
+            v = getattr(self, key)
+            if v is not None and v not in names:
+                raise ValueError(f"{key}: {v!r} is not one of the policies {names}")
+        return self
+
+
+class ReportConfig(Section):
+    """``alignkit report RUN_DIR...``: one self-contained HTML page comparing runs."""
+
+    runs: list[str] = []
+    """Run directories (also given as positional arguments)."""
+    output: str = "report.html"
+    title: str = "alignkit report"
+
+
+class W2SConfig(Section):
+    """``alignkit w2s``: weak-to-strong generalisation (Burns et al. 2023) on a binary task with gold labels, with
+    linear probes on frozen features (their appendix's linear-probing setting; one forward pass per text)."""
+
+    output_dir: str = "runs/w2s"
+    task: Literal["sentiment", "hhh"] = "sentiment"
+    """``sentiment``: is a reply positive (gold: VADER compound > 0; texts: BIG-bench HHH replies and the built-in
+    SFT demonstrations)? ``hhh``: which of two replies is better (BIG-bench HHH gold labels)."""
+    strong_model: str = "smollm2-135m-instruct"
+    weak_layers: int = Field(2, gt=0)
+    """The weak supervisor reads the hidden state after the first N layers of the strong model (a few-layer cut)."""
+    n_train: int = Field(150, gt=0)
+    """Examples of each training half: the weak model trains on one (ground truth), the students on the other
+    (weak labels; the ceiling on its ground truth). Capped by the data available."""
+    n_test: int = Field(100, gt=0)
+    seeds: list[int] = [0, 1, 2, 3, 4]
+    steps: int = Field(300, gt=0)
+    """Full-batch Adam steps of each probe."""
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    max_length: int = Field(128, gt=0)
+    batch_size: int = Field(16, gt=0)
+    """Texts per forward pass of the feature extraction."""
+    aux_alpha: float = Field(0.75, ge=0, le=1)
+    """Weight α of the auxiliary confidence loss after the warm-up (Burns et al. use 0.75 for large gaps)."""
+    aux_warmup_frac: float = Field(0.2, ge=0, le=1)
+    """Share of the steps over which α rises linearly from 0."""
+
+
 class QuickstartConfig(Section):
     """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 8 minutes)."""
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from alignkit.models.loading import disable_dropout, load_policy, load_tokenizer, save_model
 from alignkit.models.reference import Reference
+from alignkit.ops.diagnostics import diagnostic_warnings, response_diagnostics
 from alignkit.ops.seeds import derive_seed
 from alignkit.online.rollout import ScoredRollout, sample_and_score
 from alignkit.rewards.combine import build_reward
@@ -443,6 +444,7 @@ class OnlineRun:
             eval_metrics = self.evaluate()  # periodic; the final evaluation is finish()'s
             if eval_metrics is not None:
                 self.logger.log(eval_metrics, step=iteration, prefix="eval/")
+                self.warn(eval_metrics, iteration)
         return metrics
 
     def _time_to_save(self) -> bool:
@@ -474,7 +476,54 @@ class OnlineRun:
         stats = {k: float((v * weights).sum()) for k, v in _row_stats(scored).items()}
         totals = self.all_sum(torch.tensor([stats[k] for k in sorted(stats)] + [float(weights.sum())],
                                            dtype=torch.float64))
-        return {k: float(v) / float(totals[-1]) for k, v in zip(sorted(stats), totals[:-1].tolist())}
+        metrics = {k: float(v) / float(totals[-1]) for k, v in zip(sorted(stats), totals[:-1].tolist())}
+        diag = self.diagnostics(scored, len(prompts) - pad)
+        metrics.update({f"diag/{k}": v for k, v in diag.items()})
+        return metrics
+
+    @torch.no_grad()
+    def diagnostics(self, scored: ScoredRollout, n_real: int) -> dict[str, float]:
+        """Reward-hacking diagnostics (``ops.diagnostics.response_diagnostics``) of the first ``n_real`` rows of
+        this process's eval rollout, over every process's rows: length and its correlation with the reward,
+        distinct-1/2, repetition, token entropy and the log-ratio to the reference along the responses (one more
+        forward of each), the no-EOS share, each component's share, and the proxy-gold gap when a reward
+        component is named ``gold`` (give it weight 0 to monitor a gold score without training on it)."""
+        r = scored.rollout
+        mbs = self.cfg.generation.batch_size
+        logp, ent = self.policy_logprobs(r, mbs)  # [B, R] each
+        mask = r.response_mask.to(ent.device).float()  # [B, R]
+        ent_sum, ntok = (ent * mask).sum(-1).cpu(), mask.sum(-1).cpu()  # [B]
+        ref = self.ref_logprobs(r, mbs)
+        logratio = ((logp - ref) * mask).sum(-1).cpu() if ref is not None else None  # [B]
+        rows = []
+        for i in range(n_real):
+            ids = r.response_ids[i][r.response_mask[i].bool()].tolist()
+            rows.append({"tokens": ids, "score": float(scored.scores[i]), "eos": bool(r.has_eos[i]),
+                         "ent": float(ent_sum[i]), "ntok": int(ntok[i]),
+                         "logratio": None if logratio is None else float(logratio[i]),
+                         "parts": {k: float(v[i]) for k, v in scored.parts.items()}})
+        rows = self.gather_objects(rows)
+        parts = {k: [row["parts"][k] for row in rows] for k in (rows[0]["parts"] if rows else {})}
+        weights = {f"rewards/{name}": w for name, _, w in getattr(self.reward, "components", [])}
+        return response_diagnostics(
+            [row["tokens"] for row in rows], [row["score"] for row in rows], [row["eos"] for row in rows],
+            entropy=[row["ent"] for row in rows], entropy_tokens=[row["ntok"] for row in rows],
+            logratio=None if logratio is None else [row["logratio"] for row in rows],
+            gold=parts.get("rewards/gold"), parts=parts, weights=weights,
+        )
+
+    def warn(self, metrics: dict[str, float] | None, iteration: int) -> list[str]:
+        """Plain-language warnings (``ops.diagnostics.diagnostic_warnings``) of an evaluation against the
+        evaluation before training; printed, and kept in ``state["eval_warnings"]`` (the summary carries them)."""
+        if not metrics:
+            return []
+        before = self.loop_state.get("eval_before") or {}
+        msgs = diagnostic_warnings(_diag(metrics), _diag(before) or None)
+        for m in msgs:
+            log(f"{self.name}: WARNING (iteration {iteration}): {m}")
+        if msgs:
+            self.state.setdefault("eval_warnings", []).append({"iteration": iteration, "warnings": msgs})
+        return msgs
 
     def evaluate_before(self) -> None:
         """Evaluate the initial policy once (kept in ``loop_state``, so a resumed run does not redo it)."""
@@ -495,9 +544,11 @@ class OnlineRun:
         eval_after = self.evaluate()
         if eval_after is not None:
             self.logger.log(eval_after, step=self.iteration, prefix="eval/")
+            self.warn(eval_after, self.iteration)
         out: dict[str, Any] = {"algorithm": self.name, "iterations": self.iteration,
                                "num_processes": self.num_processes, **(summary or {}),
-                               "eval_before": self.loop_state.get("eval_before"), "eval_after": eval_after}
+                               "eval_before": self.loop_state.get("eval_before"), "eval_after": eval_after,
+                               "eval_warnings": self.state.get("eval_warnings", [])}
         if self.cfg.train.save_model:  # the same result on every process; the main process writes
             out["model_dir"] = str(self.run_dir / "model")
             if self.is_main:
@@ -513,6 +564,11 @@ class OnlineRun:
             log(f"{self.name}: eval scores {before.get('scores', float('nan')):.4f} -> {eval_after['scores']:.4f}")
         log(f"{self.name} done: {self.run_dir}")
         return out
+
+
+def _diag(metrics: dict[str, float]) -> dict[str, float]:
+    """The ``diag/`` entries of an evaluation's metrics, prefix removed."""
+    return {k[len("diag/"):]: v for k, v in metrics.items() if k.startswith("diag/")}
 
 
 def _num(x) -> float:
