@@ -47,6 +47,9 @@ COMMANDS: dict[str, Command] = {
                           "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
+    "cai-sl": Command(C.CAIConfig, "alignkit.pipelines.cai:run_sl", "Constitutional AI, supervised phase: critique -> revise red-team answers, then SFT"),
+    "cai-rl": Command(C.CAIConfig, "alignkit.pipelines.cai:run_rl", "Constitutional AI, RL phase: judged pairs -> soft-label preference model -> PPO or DPO"),
+    "cai": Command(C.CAIConfig, "alignkit.pipelines.cai:run", "Constitutional AI end to end (cai-sl, cai-rl) with the before/after refusal report"),
 }
 
 

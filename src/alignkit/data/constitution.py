@@ -21,10 +21,10 @@ marks (``yaml.compose``), so a field missing from a mapping points at that mappi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_CONSTITUTION = Path(__file__).parent / "constitutions" / "default.yaml"
 
@@ -67,17 +67,12 @@ class Constitution(_Strict):
     version: str
     description: str = ""
     principles: list[Principle] = Field(min_length=1)
-    judging_principles: list[str] = Field(min_length=1)
+    judging_principles: list[Annotated[str, AfterValidator(_not_blank)]] = Field(min_length=1)
     examples: list[FewShotExample] = []
     source: str = ""
     """The file it was read from (set by :func:`load_constitution`)."""
 
     _text = field_validator("name", "version")(_not_blank)
-
-    @field_validator("judging_principles")
-    @classmethod
-    def _judging(cls, v: list[str]) -> list[str]:
-        return [_not_blank(p) for p in v]
 
     @field_validator("principles")
     @classmethod
