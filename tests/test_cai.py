@@ -348,3 +348,40 @@ def test_cai_bad_constitution_fails_before_loading(tiny_cai, tmp_path, capsys):
     assert main(["cai-sl", *args, f"cai.constitution={bad}"]) == 1
     assert f"{bad}, line 3, field principles" in capsys.readouterr().err
     assert not (out / "sl_data").exists()
+
+
+def test_reward_model_step_trains_on_label_prob(tmp_path):
+    """The reward-model data path carries ``label_prob`` to the loss: the step's loss equals the soft Bradley–Terry
+    loss of the scores, and differs from the hard loss."""
+    from alignkit.algorithms.reward_model import collate_groups, make_rm_step, reward_scores
+    from alignkit.config import DataConfig, ModelConfig
+    from alignkit.data.formats import load_examples
+    from alignkit.data.tokenize import tokenize_preference
+    from alignkit.models.loading import load_reward_model, load_tokenizer
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "chosen": "good answer", "rejected": "bad", "label_prob": 0.6}) + "\n"
+                    + json.dumps({"prompt": "r", "chosen": "fine", "rejected": "no", "label_prob": 0.9}) + "\n")
+    model_dir = save_tiny_random(tmp_path / "tiny")
+    tok = load_tokenizer(str(model_dir))
+    examples, _ = load_examples(str(path), "preference")
+    pairs, _ = tokenize_preference(examples, tok, DataConfig(train=str(path), max_length=64))
+    batch = collate_groups([[p] for p in pairs], tok.pad_token_id)
+    torch.testing.assert_close(batch["label_prob"], torch.tensor([0.6, 0.9]))
+    model = load_reward_model(ModelConfig(name_or_path=str(model_dir)), tok)
+    out = make_rm_step(False)(model, batch)
+    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])
+    r_w, r_l = scores[batch["chosen_idx"]], scores[batch["rejected_idx"]]
+    torch.testing.assert_close(out.loss, soft_bradley_terry_loss(r_w, r_l, torch.tensor([0.6, 0.9])).mean())
+    assert not torch.allclose(out.loss, bradley_terry_loss(r_w, r_l).mean())
+
+
+def test_detector_agreement_on_the_shipped_labels_with_a_judge(monkeypatch):
+    """Both detectors scored against the hand labels; harmful prompts come back from the cache by sha1 (here a stub)."""
+    import alignkit.data.safety as s
+
+    monkeypatch.setattr(s, "harmful_prompts", lambda split, categories=None: [])
+    rows = refusal.read_labels(HERE.parent / "data" / "refusal_labels.jsonl")
+    got = refusal.detector_agreement(rows, CallableJudge(length_judge))
+    # the stub judge applies the rule set through the anchors, so it agrees exactly as the rules do
+    assert got["judge"] == got["rules"] and got["rules"]["n"] == len(rows)

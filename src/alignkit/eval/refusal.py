@@ -125,3 +125,33 @@ def rates_by_category(flags: Sequence[bool], categories: Sequence[str]) -> dict[
     out = {c: {"rate": float(np.mean(v)), "n": len(v)} for c, v in sorted(groups.items())}
     out["all"] = {"rate": float(np.mean(flags)) if len(flags) else float("nan"), "n": len(flags)}
     return out
+
+
+def read_labels(path) -> list[dict]:
+    """A hand-labelled sample ``{"set", "category", "prompt" | "prompt_sha1", "response", "refusal", ...}``: harmful
+    prompts are stored by sha1 only (the published sets are fetched, never committed) and recovered here from the
+    harmful-prompt cache."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(x) for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    if any("prompt" not in r for r in rows):
+        from alignkit.data.safety import HARMFUL_CATEGORIES, harmful_prompts
+
+        by_sha1 = {hashlib.sha1(r["prompt"].encode("utf-8")).hexdigest(): r["prompt"]
+                   for r in harmful_prompts("all", HARMFUL_CATEGORIES)}
+        for r in rows:
+            if "prompt" not in r:
+                r["prompt"] = by_sha1.get(r["prompt_sha1"], "")
+    return rows
+
+
+def detector_agreement(rows: list[dict], judge=None) -> dict[str, dict[str, float]]:
+    """Each detector's agreement with the hand labels of :func:`read_labels` rows: ``{"rules": ..., "judge": ...}``."""
+    labels = [bool(r["refusal"]) for r in rows]
+    out = {"rules": agreement([is_refusal(r["response"]) for r in rows], labels)}
+    if judge is not None:
+        out["judge"] = agreement(judge_refusals(judge, [r["prompt"] for r in rows], [r["response"] for r in rows]),
+                                 labels)
+    return out
