@@ -37,6 +37,7 @@ from alignkit.eval.safety import evaluate_safety, format_table, safety_rows
 from alignkit.io_utils import atomic_write_json, atomic_write_text
 from alignkit.judges import make_judge
 from alignkit.models.loading import load_policy, load_tokenizer
+from alignkit.ops.seeds import derive_seed
 from alignkit.rollout.chat import ChatGenerator
 from alignkit.rollout.engine import SamplingParams
 from alignkit.train.checkpoint import latest_checkpoint
@@ -79,10 +80,10 @@ def _amp(cfg: CAIConfig):
     return torch.bfloat16 if resolve_mixed_precision(cfg.mixed_precision) == "bf16" else None
 
 
-def _generator(cfg: CAIConfig, model_path: str, tokenizer) -> ChatGenerator:
+def _generator(cfg: CAIConfig, model_path: str, tokenizer, desc: str) -> ChatGenerator:
     model = load_policy(ModelConfig(name_or_path=model_path, dtype=cfg.model.dtype,
                                     trust_remote_code=cfg.model.trust_remote_code), tokenizer, trainable=False)
-    return ChatGenerator(model, tokenizer, cfg.cai.max_prompt_length, cfg.generation_batch_size, _amp(cfg))
+    return ChatGenerator(model, tokenizer, cfg.cai.max_prompt_length, cfg.generation_batch_size, _amp(cfg), desc=desc)
 
 
 def _take(rows: list[dict], n: int, seed: int) -> list[dict]:
@@ -109,7 +110,7 @@ def run_sl(cfg: CAIConfig, resume: bool = False) -> dict:
     info = _read_json(info_file) if resume else None
     if info is None:
         tok = load_tokenizer(cfg.model.name_or_path)
-        generate = _generator(cfg, cfg.model.name_or_path, tok)
+        generate = _generator(cfg, cfg.model.name_or_path, tok, "cai-sl: generate")
         red = _take(harmful_prompts("train", cfg.cai.harmful_categories), cfg.cai.n_prompts, cfg.seed)
         log(f"cai-sl: {len(red)} red-team prompts x {cfg.cai.rounds} critique/revision round(s), constitution "
             f"{constitution.name} v{constitution.version} ({len(constitution.principles)} principles)")
@@ -123,7 +124,7 @@ def run_sl(cfg: CAIConfig, resume: bool = False) -> dict:
         help_rows = _take(helpful_prompts("train"), n_help, cfg.seed + 1)
         answers = generate([[{"role": "user", "content": h["prompt"]}] for h in help_rows],
                            _params(cfg, cfg.cai.revision_max_new_tokens),
-                           [cfg.seed * 7919 + i for i in range(len(help_rows))])
+                           [derive_seed(cfg.seed, 1, i) for i in range(len(help_rows))])
         helpful = [{"prompt": h["prompt"], "completion": a} for h, a in zip(help_rows, answers)]
         rows = cai_sl.sft_mix(traces, helpful, cfg.cai.helpful_ratio, cfg.seed)
         if not rows:
@@ -166,7 +167,7 @@ def run_rl(cfg: CAIConfig, resume: bool = False) -> dict:
     if info is None:
         judge = make_judge(cfg.judge)
         tok = load_tokenizer(sl_dir)
-        generate = _generator(cfg, sl_dir, tok)
+        generate = _generator(cfg, sl_dir, tok, "cai-rl: sample")
         prompts = cai_rl.mix_prompts(harmful_prompts("train", cfg.cai.harmful_categories), helpful_prompts("train"),
                                      r.n_prompts, r.helpful_fraction, cfg.seed + 2)
         rows, stats = cai_rl.judged_pairs(generate, judge, prompts, constitution,
@@ -232,7 +233,7 @@ def evaluate_stages(cfg: CAIConfig, models: dict[str, str], resume: bool = False
             results[name] = done
             continue
         tok = load_tokenizer(path)
-        generate = _generator(cfg, path, tok)
+        generate = _generator(cfg, path, tok, f"eval {name}")
         baseline = None if name == "start" else results["start"]["responses"]["helpful"]
         res = evaluate_safety(generate, judge, harmful, benign, helpful, _params(cfg, e.max_new_tokens), cfg.seed + 20,
                               baseline=baseline, judge_refusal=e.judge_refusals)

@@ -13,6 +13,7 @@ sampling), whatever batch it shares.
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from alignkit.config import DataConfig, GenerationSection
 from alignkit.data.tokenize import tokenize_prompts
@@ -21,11 +22,25 @@ from alignkit.rollout.engine import SamplingParams, generate_rollouts
 from alignkit.rollout.prompts import prompt_batch
 
 
+class _Counting:
+    """A generation backend that advances a progress bar by the rows of each call."""
+
+    def __init__(self, backend, bar):
+        self.backend, self.bar = backend, bar
+
+    def generate(self, prompt_ids, prompt_mask, params, row_seeds=None):
+        out = self.backend.generate(prompt_ids, prompt_mask, params, row_seeds)
+        self.bar.update(prompt_ids.shape[0])
+        return out
+
+
 class ChatGenerator:
     def __init__(self, model, tokenizer, max_prompt_length: int = 768, batch_size: int = 32,
-                 autocast_dtype: torch.dtype | None = None, backend: str = "hf"):
+                 autocast_dtype: torch.dtype | None = None, backend: str = "hf", desc: str | None = "generate"):
         self.tokenizer, self.batch_size, self.max_prompt_length = tokenizer, batch_size, max_prompt_length
         self.engine = make_backend(GenerationSection(backend=backend), model, tokenizer, autocast_dtype)
+        self.desc = desc
+        """Progress-bar label (None: no bar); each call shows one bar over its conversations."""
 
     def __call__(self, conversations: list[list[dict]], params: SamplingParams,
                  seeds: list[int] | None = None) -> list[str]:
@@ -36,7 +51,9 @@ class ChatGenerator:
                           max_length=self.max_prompt_length + params.max_new_tokens)
         prompts, _ = tokenize_prompts([{"prompt": c} for c in conversations], self.tokenizer, data)
         batch = prompt_batch(prompts, self.tokenizer.pad_token_id)
-        rollout = generate_rollouts(self.engine, self.tokenizer, batch["input_ids"], batch["attention_mask"], params,
-                                    prompt_texts=batch["prompt_texts"], batch_size=self.batch_size,
-                                    prompt_seeds=seeds)
+        with tqdm(total=len(conversations), desc=self.desc, unit="reply", dynamic_ncols=True,
+                  disable=self.desc is None) as bar:
+            rollout = generate_rollouts(_Counting(self.engine, bar), self.tokenizer, batch["input_ids"],
+                                        batch["attention_mask"], params, prompt_texts=batch["prompt_texts"], batch_size=self.batch_size,
+                                        prompt_seeds=seeds)
         return [t.strip() for t in rollout.response_texts]
