@@ -77,6 +77,11 @@ def _stage(train_fn, stage_cfg, resume: bool) -> dict:
     return train_fn(stage_cfg, resume=resume and latest_checkpoint(run_dir) is not None)
 
 
+def _train_summary(result: dict) -> dict:
+    return {"global_step": result.get("global_step"), "train": result.get("train"), "eval": result.get("eval"),
+            "wall_time_s": result.get("wall_time_s")}
+
+
 def _amp(cfg: CAIConfig):
     return torch.bfloat16 if resolve_mixed_precision(cfg.mixed_precision) == "bf16" else None
 
@@ -156,7 +161,7 @@ def run_sl(cfg: CAIConfig, resume: bool = False) -> dict:
     sft_cfg = SFTConfig(model=cfg.model, data=DataConfig(train=str(sft_file), max_length=cfg.max_length),
                         train=_train_cfg(cfg, out / "sl", cfg.cai.lr, cfg.cai.epochs))
     result = _stage(sft.train, sft_cfg, resume)
-    return {**info, "model_dir": result["model_dir"], "train": {k: result.get(k) for k in ("steps", "final_loss")}}
+    return {**info, "model_dir": result["model_dir"], "train": _train_summary(result)}
 
 
 # ---------------------------------------------------------------- RL-CAI
@@ -198,8 +203,9 @@ def run_rl(cfg: CAIConfig, resume: bool = False) -> dict:
 
     backbone = sl_dir if r.preference_model == "sl" else r.preference_model
     pm_cfg = RMConfig(model=ModelConfig(name_or_path=backbone, freeze_embeddings=True),
-                      data=DataConfig(train=str(pref_file), max_length=cfg.max_length),
-                      train=_train_cfg(cfg, out / "pm", r.rm_lr, r.rm_epochs))
+                      data=DataConfig(train=str(pref_file), max_length=cfg.max_length,
+                                      eval_fraction=0.2 if info["judge"]["n_pairs"] >= 10 else 0.0),
+                      train=_train_cfg(cfg, out / "pm", r.rm_lr, r.rm_epochs))  # held out: agreement with the judge
     pm = _stage(reward_model.train, pm_cfg, resume)
     policy = cfg.model.model_copy(update={"name_or_path": sl_dir})
     if r.rl_method == "dpo":
@@ -223,7 +229,7 @@ def run_rl(cfg: CAIConfig, resume: bool = False) -> dict:
                            missing_eos_penalty=None))
         rl = _stage(ppo.train, rl_cfg, resume)
     return {**info, "rl_method": r.rl_method, "preference_model": pm["model_dir"], "model_dir": rl["model_dir"],
-            "preference_model_train": {k: pm.get(k) for k in ("steps", "final_loss")}}
+            "preference_model_train": _train_summary(pm), "rl_train": _train_summary(rl)}
 
 
 # ---------------------------------------------------------------- the report
@@ -264,6 +270,9 @@ def render(summary: dict) -> str:
         lines.append(f"RL-CAI feedback: {j.get('n_pairs')} judged pairs, position-bias rate "
                      f"{j.get('position_bias_rate', float('nan')):.3f}, first-position preference "
                      f"{j.get('first_position_preference', float('nan')):.3f}.")
+    pm_eval = (summary.get("rl", {}).get("preference_model_train") or {}).get("eval") or {}
+    if "accuracy" in pm_eval:
+        lines.append(f"Preference model: held-out agreement with the judge's pick {pm_eval['accuracy']:.3f}.")
     sl = summary.get("sl", {})
     if sl:
         lines.append(f"SL-CAI: {sl.get('n_red_team')} red-team prompts, {sl.get('rounds')} round(s); "
