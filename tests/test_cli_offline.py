@@ -213,3 +213,16 @@ def test_dpo_bf16_autocast_reference_matches_first_step(tiny, tmp_path):
     # reference log-probs precomputed under the same autocast as the policy's first forward: exactly at the reference
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
     assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
+
+
+@pytest.mark.parametrize("command,data_file", [("sft", "sft.jsonl"), ("dpo", "prefs.jsonl"), ("kto", "kto.jsonl")])
+def test_padding_free_training_follows_the_padded_trajectory(tiny, tmp_path, command, data_file):
+    """train.padding_free packs each micro-batch into one row: the same losses and updates up to float rounding."""
+    losses = {}
+    for padding_free in ("false", "true"):
+        out = tmp_path / f"{command}-{padding_free}"
+        args = _common(tiny, out, data_file, **{"train.padding_free": padding_free, "train.max_steps": 3})
+        assert main([command, *args]) == 0
+        losses[padding_free] = [m["loss"] for m in _metrics(out) if "loss" in m and "grad_norm" in m]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4, abs=1e-5)

@@ -135,6 +135,18 @@ def test_generate_rollouts_plus_one_layout_masks_and_extras():
         r.response_slice(full[:, :5])
 
 
+def test_generate_rollouts_chunks_prompts_of_similar_length_and_restores_row_order():
+    """Prompts of lengths 5, 1, 5, 1 in chunks of 2 rows: sorted by length, the chunks are [1, 1] (width 1) and
+    [5, 5] (width 5) instead of two chunks of width 5; the rows come back in the caller's order."""
+    tok = tiny_tokenizer()
+    ids, mask = left_pad([[10, 11, 12, 13, 14], [40], [20, 21, 22, 23, 24], [50]])
+    backend = PlusOneBackend()
+    r = generate_rollouts(backend, tok, ids, mask, SamplingParams(2, do_sample=False), batch_size=2)
+    assert backend.calls == [(2, 1), (2, 5)]
+    assert torch.equal(r.response_ids, torch.tensor([[15, 16], [41, 42], [25, 26], [51, 52]]))
+    assert torch.equal(r.prompt_ids, ids)
+
+
 def test_generate_rollouts_trims_all_pad_columns_and_decodes_prompts():
     """Both prompts end in id 1 -> the response is EOS at once; of 5 generated columns only 1 is kept.
     prompt_texts default to the decoded prompts (special tokens skipped)."""

@@ -47,10 +47,18 @@ COMMANDS: dict[str, Command] = {
                           "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
+    "sample": Command(C.SampleConfig, "alignkit.label.sample:run",
+                      "K responses per prompt from a policy -> a candidates file for `alignkit label create`"),
+    "judge": Command(C.JudgeRunConfig, "alignkit.eval.judge_agreement:run",
+                     "an AI judge's agreement with human preference labels (default: BIG-bench HHH), position bias"),
+    "serve": Command(C.ServeConfig, "alignkit.serve:run",
+                     "OpenAI-compatible /v1/chat/completions + /v1/models server for a local checkpoint"),
     "cai-sl": Command(C.CAIConfig, "alignkit.pipelines.cai:run_sl", "Constitutional AI, supervised phase: critique -> revise red-team answers, then SFT"),
     "cai-rl": Command(C.CAIConfig, "alignkit.pipelines.cai:run_rl", "Constitutional AI, RL phase: judged pairs -> soft-label preference model -> PPO or DPO"),
     "cai": Command(C.CAIConfig, "alignkit.pipelines.cai:run", "Constitutional AI end to end (cai-sl, cai-rl) with the before/after refusal report"),
 }
+
+LABEL_HELP = "human preference labelling app: alignkit label create|invite|serve|stats|export (see label --help)"
 
 
 def register(name: str, command: Command) -> None:
@@ -202,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("args", nargs="*", metavar="[config.yaml] [key=value ...]")
         p.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its last checkpoint")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    sub.add_parser("label", help=LABEL_HELP, add_help=False)  # its own flags: dispatched in main()
     return parser
 
 
@@ -215,6 +224,9 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["label"]:  # subcommands with flags, not a config: alignkit.label.cli
+        return importlib.import_module("alignkit.label.cli").main(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if not ns.command:
@@ -230,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     if ns.print_config:
         print(C.config_to_yaml(cfg), end="")
         return 0
+    from alignkit.ops.threads import configure_threads
+
+    try:
+        configure_threads()
+    except ValueError as e:
+        print(f"alignkit {ns.command}: error: {e}", file=sys.stderr)
+        return 2
     module, fn = cmd.target.split(":")
     train = getattr(importlib.import_module(module), fn)
     from alignkit.data.io import DataError

@@ -120,6 +120,9 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    padding_free: bool = False
+    """Run each micro-batch's sequences as one packed row (position ids restart per sequence, attention stays
+    inside each): no compute on padding. Same losses up to float rounding (SFT, DPO family, KTO)."""
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     """Autocast (accelerate's mixed precision). ``auto``: bf16 where the hardware computes it natively (a CUDA GPU with
     bf16, a CPU with AVX512-BF16/AMX), else ``no`` (CPUs without it emulate bf16 ~20x slower than fp32)."""
@@ -445,10 +448,23 @@ class JudgeConfig(Section):
     """Ask for reasoning before the verdict; probabilities are then clamped to [0.4, 0.6] (CAI)."""
     cache_dir: str | None = None
     """``openai``: on-disk response cache (default ``$ALIGNKIT_CACHE/judge_cache``)."""
+    cache: bool = True
+    """``openai``: read and write the response cache (false: always ask the endpoint)."""
     max_concurrency: int = Field(4, gt=0)
+    """``openai``: requests in flight at once."""
     timeout_s: float = Field(60.0, gt=0)
+    """``openai``: seconds per request before it counts as failed (and is retried)."""
     max_retries: int = Field(5, ge=0)
+    """``openai``: retries of a request that failed with 408/409/429/5xx, a timeout or a connection error."""
+    retry_base_delay_s: float = Field(0.5, ge=0)
+    """``openai``: backoff before retry k is ``retry_base_delay_s * 2**k`` seconds (at most 30; ``Retry-After``
+    is honoured)."""
+    logprobs: bool = True
+    """``openai``: ask for token log-probs (``top_logprobs``) and read P(A), P(B) from them; answers without
+    log-probs are parsed from the text ("(A)" / "(B)")."""
+    top_logprobs: int = Field(5, ge=1, le=20)
     temperature: float = Field(0.0, ge=0)
+    """Sampling temperature of the judge's answer (``hf``: of its chain of thought); 0 is greedy."""
     max_tokens: int = Field(256, gt=0)
     """Tokens a parsed / chain-of-thought answer may use."""
     batch_size: int = Field(8, gt=0)
@@ -763,6 +779,94 @@ class CAIConfig(Section):
     @classmethod
     def _output_dir(cls, v: str) -> str:
         return check_output_dir_value(v, "output_dir")
+
+
+# ---------------------------------------------------------------- human preference collection: `alignkit sample`
+class SampleSection(Section):
+    k: int = Field(4, ge=1)
+    """Responses sampled per prompt (the labelling app compares them: K-choose-2 pairs, a ranking, or K binary items)."""
+    output_file: str = "candidates.jsonl"
+    """The candidates file `alignkit label create` reads; relative to ``output_dir`` (no ``..``) or absolute."""
+    model_label: str | None = None
+    """The name written in each record's ``models`` (never shown to annotators); default: ``model.name_or_path``."""
+
+    @field_validator("output_file")
+    @classmethod
+    def _output_file(cls, v: str) -> str:
+        return check_path_inside_run(v, "sample.output_file")
+
+
+class SampleConfig(Section):
+    """Sample K responses per prompt from a policy and write a candidates file for `alignkit label create`."""
+
+    model: ModelConfig = ModelConfig()
+    data: RLDataConfig = RLDataConfig()
+    generation: GenerationSection = GenerationSection()
+    sample: SampleSection = SampleSection()
+    output_dir: str = "runs/sample"
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- AI judges and the OpenAI-compatible server (issue 9)
+class JudgePairsSection(Section):
+    path: str = "builtin:hhh"
+    """Preference pairs ``{"prompt", "chosen", "rejected"}`` as text (``chosen`` = the human label): a .jsonl /
+    .json / .parquet / .csv file or ``builtin:hhh``; an optional ``subset`` / ``category`` field groups the report.
+    Default: BIG-bench HHH (221 pairs over both splits)."""
+    split: Literal["all", "train", "test"] = "all"
+    """Split of a built-in dataset (``all``: train + test); a file is read whole."""
+    limit: int | None = Field(None, gt=0)
+    """Judge only the first N pairs (a smoke run)."""
+
+
+class JudgeRunConfig(Section):
+    """``alignkit judge``: the judge's agreement with human preference labels (the HHH spot-check)."""
+
+    judge: JudgeConfig = JudgeConfig()
+    data: JudgePairsSection = JudgePairsSection()
+    principle: str | None = None
+    """The judging question (default: "Which response is more helpful, honest and harmless?")."""
+    self_consistency_repeats: int = Field(0, ge=0)
+    """Also ask every pair this many more times as independent draws and report the agreement (0: skip; a
+    judge that reads probabilities without sampling is consistent by construction)."""
+    output_dir: str = "runs/judge"
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "output_dir")
+
+
+class ServeSection(Section):
+    host: str = "127.0.0.1"
+    """Interface to listen on. The default accepts local connections only; 0.0.0.0 exposes the model to the
+    network (set ``api_key`` then)."""
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    """Clients must send ``Authorization: Bearer <api_key>`` (default ``$ALIGNKIT_API_KEY``; unset: no key)."""
+    served_model_name: str | None = None
+    """The model id clients ask for and ``/v1/models`` lists (default: ``model.name_or_path``)."""
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    """Larger request bodies get 413."""
+    max_messages: int = Field(64, gt=0)
+    max_tokens: int = Field(512, gt=0)
+    """The most completion tokens a request may ask for (``max_tokens`` / ``max_completion_tokens``)."""
+    default_max_tokens: int = Field(128, gt=0)
+    """Completion tokens when a request names none."""
+    max_queue: int = Field(16, gt=0)
+    """Requests waiting or running at once; more get 429 (the ``openai`` client retries those itself)."""
+    max_batch_size: int = Field(8, gt=0)
+    """Non-streaming requests with the same sampling settings that arrive together share one generate() call."""
+    batch_wait_ms: float = Field(10.0, ge=0)
+    """How long the first request of a batch waits for companions."""
+
+
+class ServeConfig(Section):
+    """``alignkit serve``: an OpenAI-compatible chat server for a local checkpoint."""
+
+    model: ModelConfig = ModelConfig()
+    serve: ServeSection = ServeSection()
+    seed: int = 0
 
 
 class QuickstartConfig(Section):

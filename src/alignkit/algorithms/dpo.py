@@ -38,9 +38,10 @@ def collate_with_ref(examples: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-def concatenated_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def concatenated_logps(model, batch: dict, average: bool, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over [chosen; rejected] -> (chosen [B], rejected [B])."""
-    logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"], average=average)
+    logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                              average=average, padding_free=padding_free)  # [2B]
     n = logps.shape[0] // 2
     return logps[:n], logps[n:]
 
@@ -66,7 +67,8 @@ def make_dpo_step(cfg: DPOConfig, ref: Reference | None = None):
         return ref.logprobs(concatenated_logps, batch, average=False)
 
     def dpo_step(model, batch: dict) -> StepOutput:
-        chosen_logps, rejected_logps = concatenated_logps(model, batch, average=spec.average_logps)  # [B], [B]
+        chosen_logps, rejected_logps = concatenated_logps(model, batch, average=spec.average_logps,
+                                                          padding_free=cfg.train.padding_free)  # [B], [B]
         if spec.needs_reference:
             if uses_ref:
                 ref_chosen, ref_rejected = reference_logps(model, batch)

@@ -64,8 +64,9 @@ def collate_kto_rows(examples: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-def _split_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"])  # [2B]
+def _split_logps(model, batch, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    logps = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                              padding_free=padding_free)  # [2B]
     n = logps.shape[0] // 2
     return logps[:n], logps[n:]
 
@@ -79,7 +80,7 @@ def precompute_reference(ref: Reference, examples: list[dict], pad: int, batch_s
 
 def make_kto_step(cfg: KTOConfig, ref: Reference | None = None):
     def kto_step(model, batch: dict) -> StepOutput:
-        policy_logps, policy_kl_logps = _split_logps(model, batch)  # [B], [B]
+        policy_logps, policy_kl_logps = _split_logps(model, batch, cfg.train.padding_free)  # [B], [B]
         if "ref_logps" in batch:  # precomputed
             ref_logps, ref_kl_logps = batch["ref_logps"], batch["ref_kl_logps"]
         else:

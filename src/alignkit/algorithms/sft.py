@@ -18,7 +18,7 @@ from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed, write_s
 
 
 def sft_eval_metrics(model, batch: dict) -> tuple[int, dict[str, float]]:
-    out = sft_step(model, batch)
+    out = sft_step(model, batch)  # evaluation stays padded: it takes no backward, and its numbers stay comparable
     nll_sum, n_tokens = out.metrics["nll/token"]
     return batch["input_ids"].shape[0], {"loss": float(out.loss), "nll/token": nll_sum / max(n_tokens, 1)}
 
@@ -36,7 +36,8 @@ def train(cfg: SFTConfig, resume: bool = False) -> dict:
         return evaluate(m, data.eval, collate, sft_eval_metrics, eval_bs) if data.eval else None
 
     result = train_loop(
-        cfg.train, model=model, train_examples=data.train, collate_fn=collate, step_fn=sft_step,
+        cfg.train, model=model, train_examples=data.train, collate_fn=collate,
+        step_fn=partial(sft_step, padding_free=cfg.train.padding_free),
         run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc="sft",
     )
     if cfg.train.save_model:

@@ -78,18 +78,26 @@ class Judge(ABC):
     name: str = "judge"
     chain_of_thought: bool = False
 
+    deterministic: bool = False
+    """Asking again always gives the same answer (e.g. a local model read without sampling): self-consistency is
+    then 1 by construction."""
+
     @abstractmethod
     def prefer_first(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str],
-                     principles: Sequence[str]) -> np.ndarray:
-        """[N] P(the response shown first is better than the one shown second), for one fixed order."""
+                     principles: Sequence[str], sample: int = 0) -> np.ndarray:
+        """[N] P(the response shown first is better than the one shown second), for one fixed order.
+
+        ``sample`` = 0 asks as configured; ``sample`` = k >= 1 asks again as an independent draw (sampled at a
+        temperature > 0, a distinct cache entry), which :func:`self_consistency` uses."""
 
     def usage(self) -> dict[str, float]:
         """Cumulative token / request accounting since construction (remote judges override)."""
         return {}
 
     def compare(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
-                principles: Sequence[str] | str | None = None) -> Comparison:
-        """Judge A against B on N items in both orders and average them (position debiasing)."""
+                principles: Sequence[str] | str | None = None, sample: int = 0) -> Comparison:
+        """Judge A against B on N items in both orders and average them (position debiasing). ``sample`` >= 1:
+        an independent re-draw (see :meth:`prefer_first`)."""
         n = len(prompts)
         if not (len(a) == len(b) == n):
             raise ValueError(f"judge {self.name}: {n} prompts but {len(a)} A and {len(b)} B responses")
@@ -98,8 +106,8 @@ class Judge(ABC):
         elif len(principles) != n:
             raise ValueError(f"judge {self.name}: {n} prompts but {len(principles)} principles")
         before = self.usage()
-        p_ab = np.asarray(self.prefer_first(prompts, a, b, principles), dtype=np.float64)
-        p_ba = np.asarray(self.prefer_first(prompts, b, a, principles), dtype=np.float64)
+        p_ab = np.asarray(self.prefer_first(prompts, a, b, principles, sample=sample), dtype=np.float64)
+        p_ba = np.asarray(self.prefer_first(prompts, b, a, principles, sample=sample), dtype=np.float64)
         for side in (p_ab, p_ba):
             if side.shape != (n,) or not np.all(np.isfinite(side)) or side.min(initial=0.5) < 0 or side.max(initial=0.5) > 1:
                 raise ValueError(f"judge {self.name}: prefer_first must return {n} probabilities in [0, 1]")
@@ -120,5 +128,46 @@ class CallableJudge(Judge):
     def __init__(self, fn, name: str = "callable", chain_of_thought: bool = False):
         self.fn, self.name, self.chain_of_thought = fn, name, chain_of_thought
 
-    def prefer_first(self, prompts, first, second, principles) -> np.ndarray:
+    def prefer_first(self, prompts, first, second, principles, sample: int = 0) -> np.ndarray:
         return np.asarray(self.fn(list(prompts), list(first), list(second), list(principles)), dtype=np.float64)
+
+
+def verdicts(p: np.ndarray) -> np.ndarray:
+    """[N] probabilities -> [N] verdicts: +1 (A preferred), -1 (B preferred), 0 (tie at exactly 0.5)."""
+    return np.sign(np.asarray(p, dtype=np.float64) - 0.5).astype(np.int64)
+
+
+def consistency_of(draws: Sequence[np.ndarray]) -> dict[str, float]:
+    """Agreement between R >= 2 repeated judgments of the same N items (each [N] debiased P(A better)).
+
+    ``agreement``: over items and all R·(R-1)/2 pairs of draws, the fraction with the same verdict;
+    ``unanimous``: fraction of items on which all R draws agree; ``mean_abs_diff``: mean |p_r - p_s| over pairs.
+    E.g. draws [0.9, 0.2, 0.6], [0.8, 0.7, 0.6], [0.7, 0.3, 0.4]: verdicts (+,-,+), (+,+,+), (+,-,-);
+    item 0 agrees in 3/3 pairs, item 1 in 1/3, item 2 in 1/3 -> agreement 5/9, unanimous 1/3.
+    """
+    if len(draws) < 2:
+        raise ValueError(f"self-consistency needs at least 2 draws, got {len(draws)}")
+    p = np.stack([np.asarray(d, dtype=np.float64) for d in draws])  # [R, N]
+    v = verdicts(p)  # [R, N]
+    same, diffs = [], []
+    for r in range(len(p)):
+        for s in range(r + 1, len(p)):
+            same.append(v[r] == v[s])  # [N]
+            diffs.append(np.abs(p[r] - p[s]))  # [N]
+    unanimous = np.all(v == v[:1], axis=0)  # [N]
+    return {"agreement": float(np.mean(same)) if p.shape[1] else 1.0,
+            "unanimous": float(unanimous.mean()) if p.shape[1] else 1.0,
+            "mean_abs_diff": float(np.mean(diffs)) if p.shape[1] else 0.0}
+
+
+def self_consistency(judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
+                     principles: Sequence[str] | str | None = None, repeats: int = 3) -> dict[str, float]:
+    """Ask the same comparisons ``repeats`` times as independent draws (``sample`` = 1..R: sampled at a
+    temperature > 0, distinct cache entries) and report how often the (debiased) verdicts agree
+    (:func:`consistency_of`), with the mean position-bias rate of the draws. A ``deterministic`` judge answers
+    the same every time: agreement 1 by construction (reported as ``deterministic``: 1)."""
+    comps = [judge.compare(prompts, a, b, principles, sample=r) for r in range(1, repeats + 1)]
+    out = consistency_of([c.p_a for c in comps])
+    out.update(repeats=float(repeats), deterministic=float(judge.deterministic),
+               position_bias_rate=float(np.mean([c.position_bias_rate for c in comps])))
+    return out

@@ -28,18 +28,15 @@ callable reward runs its code, so use configs only from sources you trust.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from alignkit.config import CALLABLE_REWARD_SIGNATURE
+from alignkit.user_code import CallableSpecError
+from alignkit.user_code import load_callable as _load_user_callable
 
 
 class RewardError(ValueError):
@@ -75,95 +72,13 @@ class UserRewardFn(Protocol):
     def __call__(self, *, prompts: list[str], completions: list[str], **fields: list) -> Sequence[float] | Tensor: ...
 
 
-def _import_file(file_part: str, spec: str):
-    path = Path(file_part).expanduser()
-    if not path.is_file():
-        raise RewardSpecError(f"reward function {spec!r}: file {str(path)!r} not found")
-    mod_name = f"alignkit_user_reward_{abs(hash(str(path.resolve())))}"
-    if mod_name in sys.modules:
-        return sys.modules[mod_name]
-    module_spec = importlib.util.spec_from_file_location(mod_name, path)
-    if module_spec is None or module_spec.loader is None:
-        raise RewardSpecError(
-            f"reward function {spec!r}: {str(path)!r} cannot be imported as a Python module"
-        )
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[mod_name] = module
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        del sys.modules[mod_name]
-        raise RewardSpecError(
-            f"reward function {spec!r}: importing {str(path)!r} failed: {type(e).__name__}: {e}"
-        ) from e
-    return module
-
-
-def _in_working_dir(module_part: str) -> bool:
-    """Whether the top-level package of ``module_part`` lies in the current working directory (``x.py`` or
-    ``x/``) while the current directory is not on ``sys.path`` (the ``alignkit`` script does not put it there)."""
-    cwd = os.getcwd()
-    on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
-    top = module_part.split(".")[0]
-    return cwd not in on_path and (Path(cwd, top + ".py").is_file() or Path(cwd, top).is_dir())
-
-
-def _import_module(module_part: str, spec: str):
-    try:
-        try:
-            return importlib.import_module(module_part)
-        except ModuleNotFoundError as e:
-            if e.name != module_part.split(".")[0] or not _in_working_dir(module_part):
-                raise
-            # `alignkit ...` run from the folder holding mymod.py: look there too, after everything else, so a
-            # local file never shadows an installed module
-            sys.path.append(os.getcwd())
-            return importlib.import_module(module_part)
-    except ModuleNotFoundError as e:
-        if e.name is not None and (module_part == e.name or module_part.startswith(e.name + ".")):
-            raise RewardSpecError(
-                f"reward function {spec!r}: module {module_part!r} not found in the current directory nor on "
-                "PYTHONPATH (is it installed? a file can be given as 'path/to/file.py:function')"
-            ) from None
-        raise RewardSpecError(
-            f"reward function {spec!r}: importing module {module_part!r} failed: {type(e).__name__}: {e}"
-        ) from e
-    except Exception as e:
-        raise RewardSpecError(
-            f"reward function {spec!r}: importing module {module_part!r} failed: {type(e).__name__}: {e}"
-        ) from e
-
-
 def load_callable(spec: str) -> Callable:
-    """Resolve ``"package.module:function"`` or ``"path/to/file.py:function"`` to the callable (importing, i.e.
-    running, that code). A module is looked for on ``sys.path``, then in the current working directory.
-
-    The attribute part may be dotted (``module:Class.method``). Errors name the spec and say
-    which part failed: format, module/file not found, import failure, missing attribute, not callable.
-    """
-    if not isinstance(spec, str) or ":" not in spec:
-        raise RewardSpecError(
-            f"reward function spec must be 'module:function' or 'file.py:function', got {spec!r}"
-        )
-    module_part, attr_part = spec.rsplit(":", 1)
-    if not module_part or not attr_part:
-        raise RewardSpecError(
-            f"reward function spec must be 'module:function' or 'file.py:function', got {spec!r}"
-        )
-    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
-        module = _import_file(module_part, spec)
-    else:
-        module = _import_module(module_part, spec)
-    obj = module
-    for part in attr_part.split("."):
-        if not hasattr(obj, part):
-            raise RewardSpecError(f"reward function {spec!r}: {module_part!r} has no attribute {attr_part!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise RewardSpecError(
-            f"reward function {spec!r}: {attr_part!r} is not callable (it is a {type(obj).__name__})"
-        )
-    return obj
+    """Resolve a reward function's ``"package.module:function"`` or ``"path/to/file.py:function"``
+    (:func:`alignkit.user_code.load_callable`); errors are :class:`RewardSpecError` naming the spec."""
+    try:
+        return _load_user_callable(spec, what="reward function")
+    except CallableSpecError as e:
+        raise RewardSpecError(str(e)) from e.__cause__
 
 
 def as_reward_tensor(values, batch_size: int, source: str) -> Tensor:

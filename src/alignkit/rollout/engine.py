@@ -370,11 +370,15 @@ def generate_rollouts(
 
     b = prompt_ids.shape[0]
     step = b if batch_size is None else batch_size
+    # chunks of similar prompt length waste less on padding; stable, so a prompt's samples stay together,
+    # and with row seeds the samples do not depend on which chunk a row lands in
+    order = torch.argsort(prompt_mask.sum(1), stable=True) if step < b else torch.arange(b)  # [B]
     raw_chunks = []
     for start in range(0, b, step):
-        ids, mask = prompt_ids[start : start + step], prompt_mask[start : start + step]
+        rows = order[start : start + step]
+        ids, mask = prompt_ids[rows], prompt_mask[rows]
         first_col = int(mask.any(dim=0).long().argmax())  # drop columns that are padding in every row
-        seeds = None if row_seeds is None else row_seeds[start : start + step]
+        seeds = None if row_seeds is None else row_seeds[rows]
         raw = backend.generate(ids[:, first_col:], mask[:, first_col:], params, seeds) if seeds is not None \
             else backend.generate(ids[:, first_col:], mask[:, first_col:], params)  # [b, r]
         if raw.dim() != 2 or raw.shape[0] != ids.shape[0] or raw.shape[1] > params.max_new_tokens:
@@ -383,7 +387,7 @@ def generate_rollouts(
                 f"[{ids.shape[0]}, <= {params.max_new_tokens}]"
             )
         raw_chunks.append(raw.to(prompt_ids.device))
-    raw = _pad_right(raw_chunks, tokenizer.pad_token_id)  # [B, R]
+    raw = _pad_right(raw_chunks, tokenizer.pad_token_id)[torch.argsort(order)]  # [B, R] back in row order
 
     response_ids, response_mask, has_eos = postprocess_responses(
         raw, tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -7,10 +7,11 @@ from alignkit.ops.logprobs import first_response_index, token_logprobs
 from alignkit.train.loop import StepOutput
 
 
-def sft_step(model, batch: dict) -> StepOutput:
+def sft_step(model, batch: dict, padding_free: bool = False) -> StepOutput:
     """Mean SFT loss (NLL of the response tokens, EOS included) of a ``collate_sft`` batch, + nll/token."""
     logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                           first_index=first_response_index(batch["response_mask"]))  # [B, T]
+                           first_index=first_response_index(batch["response_mask"]),
+                           padding_free=padding_free)  # [B, T]
     losses = sft_loss(logps, batch["response_mask"])  # [B]
     nll_sum = float(-(logps.detach() * batch["response_mask"]).sum())
     return StepOutput(
