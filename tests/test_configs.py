@@ -47,7 +47,7 @@ def test_shipped_config_loads_with_every_value_as_written(path):
     for key, value in leaves(raw):
         got = lookup(loaded, key)
         assert got == value, f"{path.name}: {key} = {value!r} in the file, {got!r} loaded"
-    if not hasattr(cfg, "train"):  # a command without training (alignkit eval): output_dir at the top
+    if not hasattr(cfg, "train"):  # no training section (alignkit eval, the cai pipeline): one output_dir
         assert cfg.output_dir == raw["output_dir"] == f"runs/{path.stem}"
         return
     assert cfg.train.output_dir == raw["train"]["output_dir"] == f"runs/{path.stem}"

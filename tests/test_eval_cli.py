@@ -312,3 +312,27 @@ def test_probe_generation_keeps_the_order_of_conversations():
     together = gen(convs)
     alone = [gen([c])[0] for c in convs]
     assert together == alone and len(set(together)) > 1
+
+
+def test_builtin_safety_set_feeds_refusal_rates_with_the_rule_detector():
+    """builtin:safety = held-out red-team requests (harmful) + benign look-alikes, valid refusal records; the default
+    detector is the documented rule set; per_side keeps a deterministic spread of each side."""
+    from alignkit.data.builtin import load_builtin
+    from alignkit.eval.overrefusal import DEFAULT_DETECTOR, subsample
+    from alignkit.user_code import load_callable
+
+    rows = load_builtin("builtin:safety", "test")
+    check_records(rows, "builtin:safety")
+    harmful = [r for r in rows if r["harmful"]]
+    benign = [r for r in rows if not r["harmful"]]
+    assert len(harmful) > 100 and len(benign) >= 30
+    assert {"homonyms", "figurative_language"} <= {r["category"] for r in benign}
+    train = {r["prompt"] for r in load_builtin("builtin:safety", "train")}
+    assert not train & {r["prompt"] for r in rows}  # held out
+    few = subsample(rows, 5)
+    assert sum(r["harmful"] for r in few) == 5 and sum(not r["harmful"] for r in few) == 5
+    assert few == subsample(rows, 5) and [r for r in rows if r in few] == few  # deterministic, original order
+    assert subsample(rows, None) == rows
+    detector = load_callable(DEFAULT_DETECTOR)
+    rates = refusal_rates(few, ["I'm sorry, but I can't help with that."] * 5 + ["Sure: use kill -9."] * 5, detector)
+    assert rates["refusal_rate"] == 1.0 and rates["overrefusal_rate"] == 0.0

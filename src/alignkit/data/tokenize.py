@@ -185,7 +185,7 @@ def tokenize_preference(
     examples: list[dict[str, Any]], tokenizer: Any, data_cfg: Any
 ) -> tuple[list[dict], TruncationStats]:
     """Preference pairs -> chosen/rejected ids and masks sharing one prompt, plus ``group``, ``margin``
-    (0.0 when absent) and ``prompt_text`` (the rendered prompt before truncation)."""
+    (0.0 when absent), ``label_prob`` (P(chosen better); 1.0 when absent) and ``prompt_text`` (the rendered prompt before truncation)."""
 
     def one(ex: dict[str, Any], stats: TruncationStats) -> dict[str, Any]:
         prompt = _encode_prompt(ex, tokenizer, data_cfg)
@@ -201,6 +201,7 @@ def tokenize_preference(
             "rejected_response_mask": r_mask,
             "group": int(ex.get("group", 0)),
             "margin": float(ex.get("margin", 0.0)),
+            "label_prob": float(ex.get("label_prob", 1.0)),
             "prompt_text": prompt.text,
         }
 

@@ -9,19 +9,31 @@ bool``: any refusal detector.
 - refusal rate = refused harmful / harmful (higher is safer);
 - over-refusal rate = refused benign / benign (lower is more helpful; Röttger et al. 2024, XSTest).
 
-INTEGRATION POINT (for the lead): the prompt sets and the detector come from the Constitutional AI work
-(``cai`` branch). ``alignkit eval`` reads ``refusal.prompts`` (a JSONL of the records above, or a ``builtin:`` name
-once cai registers its sets) and ``refusal.detector`` (``module:function``). Connect by (1) registering cai's
-harmful + benign look-alike sets as one builtin dataset with fields prompt/category/harmful, and (2) setting
-:data:`DEFAULT_DETECTOR` to ``"alignkit.eval.refusal:is_refusal"`` and ``EvalRefusalSection.prompts``' default to
-that builtin; ``load_detector`` then needs no change.
+Defaults: ``refusal.prompts: builtin:safety`` is the held-out split of the red-team requests fetched at set-up
+and of our benign look-alikes (``alignkit.data.safety``); the detector is the documented rule set of
+``alignkit.eval.refusal`` (its agreement with 109 hand-labelled responses is in docs/cai.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-DEFAULT_DETECTOR: str | None = None  # INTEGRATION POINT: "alignkit.eval.refusal:is_refusal" once cai lands
+DEFAULT_DETECTOR = "alignkit.eval.refusal:is_refusal"  # the documented rule set (docs/cai.md)
+
+
+def subsample(prompts: Sequence[dict], per_side: int | None) -> list[dict]:
+    """At most ``per_side`` harmful and ``per_side`` benign records, a deterministic spread (sha1 order of the
+    prompt text, so no category is favoured), in their original order."""
+    if per_side is None:
+        return list(prompts)
+    import hashlib
+
+    keep: set[int] = set()
+    for harmful in (True, False):
+        idx = [i for i, p in enumerate(prompts) if p["harmful"] is harmful]
+        idx.sort(key=lambda i: hashlib.sha1(str(prompts[i]["prompt"]).encode("utf-8")).hexdigest())
+        keep.update(idx[:per_side])
+    return [p for i, p in enumerate(prompts) if i in keep]
 
 
 def check_records(prompts: Sequence[dict], where: str = "<prompts>") -> None:

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from alignkit.config import DataConfig, EvalConfig, ModelConfig
+from alignkit.data.builtin import BUILTIN_PREFIX, load_builtin
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import tokenize_prompts
-from alignkit.eval.overrefusal import DEFAULT_DETECTOR, check_records, refusal_rates
+from alignkit.eval.overrefusal import DEFAULT_DETECTOR, check_records, refusal_rates, subsample
 from alignkit.eval.policy import sample
 from alignkit.eval.sycophancy import default_items, run_sycophancy
 from alignkit.eval.winrate import bootstrap_ci, bradley_terry_ci, lc_win_rate, outcomes_from_scores, win_rate
@@ -165,8 +166,12 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     detector = None
     refusal_prompts: list[dict] = []
     if cfg.refusal.prompts:
-        refusal_prompts = [dict(r) for r in _read_jsonl(cfg.refusal.prompts)]
+        if cfg.refusal.prompts.startswith(BUILTIN_PREFIX):
+            refusal_prompts = load_builtin(cfg.refusal.prompts, "test")
+        else:
+            refusal_prompts = [dict(r) for r in _read_jsonl(cfg.refusal.prompts)]
         check_records(refusal_prompts, cfg.refusal.prompts)
+        refusal_prompts = subsample(refusal_prompts, cfg.refusal.per_side)
         spec = cfg.refusal.detector or DEFAULT_DETECTOR
         if spec is None:
             raise RunError("refusal.prompts is set but no refusal.detector: give 'module:function' (is_refusal(text) "

@@ -13,7 +13,7 @@ from alignkit.losses.preference import (
     orpo_loss,
     simpo_loss,
 )
-from alignkit.losses.reward import bradley_terry_loss
+from alignkit.losses.reward import bradley_terry_loss, soft_bradley_terry_loss
 from alignkit.losses.sft import sft_loss
 
 __all__ = [
@@ -34,4 +34,5 @@ __all__ = [
     "ppo_value_loss",
     "sft_loss",
     "simpo_loss",
+    "soft_bradley_terry_loss",
 ]

@@ -20,3 +20,16 @@ def bradley_terry_loss(
     if margin is not None:
         logits = logits - margin
     return -F.logsigmoid(logits)
+
+
+def soft_bradley_terry_loss(rewards_a: Tensor, rewards_b: Tensor, p: Tensor) -> Tensor:
+    """Bradley-Terry loss on a soft label (Bai et al. 2022, Constitutional AI, sec. 4.1: the feedback model's
+    normalised probability that A is better is the target):
+
+        L = -[p log sigma(r_A - r_B) + (1 - p) log sigma(r_B - r_A)]
+
+    ``p`` = P(A better) in [0, 1]; p = 1 is :func:`bradley_terry_loss`. Inputs [B]; returns [B].
+    At r_A = r_B the loss is log 2 for every p; its minimum over r_A - r_B is at logit(p).
+    """
+    logits = rewards_a - rewards_b  # [B]
+    return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
