@@ -45,6 +45,9 @@ COMMANDS: dict[str, Command] = {
                   "rejection-sampling fine-tuning: best-of-n outputs become SFT data, iterated"),
     "quickstart": Command(C.QuickstartConfig, "alignkit.pipelines.quickstart:run",
                           "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
+    "prm": Command(C.PRMConfig, "alignkit.algorithms.prm:train", "process reward model: BCE on step labels at step separators"),
+    "prm-eval": Command(C.PRMEvalConfig, "alignkit.pipelines.prm_eval:run",
+                        "PRM vs outcome-RM best-of-n vs majority vote on held-out chained arithmetic (accuracy vs n)"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
 }
