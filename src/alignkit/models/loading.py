@@ -275,7 +275,12 @@ def load_prm_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
     if not trainable:
         return freeze(model)
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg.lora, task_type="TOKEN_CLS")
+        lora = cfg.lora
+        if lora.target_modules == "all-linear":  # peft's all-linear would wrap the head too (it spares it for SEQ_CLS only)
+            names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and m is not find_score_head(model, per_position=True)}
+            lora = lora.model_copy(update={"target_modules": sorted(names)})
+        model = apply_lora(model, lora, task_type="TOKEN_CLS")
     elif cfg.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     return model
