@@ -2,6 +2,10 @@
 
     "Start with 7. Add 5. Multiply by 3. Subtract 4."   ->   7 + 5 = 12 / 12 * 3 = 36 / 36 - 4 = 32 / Answer: 32
 
+The prompt shows three worked examples as earlier chat turns (few-shot): with them SmolLM2-135M-Instruct writes
+one equation per line and is right about a third of the time on two operations; with a prose instruction alone
+it almost never keeps the format.
+
 Our own generator (``reasoning_gym``'s ``chain_sum`` and ``basic_arithmetic`` give only the final answer, not the
 chain of intermediate results). A record carries the chain so a verifier can label each written step:
 ``{"prompt", "answer", "start", "ops": [["+", 5], ["*", 3], ["-", 4]], "intermediates": [12, 36, 32]}``.
@@ -15,10 +19,11 @@ import random
 from typing import Any
 
 OP_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
-CHAIN_EXAMPLE = "Start with 2. Add 3. Multiply by 4.\n2 + 3 = 5\n5 * 4 = 20\nAnswer: 20"
-CHAIN_INSTRUCTION = (
-    "Work it out one operation per line, each line like \"a + b = c\", then write \"Answer: <number>\". "
-    f"Example:\n{CHAIN_EXAMPLE}"
+CHAIN_SYSTEM = "Solve the chain of operations one step per line, then give the answer."
+CHAIN_SHOTS = (  # worked examples as earlier chat turns: a 135M model follows the format from them, not from prose
+    ("Start with 2. Add 3. Multiply by 4.", "2 + 3 = 5\n5 * 4 = 20\nAnswer: 20"),
+    ("Start with 6. Subtract 2. Add 5.", "6 - 2 = 4\n4 + 5 = 9\nAnswer: 9"),
+    ("Start with 3. Multiply by 3. Subtract 7.", "3 * 3 = 9\n9 - 7 = 2\nAnswer: 2"),
 )
 TEST_MODULUS = 5  # a problem is in test iff sha1(problem) % 5 == 0 (about 20% of the space)
 
@@ -44,14 +49,22 @@ def chain_split_of(problem: str) -> str:
     return "test" if int(hashlib.sha1(problem.encode("utf-8")).hexdigest(), 16) % TEST_MODULUS == 0 else "train"
 
 
+def chain_messages(problem: str) -> list[dict[str, str]]:
+    """The prompt: a system instruction, three worked examples as earlier turns, then the problem."""
+    messages = [{"role": "system", "content": CHAIN_SYSTEM}]
+    for question, solution in CHAIN_SHOTS:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": solution}]
+    return messages + [{"role": "user", "content": problem}]
+
+
 def chain_record(start: int, ops: list[tuple[str, int]]) -> dict[str, Any]:
-    """One problem as a prompt record (``answer`` is a string, as reward functions expect)."""
+    """One problem as a prompt record (``prompt`` a message list; ``answer`` a string, as reward functions expect)."""
     values, x = [], start
     for op, b in ops:
         x = apply_op(x, op, b)
         values.append(x)
     problem = chain_text(start, ops)
-    return {"prompt": f"{problem} {CHAIN_INSTRUCTION}", "answer": str(values[-1]), "problem": problem,
+    return {"prompt": chain_messages(problem), "answer": str(values[-1]), "problem": problem,
             "start": start, "ops": [[op, b] for op, b in ops], "intermediates": values}
 
 

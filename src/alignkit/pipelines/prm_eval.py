@@ -46,11 +46,15 @@ from alignkit.train.run import log, prepare_run_dir, set_seed, write_summary
 SEPARATOR = "\n"
 
 
+def as_messages(prompt: str | list[dict]) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 def _prompts(problems: list[dict], tokenizer) -> list[dict]:
     """Problems as the prompt dicts generation takes (rendered with the policy's chat template)."""
     out = []
     for p in problems:
-        text = render_prompt(tokenizer, [{"role": "user", "content": p["prompt"]}])
+        text = render_prompt(tokenizer, as_messages(p["prompt"]))
         out.append({"prompt_input_ids": encode(tokenizer, text), "prompt_text": text, "extras": {"answer": p["answer"]}})
     return out
 
@@ -81,7 +85,7 @@ def mc_labeler(policy, tokenizer, cfg: PRMEvalConfig, mode: str):
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, do_sample=True)
 
     def labels(prob: dict, steps: list[str]) -> list[float]:
-        text = render_prompt(tokenizer, [{"role": "user", "content": prob["prompt"]}])
+        text = render_prompt(tokenizer, as_messages(prob["prompt"]))
 
         def continue_from(prefix: list[str], n: int) -> list[str]:
             ids = torch.tensor([encode(tokenizer, prefix_text(text, prefix, SEPARATOR))])
