@@ -350,3 +350,40 @@ def test_cli_prm_eval_runs_end_to_end(assets, tmp_path):
     assert rows and all(len(r["steps"]) == len(r["labels"]) for r in rows)
     samples = (out / "data" / "test_samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 * 4
+
+
+# ---------------------------------------------------------------- dense PRM rewards in PPO
+def test_prm_dense_reward_places_step_scores_on_policy_tokens():
+    """Each row gets coef * p_k exactly at the response token that ends step k (PRM scores computed alone)."""
+    from alignkit.rewards.prm import PRMDenseReward
+    from alignkit.rollout.engine import Rollout
+
+    model, tok = tiny_prm(seed=3)
+    scorer = PRMScorer(model, tok)
+    texts = ["1+1=2\n2*3=6\n", "Answer: 4"]
+    resp = [encode(tok, t) for t in texts]
+    width = max(len(r) for r in resp) + 1  # one padding column
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in resp])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in resp])
+    prompts = ["Q1 ", "Q2 "]
+    rollout = Rollout(prompt_ids=torch.ones(2, 1, dtype=torch.long), prompt_mask=torch.ones(2, 1, dtype=torch.long),
+                      response_ids=ids, response_mask=mask, has_eos=torch.tensor([False, False]),
+                      prompt_texts=prompts, response_texts=texts)
+    dense = PRMDenseReward(scorer, tok, coef=2.0)(rollout)
+    p0 = scorer.score_steps(["Q1 "], [["1+1=2", "2*3=6"]])[0]
+    p1 = scorer.score_steps(["Q2 "], [["Answer: 4"]])[0]
+    expected = torch.zeros(2, width)
+    expected[0, 5], expected[0, 11], expected[1, 8] = 2 * p0[0], 2 * p0[1], 2 * p1[0]
+    assert_close(dense, expected, atol=1e-6, rtol=0)
+
+
+def test_cli_ppo_with_dense_prm_rewards(assets, trained_prm, tmp_path):
+    out = tmp_path / "ppo"
+    paths = save_tiny_models(tmp_path / "m")
+    argv = ["ppo", f"model.name_or_path={assets['policy']}", f"ppo.reward_model={paths['reward']}",
+            f"data.train={assets['prompts']}", f"train.output_dir={out}", "ppo.rollout_batch_size=2",
+            "ppo.num_minibatches=1", "ppo.micro_batch_size=2", "ppo.ppo_epochs=1", "ppo.num_iterations=1",
+            "generation.max_new_tokens=8", "generation.batch_size=2", f"ppo.dense_prm={trained_prm / 'model'}"]
+    assert main(argv) == 0
+    (record,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"objective/kl"' in x]
+    assert "objective/dense_prm" in record and math.isfinite(record["objective/dense_prm"])

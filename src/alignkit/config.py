@@ -508,6 +508,11 @@ class PPOSection(Section):
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = Field(1.0, ge=0)
     """Score minus this for responses that never emit EOS (None: no penalty)."""
+    dense_prm: str | None = None
+    """A process reward model (``alignkit prm``): its step scores become per-token rewards at each step's last
+    token, added to r_t (dense reward; Math-Shepherd step-by-step PPO). docs/prm.md."""
+    dense_prm_coef: float = Field(1.0, gt=0)
+    """Scale of the dense PRM rewards."""
     save_every: int = Field(0, ge=0)
 
 

@@ -191,3 +191,22 @@ def dense_step_rewards(step_rewards: list[list[float]], step_ends: list[list[int
             if t < width:
                 out[i, t] += value
     return out
+
+
+class PRMDenseReward:
+    """Per-token PRM rewards of a rollout: ``coef * p_k`` at the policy's response token that ends step k
+    (``step_end_tokens``), 0 elsewhere; [B, R] on CPU (``dense_step_rewards``). The PRM scores the steps of the
+    decoded response (``split_steps``) after the rendered prompt; when the policy's own tokens split into a
+    different number of steps (a decode quirk), the first min(both) steps are used."""
+
+    def __init__(self, scorer: PRMScorer, policy_tokenizer, coef: float = 1.0):
+        self.scorer, self.policy_tokenizer, self.coef = scorer, policy_tokenizer, float(coef)
+
+    def __call__(self, rollout) -> Tensor:
+        sep = self.scorer.separator
+        responses = [ids[m.bool()].tolist() for ids, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
+        ends = [step_end_tokens(self.policy_tokenizer, r, sep) for r in responses]
+        scores = self.scorer.score_completions(rollout.prompt_texts, rollout.response_texts)
+        k = [min(len(s), len(e)) for s, e in zip(scores, ends)]
+        return self.coef * dense_step_rewards([s[:n] for s, n in zip(scores, k)], [e[:n] for e, n in zip(ends, k)],
+                                              rollout.response_ids.shape[1])
