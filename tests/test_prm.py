@@ -333,13 +333,16 @@ def test_cli_bon_with_prm_reward(assets, trained_prm, tmp_path):
         assert_close(again, torch.tensor([line["score"]]), atol=1e-5, rtol=0)
 
 
-def test_cli_prm_eval_runs_end_to_end(assets, tmp_path):
+@pytest.mark.parametrize("labels", ["verifier", "mc_soft"])
+def test_cli_prm_eval_runs_end_to_end(assets, tmp_path, labels):
     out = tmp_path / "ev"
     argv = ["prm-eval", f"model.name_or_path={assets['policy']}", f"output_dir={out}", "n_train_problems=3",
             "train_samples=2", "n_test_problems=3", "ns=[1,2,4]", "max_new_tokens=12", "train.max_steps=2",
-            "train.cpu=true", "beam_width=2", "beam_expand=2", "generation_batch_size=8"]
+            "train.cpu=true", "beam_width=2", "beam_expand=2", "generation_batch_size=8", f"labels={labels}",
+            "mc_rollouts=2"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["labels"] == labels
     table = summary["accuracy"]
     assert table["n"] == [1, 2, 4]
     assert set(table) == {"n", "majority_vote", "orm", "prm_min", "prm_product", "prm_last", "pass@n"}
@@ -348,6 +351,8 @@ def test_cli_prm_eval_runs_end_to_end(assets, tmp_path):
     assert (out / "accuracy_vs_n.png").stat().st_size > 0
     rows = [json.loads(x) for x in (out / "data" / "prm_train.jsonl").read_text().splitlines()]
     assert rows and all(len(r["steps"]) == len(r["labels"]) for r in rows)
+    allowed = {0.0, 0.5, 1.0} if labels == "mc_soft" else {True, False}  # soft: the fraction of 2 rollouts
+    assert all(v in allowed for r in rows for v in r["labels"])
     samples = (out / "data" / "test_samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 * 4
 
