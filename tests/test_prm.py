@@ -126,8 +126,8 @@ def test_step_scores_padding_invariant():
     width = max(len(r) for r, _ in rows)
     right = torch.tensor([r + [0] * (width - len(r)) for r, _ in rows])
     left = torch.tensor([[0] * (width - len(r)) + r for r, _ in rows])
-    rmask, lmask = (torch.arange(width) < torch.tensor([[len(r)] for r, _ in rows])).long(), None
-    lmask = rmask.flip(-1)
+    rmask = (torch.arange(width) < torch.tensor([[len(r)] for r, _ in rows])).long()  # [2, T] right-padded
+    lmask = rmask.flip(-1)  # the same rows padded on the left
     with torch.no_grad():
         zr, zl = token_logits(model, right, rmask), token_logits(model, left, lmask)
     for i, (r, ends) in enumerate(rows):
