@@ -420,7 +420,7 @@ def test_arithmetic_train_test_disjoint_and_correct():
 
 
 def test_builtin_registry():
-    assert set(BUILTIN_DATASETS) == {"hhh", "sentiment", "sft_demos", "arithmetic", "arithmetic_1digit", "safety"}
+    assert set(BUILTIN_DATASETS) == {"hhh", "sentiment", "sft_demos", "arithmetic", "arithmetic_1digit", "safety", "chain_arithmetic"}
     easy_train, easy_test = load_builtin("builtin:arithmetic_1digit", "train"), load_builtin("builtin:arithmetic_1digit", "test")
     assert (len(easy_train), len(easy_test)) == (180, 45)
     assert {r["question"] for r in easy_train}.isdisjoint(r["question"] for r in easy_test)

@@ -11,7 +11,7 @@ from alignkit.data.builtin import BUILTIN_DATASETS, BUILTIN_PREFIX
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIGS.glob("*.yaml"))
-COMMAND_OF = {"sft": "sft", "rm": "rm", "dpo": "dpo", "kto": "kto", "grpo_arithmetic": "grpo"}
+COMMAND_OF = {"sft": "sft", "rm": "rm", "dpo": "dpo", "kto": "kto", "grpo_arithmetic": "grpo", "prm_arithmetic": "prm-eval"}
 
 
 def leaves(tree, prefix: str = ""):
@@ -49,6 +49,10 @@ def test_shipped_config_loads_with_every_value_as_written(path):
         assert got == value, f"{path.name}: {key} = {value!r} in the file, {got!r} loaded"
     if not hasattr(cfg, "train"):  # no training section (alignkit eval, the cai pipeline): one output_dir
         assert cfg.output_dir == raw["output_dir"] == f"runs/{path.stem}"
+        return
+    if "output_dir" in raw:  # an experiment (prm-eval): its own output_dir; its training runs go below it
+        assert cfg.output_dir == raw["output_dir"] == f"runs/{path.stem}"
+        assert cfg.train.output_dir.startswith(cfg.output_dir + "/")
         return
     assert cfg.train.output_dir == raw["train"]["output_dir"] == f"runs/{path.stem}"
     assert cfg.data.train == raw["data"]["train"]

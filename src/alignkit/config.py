@@ -392,7 +392,7 @@ CALLABLE_REWARD_SIGNATURE = "def score(prompts: list[str], completions: list[str
 
 
 class RewardComponent(Section):
-    type: Literal["model", "arithmetic", "format", "length", "callable", "vader"]
+    type: Literal["model", "arithmetic", "format", "length", "callable", "vader", "prm"]
     weight: float = 1.0
     name: str | None = None
     """Logged as rewards/<name>; defaults to the type."""
@@ -406,10 +406,12 @@ class RewardComponent(Section):
     """``length``: reward -|len(tokens)-target|/target (characters when no tokenizer)."""
     normalize: bool = True
     """``model``: apply the normalisation gain/bias stored with the reward model, if any."""
+    aggregation: Literal["min", "product", "last"] = "min"
+    """``prm``: a solution's score from its step scores (min, product or the last step's)."""
 
     @model_validator(mode="after")
     def _needs(self) -> "RewardComponent":
-        need = {"model": "path", "callable": "path", "format": "pattern", "length": "target_length"}.get(self.type)
+        need = {"model": "path", "prm": "path", "callable": "path", "format": "pattern", "length": "target_length"}.get(self.type)
         if need and getattr(self, need) is None:
             raise ValueError(f"reward component of type {self.type!r} needs '{need}'")
         if self.type == "callable" and ":" not in (self.path or ""):
@@ -522,6 +524,11 @@ class PPOSection(Section):
     whiten_rewards: bool = False
     missing_eos_penalty: float | None = Field(1.0, ge=0)
     """Score minus this for responses that never emit EOS (None: no penalty)."""
+    dense_prm: str | None = None
+    """A process reward model (``alignkit prm``): its step scores become per-token rewards at each step's last
+    token, added to r_t (dense reward; Math-Shepherd step-by-step PPO). docs/prm.md."""
+    dense_prm_coef: float = Field(1.0, gt=0)
+    """Scale of the dense PRM rewards."""
     save_every: int = Field(0, ge=0)
 
 
@@ -978,6 +985,56 @@ class W2SConfig(Section):
     """Weight α of the auxiliary confidence loss after the warm-up (Burns et al. use 0.75 for large gaps)."""
     aux_warmup_frac: float = Field(0.2, ge=0, le=1)
     """Share of the steps over which α rises linearly from 0."""
+
+
+# ---------------------------------------------------------------- process reward models (alignkit prm, prm-eval)
+class StepwiseDataConfig(DataConfig):
+    step_separator: str = "\n"
+    """Text ending each step; the PRM reads a step's score at the separator's last token."""
+
+
+class PRMConfig(Section):
+    """``alignkit prm``: a token-classifier process reward model on stepwise data ``{"prompt", "steps",
+    "labels"}``, BCE at each step separator (Lightman et al. 2023; Math-Shepherd)."""
+
+    model: ModelConfig = ModelConfig()
+    data: StepwiseDataConfig = StepwiseDataConfig()
+    train: TrainConfig = TrainConfig(output_dir="runs/prm", lr=1e-5)
+
+
+class PRMEvalConfig(Section):
+    """``alignkit prm-eval``: accuracy against n of PRM best-of-n, outcome-RM best-of-n and majority vote on
+    held-out chained-arithmetic problems; the PRM and ORM are trained on the policy's own verified samples."""
+
+    model: ModelConfig = ModelConfig(name_or_path="smollm2-135m-instruct")
+    """The policy that samples solutions; the PRM and ORM start from the same checkpoint."""
+    output_dir: str = "runs/prm_eval"
+    seed: int = 0
+    n_ops: int = Field(2, gt=0)
+    """Operations per problem."""
+    max_operand: int = Field(9, gt=0)
+    n_train_problems: int = Field(40, gt=0)
+    train_samples: int = Field(8, gt=0)
+    """Solutions sampled per training problem; the verifier labels their steps (PRM) and outcomes (ORM)."""
+    labels: Literal["verifier", "mc_hard", "mc_soft"] = "verifier"
+    """Step labels: the rule verifier, or Math-Shepherd Monte-Carlo rollouts (hard: any / soft: fraction right)."""
+    mc_rollouts: int = Field(4, gt=0)
+    """Completions per step prefix for Monte-Carlo labels."""
+    n_test_problems: int = Field(40, gt=0)
+    ns: list[int] = [1, 2, 4, 8, 16]
+    """Best-of-n sizes; max(ns) solutions are sampled per test problem and every n is estimated from them."""
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.7, gt=0)
+    generation_batch_size: int = Field(64, gt=0)
+    """Rows (problem x sample) per generate() call."""
+    prm_aggregations: list[Literal["min", "product", "last"]] = ["min", "product", "last"]
+    train: TrainConfig = TrainConfig(output_dir="runs/prm_eval/prm", lr=1e-4, epochs=2, batch_size=8, scheduler="constant")
+    """Training settings of the PRM and the ORM (their output_dir is replaced by ``<output_dir>/prm`` and ``/orm``)."""
+    lora: LoraConfig = LoraConfig(enabled=True, r=16, alpha=32)
+    beam_width: int = Field(0, ge=0)
+    """> 0: also run PRM-guided step-level beam search with this many beams on the test problems."""
+    beam_expand: int = Field(4, gt=0)
+    """Step candidates sampled per beam in beam search."""
 
 
 class QuickstartConfig(Section):

@@ -11,7 +11,8 @@ One iteration:
   1. rollout: ``rollout_batch_size`` prompts, one response each (``generation.*``);
   2. experience (no grad): log pi and log pi_ref of the response tokens (logits / temperature), values,
      score s = r_phi(x, y) (+ extra components, - missing-EOS penalty), per-token reward
-     r_t = -beta (log pi_t - log pi_ref_t) + s·[t = last] (``ops.kl_penalized_rewards``), GAE
+     r_t = -beta (log pi_t - log pi_ref_t) + s·[t = last] (``ops.kl_penalized_rewards``) (with ``ppo.dense_prm``
+     + c·p_k at the token ending step k, a process reward model's step score), GAE
      advantages/returns, advantages whitened over the whole batch (every process's tokens);
   3. ``ppo_epochs`` epochs, each a fresh permutation split into ``num_minibatches`` minibatches of
      ``micro_batch_size`` micro-batches (grad accumulation): loss = pg_loss + vf_coef * vf_loss,
@@ -38,6 +39,7 @@ from alignkit.ops.advantages import compute_gae, kl_penalized_rewards
 from alignkit.ops.kl import AdaptiveKLController, FixedKLController
 from alignkit.ops.seeds import derive_seed
 from alignkit.ops.stats import masked_sum, masked_whiten
+from alignkit.rewards.prm import PRMDenseReward, load_prm_scorer
 from alignkit.rollout.engine import Rollout, response_logprobs
 
 
@@ -122,7 +124,7 @@ def whitened_advantages(rewards: Tensor, values: Tensor, response_mask: Tensor, 
 class Experience:
     """Everything PPO needs from a rollout, computed once with the pre-update models (all [B, R] unless noted)."""
 
-    def __init__(self, run: OnlineRun, batch, kl_coef: float) -> None:
+    def __init__(self, run: OnlineRun, batch, kl_coef: float, dense_reward=None) -> None:
         ppo, mbs = run.cfg.ppo, run.cfg.ppo.micro_batch_size
         self.rollout, self.kl_coef = batch.rollout, kl_coef
         self.logprobs, self.entropy = run.policy_logprobs(self.rollout, mbs)
@@ -132,6 +134,10 @@ class Experience:
         self.scores, self.raw_scores, self.parts = batch.rewards.to(run.device), batch.scores, batch.parts  # [B]
         self.rewards, self.kl = kl_penalized_rewards(self.logprobs, self.ref_logprobs, self.scores,
                                                      self.rollout.response_mask, kl_coef)
+        self.dense = None
+        if dense_reward is not None:  # ppo.dense_prm: PRM step scores at the tokens that end the steps
+            self.dense = dense_reward(self.rollout).to(self.rewards)  # [B, R]
+            self.rewards = self.rewards + self.dense
         self.advantages, self.returns = whitened_advantages(self.rewards, self.values, self.rollout.response_mask,
                                                             ppo.gamma, ppo.lam, ppo.whiten_rewards, run.all_sum)
 
@@ -209,6 +215,8 @@ def iteration_metrics(run: OnlineRun, exp: Experience, mb_stats: list[dict[str, 
         "kl_coef": exp.kl_coef,
     }
     metrics.update({k: float(v.float().mean()) for k, v in exp.parts.items()})
+    if exp.dense is not None:
+        metrics["objective/dense_prm"] = float(exp.dense.sum(1).mean())
     for key in mb_stats[0]:
         values = [s[key] for s in mb_stats]
         metrics[key] = min(values) if key == "policy/ratio_min" else max(values) if key == "policy/ratio_max" \
@@ -229,12 +237,17 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
     kl_ctl = build_kl_controller(ppo)
     if "kl_ctl" in run.state:
         kl_ctl.load_state_dict(run.state["kl_ctl"])
+    dense = None
+    if ppo.dense_prm:
+        scorer = load_prm_scorer(ppo.dense_prm)
+        scorer.model.to(run.device)
+        dense = PRMDenseReward(scorer, run.tokenizer, ppo.dense_prm_coef)
     run.evaluate_before()
     metrics: dict[str, float] = {}
     for iteration in run.iterations(ppo.num_iterations):
         lr = run.lr
         batch = run.sample(*run.next_prompts(ppo.rollout_batch_size))
-        exp = Experience(run, batch, kl_ctl.value)
+        exp = Experience(run, batch, kl_ctl.value, dense)
         mb_stats = ppo_update(run, exp, iteration)
         metrics = {**iteration_metrics(run, exp, mb_stats), "lr": lr}
         kl_ctl.update(run.reduce_metrics({"kl": metrics["objective/kl"]})["kl"], n_steps=ppo.rollout_batch_size)

@@ -36,6 +36,11 @@ Usable in configs as ``data.train = "builtin:<name>"`` (see :data:`BUILTIN_DATAS
     The same with small operands (reasoning_gym's one-digit range, which reaches 10; 180 train / 45 test of the
     ~240 distinct questions): the level where SmolLM2-135M is right often enough for GRPO's group baseline to
     see differences.
+
+``builtin:chain_arithmetic``
+    Chained operations for process reward models ("Start with 7. Add 5. Multiply by 3."), two operations on
+    one-digit numbers, with the chain (``start``, ``ops``, ``intermediates``) for step verification
+    (``alignkit.data.chains``); train 200 / test 50, disjoint.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Callable
 
+from alignkit.data.chains import chain_arithmetic_problems
 from alignkit.models.embedded import AssetError, _log, cache_dir, cached, ensure_cached, sha256_file
 
 SPLITS = ("train", "test")
@@ -617,6 +623,7 @@ BUILTIN_DATASETS: dict[str, Callable[[str], list[dict[str, Any]]]] = {
     "arithmetic": lambda split: arithmetic_prompts(split, n=200 if split == "train" else 100),
     "safety": safety_prompts,
     "arithmetic_1digit": lambda split: arithmetic_prompts(split, n=180 if split == "train" else 45, max_digits=1),
+    "chain_arithmetic": lambda split: chain_arithmetic_problems(split, n=200 if split == "train" else 50),
 }
 BUILTIN_PREFIX = "builtin:"
 

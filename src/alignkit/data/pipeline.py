@@ -8,13 +8,14 @@ import torch
 
 from alignkit.config import DataConfig
 from alignkit.data.formats import load_examples
-from alignkit.data.tokenize import tokenize_kto, tokenize_preference, tokenize_prompts, tokenize_sft
+from alignkit.data.tokenize import tokenize_kto, tokenize_preference, tokenize_prompts, tokenize_sft, tokenize_stepwise
 
 TOKENIZERS = {
     "sft": tokenize_sft,
     "preference": tokenize_preference,
     "kto": tokenize_kto,
     "prompt": tokenize_prompts,
+    "stepwise": tokenize_stepwise,
 }
 
 

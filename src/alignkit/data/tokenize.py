@@ -247,3 +247,66 @@ def tokenize_prompts(
         return {"prompt_input_ids": prompt.ids, "prompt_text": prompt.text, "extras": extras}
 
     return _map(examples, data_cfg, one)
+
+
+# ---------------------------------------------------------------- stepwise (process reward models)
+# A stepwise sequence is ``prompt_ids + enc(step_1) + enc(sep) + enc(step_2) + enc(sep) + ...``: each step is
+# tokenised on its own and followed by the separator's tokens, so the position where a PRM reads step k's score
+# (the LAST separator token after step k, ``step_ends[k]``) is exact, whatever the tokenizer would merge across a
+# boundary. Training (``tokenize_stepwise``) and scoring (``alignkit.rewards.prm``) build sequences this way.
+def split_steps(text: str, separator: str = "\n") -> list[str]:
+    """The steps of a solution: ``text`` split on ``separator``, each stripped, empty ones dropped.
+
+    "7 + 5 = 12\\n\\n12 * 3 = 36\\n" -> ["7 + 5 = 12", "12 * 3 = 36"].
+    """
+    if not separator:
+        raise ValueError("the step separator must be a non-empty string")
+    return [s.strip() for s in text.split(separator) if s.strip()]
+
+
+def encode_steps(tokenizer: Any, prompt_ids: list[int], steps: list[str], separator: str) -> tuple[list[int], list[int]]:
+    """``(input_ids, step_ends)``: prompt + each step followed by the separator; ``step_ends[k]`` is the index of
+    the last separator token after step k (where its score is read)."""
+    sep_ids = encode(tokenizer, separator)
+    if not sep_ids:
+        raise ValueError(f"the step separator {separator!r} encodes to no tokens")
+    ids, ends = list(prompt_ids), []
+    for step in steps:
+        ids += encode(tokenizer, step) + sep_ids
+        ends.append(len(ids) - 1)
+    return ids, ends
+
+
+def tokenize_stepwise(
+    examples: list[dict[str, Any]], tokenizer: Any, data_cfg: Any
+) -> tuple[list[dict], TruncationStats]:
+    """Stepwise examples -> ``{"input_ids", "step_ends", "labels"}`` (labels as floats in [0, 1]); the separator is
+    ``data_cfg.step_separator`` (default newline).
+
+    A solution longer than ``max_length`` keeps its first steps that fit (a cut step would have no separator to
+    score); a label outside [0, 1] is a ``DataError`` naming the record and field ``labels[k]``.
+    """
+
+    separator = getattr(data_cfg, "step_separator", "\n")
+
+    def one(ex: dict[str, Any], stats: TruncationStats) -> dict[str, Any]:
+        labels = []
+        for k, lab in enumerate(ex["labels"]):
+            value = float(lab)
+            if not 0.0 <= value <= 1.0:
+                source, line, unit = _where(ex)
+                raise DataError(source, line, f"labels[{k}]", f"expected a bool or a number in [0, 1] (the "
+                                f"probability the step is correct), got {lab!r}", unit=unit)
+            labels.append(value)
+        prompt = _encode_prompt(ex, tokenizer, data_cfg)
+        ids, ends = encode_steps(tokenizer, prompt.ids, ex["steps"], separator)
+        kept = sum(1 for e in ends if e < data_cfg.max_length)
+        if kept == 0:
+            source, line, unit = _where(ex)
+            raise DataError(source, line, "steps[0]", f"the first step does not fit in max_length "
+                            f"{data_cfg.max_length} after a {len(prompt.ids)}-token prompt", unit=unit)
+        cut = kept < len(ends)
+        _record(stats, prompt, [(len(ids) - len(prompt.ids), cut)])
+        return {"input_ids": ids[: ends[kept - 1] + 1], "step_ends": ends[:kept], "labels": labels[:kept]}
+
+    return _map(examples, data_cfg, one)

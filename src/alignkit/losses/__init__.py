@@ -13,6 +13,7 @@ from alignkit.losses.preference import (
     orpo_loss,
     simpo_loss,
 )
+from alignkit.losses.prm import prm_step_loss
 from alignkit.losses.reward import bradley_terry_loss, soft_bradley_terry_loss
 from alignkit.losses.sft import sft_loss
 
@@ -32,6 +33,7 @@ __all__ = [
     "orpo_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "prm_step_loss",
     "sft_loss",
     "simpo_loss",
     "soft_bradley_terry_loss",

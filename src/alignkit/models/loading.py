@@ -17,7 +17,12 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+)
 
 from alignkit.config import LoraConfig, ModelConfig
 from alignkit.io_utils import atomic_save_dir
@@ -242,6 +247,40 @@ def load_reward_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
         return freeze(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type="SEQ_CLS")
+    elif cfg.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+    return model
+
+
+def load_prm_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
+    """Process reward model: a token classifier with one output, a scalar head on every position's hidden state
+    (read at the step separators; ``alignkit.rewards.prm``). A checkpoint that is not a token classifier gets a
+    fresh head initialised like a reward model's."""
+    path = resolve_path(cfg.name_or_path)
+    model = _wrap_load(
+        lambda: AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+            **_extra_kwargs(cfg),
+        ),
+        cfg.name_or_path,
+        "process reward model",
+    )
+    archs = getattr(model.config, "architectures", None) or []
+    _fit_vocab(model, tokenizer)
+    disable_dropout(model)
+    if not any("TokenClassification" in a for a in archs):
+        head = find_score_head(model, per_position=True)
+        if head is not None:
+            init_reward_head(head)
+    if not trainable:
+        return freeze(model)
+    if cfg.lora.enabled:
+        lora = cfg.lora
+        if lora.target_modules == "all-linear":  # peft's all-linear would wrap the head too (it spares it for SEQ_CLS only)
+            names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and m is not find_score_head(model, per_position=True)}
+            lora = lora.model_copy(update={"target_modules": sorted(names)})
+        model = apply_lora(model, lora, task_type="TOKEN_CLS")
     elif cfg.freeze_embeddings:
         model.get_input_embeddings().requires_grad_(False)
     return model

@@ -94,6 +94,21 @@ def _model_scorer(comp: RewardComponent, reward_models: dict, policy_tokenizer=N
     return _OwnPromptFormat(view)
 
 
+def _prm_scorer(comp: RewardComponent, reward_models: dict, policy_tokenizer=None):
+    """A process reward model's aggregated solution score; one loaded model per path (key ``prm:<path>``)."""
+    from alignkit.rewards.prm import PRMScorer, load_prm_scorer
+
+    key = f"prm:{comp.path}"
+    cached = reward_models.get(key)
+    if cached is None:
+        cached = reward_models[key] = load_prm_scorer(comp.path)
+    view = PRMScorer(cached.model, cached.tokenizer, aggregation=comp.aggregation, separator=cached.separator,
+                     batch_size=cached.batch_size, name=comp.name or comp.type)
+    if policy_tokenizer is None or policy_tokenizer.get_vocab() == cached.tokenizer.get_vocab():
+        return view
+    return _OwnPromptFormat(view)
+
+
 class _OwnPromptFormat:
     """A reward model scored on the prompt rendered in ITS format (``render_prompt`` with its own tokenizer: e.g.
     plain ``"<user text>\n\n"`` for an encoder), as ``alignkit rm`` trained it, not the policy's chat markup."""
@@ -122,6 +137,8 @@ def build_component(comp: RewardComponent, tokenizer=None, reward_models: dict |
     name = comp.name or comp.type
     if comp.type == "model":
         return _model_scorer(comp, reward_models if reward_models is not None else {}, tokenizer)
+    if comp.type == "prm":
+        return _prm_scorer(comp, reward_models if reward_models is not None else {}, tokenizer)
     if comp.type == "arithmetic":
         return _Named(rules.arithmetic_reward, name)
     if comp.type == "format":
