@@ -168,6 +168,26 @@ class RMSection(Section):
     """InstructGPT batching: all K-choose-2 pairs of one prompt in one batch, one forward per response."""
     margin: bool = False
     """Use a record's optional ``margin`` field in the loss (Llama 2)."""
+    # -- ensembles and multi-objective heads (docs/reward_models.md)
+    ensemble_size: int = Field(1, ge=1)
+    """K > 1: an ensemble of K members saved as one directory (``ensemble.json`` + members); its members are always
+    normalised on the reference samples (``rm.normalize_data``, default the train responses)."""
+    ensemble_mode: Literal["seeds", "heads"] = "seeds"
+    """``seeds``: K full models on seeds ``train.seed + k`` (and bootstrap resamples); ``heads``: K heads on one
+    shared backbone (cheap; Poisson(1) bootstrap weights per head)."""
+    bootstrap: bool = True
+    """Ensembles: each member trains on its own bootstrap resample of the training prompts (pairs, for heads)."""
+    heads: list[str] | None = None
+    """Multi-objective: one named output per objective (e.g. [helpful, harmless, honest, other]); a pair trains only
+    the head of its ``category`` (or ``subset``, as BIG-bench HHH records carry) field, every head without one."""
+
+    @model_validator(mode="after")
+    def _ensemble_or_heads(self) -> "RMSection":
+        if self.heads is not None and self.ensemble_size > 1:
+            raise ValueError("rm.heads (multi-objective) and rm.ensemble_size > 1 cannot be combined")
+        if self.heads is not None and (not self.heads or len(set(self.heads)) != len(self.heads)):
+            raise ValueError(f"rm.heads must be distinct names, got {self.heads}")
+        return self
 
 
 class RMConfig(Section):
@@ -403,6 +423,14 @@ class RewardComponent(Section):
     """``length``: reward -|len(tokens)-target|/target (characters when no tokenizer)."""
     normalize: bool = True
     """``model``: apply the normalisation gain/bias stored with the reward model, if any."""
+    # -- reward-model ensembles and multi-objective heads (docs/reward_models.md)
+    head: str | None = None
+    """``model``: which named output of a multi-objective reward model (``rm.heads``) is this component's score."""
+    aggregate: Literal["mean", "min", "uwo", "lcb"] = "mean"
+    """``model`` with an ensemble directory (``rm.ensemble_size`` > 1): mean; min (worst case); uwo = mean -
+    lambda * variance; lcb = mean - lambda * std, over the members normalised on reference samples."""
+    aggregate_lambda: float = Field(1.0, ge=0)
+    """The lambda of ``aggregate: uwo`` and ``aggregate: lcb``."""
 
     @model_validator(mode="after")
     def _needs(self) -> "RewardComponent":
@@ -414,6 +442,22 @@ class RewardComponent(Section):
         return self
 
 
+# -- constrained rewards (Safe RLHF; docs/reward_models.md)
+class RewardConstraint(Section):
+    """Maximise the other components subject to E[component ``name``] >= ``threshold``: reward
+    R = sum_{k != name} w_k r_k + lambda * r_name, with lambda <- max(0, lambda + lr * (threshold - batch mean of
+    r_name)) after every iteration (Dai et al. 2023, Safe RLHF; the cost form with c = -r_name, d = -threshold)."""
+
+    name: str
+    """The constrained component (its ``name``, or its type when unnamed)."""
+    threshold: float
+    lr: float = Field(0.1, gt=0)
+    """eta, the multiplier's step size."""
+    lambda_init: float = Field(0.0, ge=0)
+    lambda_max: float | None = Field(None, gt=0)
+    """Optional cap on lambda."""
+
+
 class RewardSection(Section):
     components: list[RewardComponent] = []
     """Reward terms summed with their weights, R = sum_k weight_k * r_k, each logged as rewards/<name>. Fields of
@@ -423,6 +467,8 @@ class RewardSection(Section):
     missing_eos_penalty: float | None = None
     """Responses that never emit EOS: score -= penalty (``missing_eos_mode=subtract``) or score := -penalty (``set``)."""
     missing_eos_mode: Literal["subtract", "set"] = "subtract"
+    constraint: RewardConstraint | None = None
+    """A Lagrangian constraint on one component (online methods update the multiplier once per iteration)."""
 
 
 class JudgeConfig(Section):

@@ -20,3 +20,15 @@ def bradley_terry_loss(
     if margin is not None:
         logits = logits - margin
     return -F.logsigmoid(logits)
+
+
+def masked_bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, weight: Tensor) -> Tensor:
+    """Bradley-Terry loss of H reward heads, each pair weighted per head:
+
+        L[p, h] = w[p, h] * -log sigma(r_h(x, y_w) - r_h(x, y_l))
+
+    w masks the heads a pair does not train (multi-objective heads: 1 for the head of the pair's category, else 0)
+    or carries a bootstrap count (a heads-ensemble: w ~ Poisson(1), the online bootstrap). Inputs [P, H]; returns
+    [P, H]; the caller divides the sum by sum(w). Equal scores at w = 1 give log 2.
+    """
+    return weight * bradley_terry_loss(chosen_rewards, rejected_rewards)  # [P, H]
