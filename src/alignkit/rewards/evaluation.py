@@ -34,14 +34,15 @@ LENGTH_WARNING = 0.3
 def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 10) -> tuple[float, list[dict]]:
     """ECE = sum_b (n_b/n) |acc_b - conf_b| over ``n_bins`` equal-width bins of ``probs`` in [0, 1].
 
-    probs, labels: [n] (labels 0/1). Bin b holds p in [b/B, (b+1)/B) (the last bin includes 1). Returns the ECE
+    probs, labels: [n] (labels 0/1). Bin b holds p in [b/B, (b+1)/B) (the last bin includes 1; a p within 1e-6
+    below an edge counts as on it, so float32 inputs bin as written). Returns the ECE
     and the non-empty bins as ``{"lo", "hi", "n", "confidence", "accuracy"}``.
     """
     probs, labels = probs.double().flatten(), labels.double().flatten()
     if probs.shape != labels.shape or probs.numel() == 0:
         raise ValueError(f"probs and labels must be the same non-empty shape, got {tuple(probs.shape)} and "
                          f"{tuple(labels.shape)}")
-    idx = (probs * n_bins).long().clamp(0, n_bins - 1)  # [n]
+    idx = (probs * n_bins + 1e-6).floor().long().clamp(0, n_bins - 1)  # [n]; 1e-6: float32 0.9 is on edge 0.9
     ece, bins = 0.0, []
     for b in range(n_bins):
         sel = idx == b
