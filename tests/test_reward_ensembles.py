@@ -286,3 +286,23 @@ def test_constrained_grpo_logs_lambda_and_resumes_it(assets, tmp_path):
     lam = [x["rewards/lambda"] for x in lines if "rewards/lambda_next" in x]
     assert lam == pytest.approx([0.0, 0.1, 0.2])
     assert [x["rewards/lambda_next"] for x in lines if "rewards/lambda_next" in x] == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_rm_eval_command_on_an_ensemble_and_a_single_model(assets, seeds_ensemble, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["rm-eval", f"model={seeds_ensemble / 'model'}", f"data={assets['prefs']}", f"output_dir={out}"]) == 0
+    report = json.loads((out / "rm_eval.json").read_text())
+    assert report["n_pairs"] == 4 and report["n_members"] == 3 and 0.0 <= report["ece"] <= 1.0
+    assert set(report["accuracy_by_category"]) == {"helpful", "harmless"}
+    assert (out / "reliability.png").stat().st_size > 0
+    # the ensemble report equals the one `alignkit rm` printed after training (same pairs, same scores)
+    trained = json.loads((seeds_ensemble / "rm_eval.json").read_text())
+    for key in ("accuracy", "margin", "ece", "member_accuracy", "disagreement_margin_std", "length_correlation"):
+        assert report[key] == pytest.approx(trained[key], abs=1e-5), key
+    out = tmp_path / "ev1"
+    assert main(["rm-eval", f"model={seeds_ensemble / 'model' / 'member_1'}", f"data={assets['prefs']}",
+                 f"output_dir={out}"]) == 0
+    assert json.loads((out / "rm_eval.json").read_text())["n_members"] == 1
+    capsys.readouterr()
+    assert main(["rm-eval", f"data={assets['prefs']}", f"output_dir={tmp_path / 'ev2'}"]) == 1
+    assert "rm-eval needs model" in capsys.readouterr().err

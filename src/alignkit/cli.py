@@ -45,6 +45,7 @@ COMMANDS: dict[str, Command] = {
                   "rejection-sampling fine-tuning: best-of-n outputs become SFT data, iterated"),
     "quickstart": Command(C.QuickstartConfig, "alignkit.pipelines.quickstart:run",
                           "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
+    "rm-eval": Command(C.RMEvalConfig, "alignkit.eval.rm_eval:run", "evaluate a reward model or ensemble on held-out pairs"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
 }

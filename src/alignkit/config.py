@@ -705,6 +705,33 @@ class OnlineDPOConfig(OnlineConfig):
     online_dpo: OnlineDPOSection = OnlineDPOSection()
 
 
+# ---------------------------------------------------------------- reward models that resist hacking (helper ens):
+# rm-eval and the over-optimisation lab (docs/reward_models.md)
+class RMEvalConfig(Section):
+    """Evaluate a reward model or ensemble on held-out preference pairs (accuracy by category, calibration,
+    length correlation, members' disagreement)."""
+
+    model: str = ""
+    """A reward model (``alignkit rm``'s ``<output_dir>/model``) or an ensemble directory (with ``ensemble.json``)."""
+    data: str = ""
+    """Preference pairs (JSONL/Parquet/datasets dir, or builtin:hhh, read from its test split); a ``category`` (or
+    ``subset``) field gives per-category accuracy and picks a multi-objective model's head."""
+    max_length: int = Field(512, gt=0)
+    max_prompt_length: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    n_bins: int = Field(10, gt=1)
+    """Equal-width bins of the expected calibration error and the reliability plot."""
+    output_dir: str = "runs/rm_eval"
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "output_dir")
+
+
+# ---------------------------------------------------------------- end of helper ens's block
+
+
 class QuickstartConfig(Section):
     """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 8 minutes)."""
 
