@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {
     "quickstart": Command(C.QuickstartConfig, "alignkit.pipelines.quickstart:run",
                           "the whole pipeline on the embedded model: SFT -> preferences -> reward model -> DPO, with a report"),
     "rm-eval": Command(C.RMEvalConfig, "alignkit.eval.rm_eval:run", "evaluate a reward model or ensemble on held-out pairs"),
+    "overopt": Command(C.OverOptConfig, "alignkit.pipelines.overopt:run",
+                       "over-optimisation lab: proxies of several sizes + an ensemble, best-of-n and PPO, Gao's fits"),
     "online-dpo": Command(C.OnlineDPOConfig, "alignkit.algorithms.online_dpo:train",
                           "online / iterative DPO: sample pairs from the current policy, label, update"),
 }

@@ -729,6 +729,90 @@ class RMEvalConfig(Section):
         return check_output_dir_value(v, "output_dir")
 
 
+class OverOptConfig(Section):
+    """The over-optimisation lab (Gao, Schulman & Hilton 2023, in miniature) on the quickstart's sentiment task with
+    VADER as gold: proxies trained on gold-labelled pairs of several sizes plus an ensemble; best-of-n and PPO against
+    each; gold and proxy against sqrt(KL) with the fitted scaling laws. The default is sized (by estimate) for about
+    15 minutes on a 2-core CPU; raise the counts on a GPU."""
+
+    output_dir: str = "runs/overopt"
+    seed: int = 0
+    policy: str = "smollm2-135m-instruct"
+    """The initial policy (and the reference of every KL)."""
+    reward_model: str = "minilm"
+    """Backbone of every proxy reward model."""
+    gold: str = "vader"
+    """``vader``, or ``file.py:function`` / ``module:function`` taking response texts, returning one float each."""
+    n_collect_prompts: int = Field(40, gt=0)
+    """Training prompts sampled for the gold-labelled pair pool (of the 198 sentiment train prompts)."""
+    samples_per_prompt: int = Field(8, ge=2)
+    """Policy samples per collection prompt; the pool is every K-choose-2 pair labelled by gold (ties dropped)."""
+    label_sizes: list[int] = [250, 1000]
+    """One proxy per size: trained on that many gold-labelled pairs (nested random subsets of the pool)."""
+    ensemble_size: int = Field(3, ge=0)
+    """Members of the ensemble proxy (0: none), trained on ``ensemble_labels`` pairs, each on its own seed and
+    bootstrap resample."""
+    ensemble_labels: int | None = Field(None, gt=0)
+    """Default: the largest of ``label_sizes``."""
+    ensemble_aggregate: Literal["mean", "min", "uwo", "lcb"] = "lcb"
+    ensemble_lambda: float = Field(1.0, ge=0)
+    rm_epochs: int = Field(2, gt=0)
+    rm_lr: float = Field(1e-4, gt=0)
+    n_eval_prompts: int = Field(24, gt=0)
+    """Held-out prompts (of the 42 sentiment test prompts) for best-of-n and the RL checkpoints."""
+    bon_n: int = Field(16, ge=2)
+    """N samples per held-out prompt: best-of-n for n = 1..N by the unbiased estimator."""
+    rl_proxies: list[str] | None = None
+    """Proxies optimised by PPO: ``rm_<size>`` or ``ensemble``; default the largest single proxy and the ensemble."""
+    rl_iterations: int = Field(8, ge=0)
+    rl_eval_every: int = Field(2, gt=0)
+    """A PPO checkpoint every N iterations is evaluated (gold, proxy, KL measured from its samples)."""
+    rl_eval_samples: int = Field(2, gt=0)
+    """Samples per held-out prompt at each RL checkpoint (the KL is measured on all of them)."""
+    ppo_rollout_batch_size: int = Field(16, gt=0)
+    ppo_lr: float = Field(5e-4, gt=0)
+    ppo_kl_coef: float = Field(0.05, ge=0)
+    lora_layers: int = Field(6, gt=0)
+    lora_r: int = Field(16, gt=0)
+    value_layers: int = Field(4, gt=0)
+    max_new_tokens: int = Field(24, gt=0)
+    generation_batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Cap every reward-model training at this many optimizer steps (smoke runs)."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no(cls, v):
+        return "no" if v is False else v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "output_dir")
+
+    def proxy_names(self) -> list[str]:
+        return [f"rm_{n}" for n in self.label_sizes] + (["ensemble"] if self.ensemble_size > 1 else [])
+
+    def rl_proxy_names(self) -> list[str]:
+        if self.rl_proxies is not None:
+            return list(self.rl_proxies)
+        return [f"rm_{max(self.label_sizes)}"] + (["ensemble"] if self.ensemble_size > 1 else [])
+
+    @model_validator(mode="after")
+    def _names(self) -> "OverOptConfig":
+        if not self.label_sizes or any(n < 2 for n in self.label_sizes) or len(set(self.label_sizes)) != len(
+                self.label_sizes):
+            raise ValueError(f"label_sizes must be distinct numbers >= 2, got {self.label_sizes}")
+        if self.ensemble_size == 1:
+            raise ValueError("ensemble_size must be 0 (no ensemble) or >= 2")
+        unknown = [n for n in self.rl_proxy_names() if n not in self.proxy_names()]
+        if unknown:
+            raise ValueError(f"rl_proxies {unknown} are not proxies of this lab; choose from {self.proxy_names()}")
+        return self
+
+
 # ---------------------------------------------------------------- end of helper ens's block
 
 
