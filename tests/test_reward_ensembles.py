@@ -306,3 +306,11 @@ def test_rm_eval_command_on_an_ensemble_and_a_single_model(assets, seeds_ensembl
     capsys.readouterr()
     assert main(["rm-eval", f"data={assets['prefs']}", f"output_dir={tmp_path / 'ev2'}"]) == 1
     assert "rm-eval needs model" in capsys.readouterr().err
+
+
+def test_ppo_with_an_ensemble_reward_model_needs_a_value_backbone(assets, seeds_ensemble, tmp_path, capsys):
+    out = tmp_path / "ppo"
+    assert main(["ppo", f"model.name_or_path={assets['policy']}", f"data.train={assets['prompts']}",
+                 f"ppo.reward_model={seeds_ensemble / 'model'}", f"train.output_dir={out}"]) == 1
+    assert "is a reward-model ensemble: the value model cannot be initialised from it" in capsys.readouterr().err
+    assert not out.exists()
