@@ -37,6 +37,7 @@ from alignkit.losses import bradley_terry_loss
 from alignkit.losses.reward import masked_bradley_terry_loss
 from alignkit.models.loading import load_reward_model, load_tokenizer, save_model
 from alignkit.ops.logprobs import position_ids_from_mask
+from alignkit.ops.seeds import derive_seed
 from alignkit.rewards.ensemble import write_manifest
 from alignkit.rewards.evaluation import format_report, pair_report, plot_reliability
 from alignkit.train.checkpoint import latest_checkpoint
@@ -312,7 +313,7 @@ def train(cfg: RMConfig, resume: bool = False) -> dict:
     eval_weights = None
     if head_names:
         objectives = bool(rm.heads)
-        boot = cfg.train.seed if (not objectives and rm.bootstrap) else None
+        boot = derive_seed(cfg.train.seed) if (not objectives and rm.bootstrap) else None
         for p, w in zip(data.train, head_weights(data.train, head_names, objectives, boot)):
             p["head_weight"] = w
         eval_weights = head_weights(data.eval, head_names, objectives, None)
@@ -338,7 +339,7 @@ def train(cfg: RMConfig, resume: bool = False) -> dict:
                 res, model, stats = _train_one(
                     cfg, member_run, tokenizer, data.train, data.eval, None, cfg.train.seed + k,
                     resume and latest_checkpoint(member_run) is not None, ref_seqs, f"rm member {k}/{K}",
-                    bootstrap_seed=(cfg.train.seed + 7919 * (k + 1)) if rm.bootstrap else None)
+                    bootstrap_seed=derive_seed(cfg.train.seed, k) if rm.bootstrap else None)
                 if main:
                     model_dir.mkdir(parents=True, exist_ok=True)
                     save_model(model, tokenizer, saved)
