@@ -38,7 +38,7 @@ from alignkit.losses.reward import masked_bradley_terry_loss
 from alignkit.models.loading import load_reward_model, load_tokenizer, save_model
 from alignkit.ops.logprobs import position_ids_from_mask
 from alignkit.ops.seeds import derive_seed
-from alignkit.rewards.ensemble import write_manifest
+from alignkit.rewards.ensemble import standardize, write_manifest
 from alignkit.rewards.evaluation import format_report, pair_report, plot_reliability
 from alignkit.train.checkpoint import latest_checkpoint
 from alignkit.train.loop import StepOutput, is_main_process, train_loop
@@ -216,7 +216,7 @@ def normalization_stats(model, sequences: list[list[int]], pad_token_id: int, ba
     model with several outputs)."""
     s = score_sequences(model, sequences, pad_token_id, batch_size)  # [N, H]
     mean, std = s.mean(0), s.std(0).clamp(min=1e-6)  # [H]
-    gain, bias = (1.0 / std).tolist(), (-mean / std).tolist()
+    gain, bias = (t.tolist() for t in standardize(s.T))  # each head (ensemble member) on the same reference samples
     if s.shape[1] == 1:
         return {"gain": gain[0], "bias": bias[0], "raw_mean": float(mean[0]), "raw_std": float(std[0]), "n": len(s)}
     return {"gain": gain, "bias": bias, "raw_mean": mean.tolist(), "raw_std": std.tolist(), "n": len(s)}
