@@ -96,12 +96,12 @@ def empirical_peak(points: list[dict]) -> dict:
 
 def compare_peaks(single: dict, ensemble: dict, single_name: str, method: str) -> str:
     """A sentence from two empirical peaks ``{"d", "gold"}``: was the ensemble's later and/or higher?"""
-    later = "later" if ensemble["d"] > single["d"] else "earlier" if ensemble["d"] < single["d"] else "at the same d"
+    later = "later than" if ensemble["d"] > single["d"] else "earlier than" if ensemble["d"] < single["d"] else \
+        "at the same sqrt KL as"
     higher = "higher" if ensemble["gold"] > single["gold"] else "lower" if ensemble["gold"] < single["gold"] else \
         "equally high"
-    return (f"{method}: the ensemble's measured gold peak came {later} (sqrt KL {ensemble['d']:.2f} vs "
-            f"{single['d']:.2f}) and was {higher} (gold {ensemble['gold']:+.3f} vs {single['gold']:+.3f}) than "
-            f"{single_name}'s.")
+    return (f"{method}: the ensemble's measured gold peak came {later} {single_name}'s (sqrt KL {ensemble['d']:.2f} "
+            f"vs {single['d']:.2f}) and was {higher} (gold {ensemble['gold']:+.3f} vs {single['gold']:+.3f}).")
 
 
 # ---------------------------------------------------------------- stages
@@ -305,11 +305,12 @@ def plot_overopt(bon: dict, rl: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {name: f"C{i}" for i, name in enumerate(dict.fromkeys([*bon, *rl]))}  # one colour per proxy
     for ax, (title, data, key, form) in zip(axes, (("best-of-n", bon, "curve", "bon"), ("PPO", rl, "points", "rl"))):
-        for i, (name, r) in enumerate(data.items()):
+        for name, r in data.items():
             pts = r[key]
             d = np.array([p["sqrt_kl"] for p in pts])
-            color = f"C{i}"
+            color = colors[name]
             ax.plot(d, [p["gold"] for p in pts], "o-", color=color, ms=3, label=f"{name} gold")
             if all(p.get("proxy") is not None for p in pts):
                 ax.plot(d, [p["proxy"] for p in pts], "--", color=color, alpha=0.6, label=f"{name} proxy")
@@ -347,6 +348,10 @@ def render_summary(s: dict, q: OverOptConfig) -> str:
                 f"{r['peak']['d']:.2f}, {r['peak']['gold']:+.3f}"] if r else ["-"] * 4
         lines.append("| " + " | ".join(row) + " |")
     lines += [""] + [f"- {t}" for t in s["statements"]]
+    few = [n for n, r in s["rl"].items() if len(r["points"]) <= 3]
+    if few:
+        lines.append(f"- Note: the RL fits of {few} have 3 or fewer points for 2 parameters (R^2 near 1 by "
+                     "construction); raise rl_iterations / lower rl_eval_every for a curve.")
     for name, r in s["rl"].items():
         lines.append(f"- PPO on {name}: " + "; ".join(
             f"it {p['iteration']}: sqrt KL {p['sqrt_kl']:.2f}, gold {p['gold']:+.3f}, proxy {p['proxy']:+.3f}"
