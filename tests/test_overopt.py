@@ -42,11 +42,14 @@ def test_r_squared_and_peaks():
     """y = [1, 2, 3], y_hat = [1, 2, 4]: SS_res 1, SS_tot 2 -> R^2 0.5."""
     assert r_squared(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0])) == pytest.approx(0.5)
     single = empirical_peak([{"sqrt_kl": 0.0, "gold": 0.1}, {"sqrt_kl": 0.5, "gold": 0.3}, {"sqrt_kl": 1.0, "gold": 0.2}])
-    assert single == {"d": 0.5, "gold": 0.3}
+    assert single == {"d": 0.5, "gold": 0.3, "at_end": False}
     text = compare_peaks(single, {"d": 0.9, "gold": 0.25}, "rm_1000", "PPO")
     assert "came later" in text and "was lower" in text
     text = compare_peaks(single, {"d": 0.2, "gold": 0.4}, "rm_1000", "best-of-n")
-    assert "came earlier" in text and "was higher" in text
+    assert "came earlier" in text and "was higher" in text and "no turnover" not in text
+    rising = empirical_peak([{"sqrt_kl": 0.0, "gold": 0.1}, {"sqrt_kl": 1.0, "gold": 0.2}])
+    assert rising["at_end"] and "the ensemble: highest at the largest KL measured" in compare_peaks(single, rising,
+                                                                                                  "rm_1000", "PPO")
 
 
 GOLD_PY = '''

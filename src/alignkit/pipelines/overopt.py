@@ -89,9 +89,11 @@ def fit_rl(d, gold) -> dict:
 
 
 def empirical_peak(points: list[dict]) -> dict:
-    """The measured point with the highest gold: ``{"d", "gold"}``."""
+    """The measured point with the highest gold: ``{"d", "gold", "at_end"}`` (``at_end``: it is the point of largest
+    d, so gold was still rising where the measurements stop: no turnover seen)."""
     best = max(points, key=lambda p: p["gold"])
-    return {"d": best["sqrt_kl"], "gold": best["gold"]}
+    return {"d": best["sqrt_kl"], "gold": best["gold"],
+            "at_end": best["sqrt_kl"] >= max(p["sqrt_kl"] for p in points)}
 
 
 def compare_peaks(single: dict, ensemble: dict, single_name: str, method: str) -> str:
@@ -100,8 +102,10 @@ def compare_peaks(single: dict, ensemble: dict, single_name: str, method: str) -
         "at the same sqrt KL as"
     higher = "higher" if ensemble["gold"] > single["gold"] else "lower" if ensemble["gold"] < single["gold"] else \
         "equally high"
+    ends = [who for who, peak in (("the ensemble", ensemble), (single_name, single)) if peak.get("at_end")]
+    note = f" ({' and '.join(ends)}: highest at the largest KL measured, no turnover seen)" if ends else ""
     return (f"{method}: the ensemble's measured gold peak came {later} {single_name}'s (sqrt KL {ensemble['d']:.2f} "
-            f"vs {single['d']:.2f}) and was {higher} (gold {ensemble['gold']:+.3f} vs {single['gold']:+.3f}).")
+            f"vs {single['d']:.2f}) and was {higher} (gold {ensemble['gold']:+.3f} vs {single['gold']:+.3f}){note}.")
 
 
 # ---------------------------------------------------------------- stages
