@@ -171,6 +171,26 @@ class RMSection(Section):
     """InstructGPT batching: all K-choose-2 pairs of one prompt in one batch, one forward per response."""
     margin: bool = False
     """Use a record's optional ``margin`` field in the loss (Llama 2)."""
+    # -- ensembles and multi-objective heads (docs/reward_models.md)
+    ensemble_size: int = Field(1, ge=1)
+    """K > 1: an ensemble of K members saved as one directory (``ensemble.json`` + members); its members are always
+    normalised on the reference samples (``rm.normalize_data``, default the train responses)."""
+    ensemble_mode: Literal["seeds", "heads"] = "seeds"
+    """``seeds``: K full models on seeds ``train.seed + k`` (and bootstrap resamples); ``heads``: K heads on one
+    shared backbone (cheap; Poisson(1) bootstrap weights per head)."""
+    bootstrap: bool = True
+    """Ensembles: each member trains on its own bootstrap resample of the training prompts (pairs, for heads)."""
+    heads: list[str] | None = None
+    """Multi-objective: one named output per objective (e.g. [helpful, harmless, honest, other]); a pair trains only
+    the head of its ``category`` (or ``subset``, as BIG-bench HHH records carry) field, every head without one."""
+
+    @model_validator(mode="after")
+    def _ensemble_or_heads(self) -> "RMSection":
+        if self.heads is not None and self.ensemble_size > 1:
+            raise ValueError("rm.heads (multi-objective) and rm.ensemble_size > 1 cannot be combined")
+        if self.heads is not None and (not self.heads or len(set(self.heads)) != len(self.heads)):
+            raise ValueError(f"rm.heads must be distinct names, got {self.heads}")
+        return self
 
 
 class RMConfig(Section):
@@ -408,6 +428,14 @@ class RewardComponent(Section):
     """``model``: apply the normalisation gain/bias stored with the reward model, if any."""
     aggregation: Literal["min", "product", "last"] = "min"
     """``prm``: a solution's score from its step scores (min, product or the last step's)."""
+    # -- reward-model ensembles and multi-objective heads (docs/reward_models.md)
+    head: str | None = None
+    """``model``: which named output of a multi-objective reward model (``rm.heads``) is this component's score."""
+    aggregate: Literal["mean", "min", "uwo", "lcb"] = "mean"
+    """``model`` with an ensemble directory (``rm.ensemble_size`` > 1): mean; min (worst case); uwo = mean -
+    lambda * variance; lcb = mean - lambda * std, over the members normalised on reference samples."""
+    aggregate_lambda: float = Field(1.0, ge=0)
+    """The lambda of ``aggregate: uwo`` and ``aggregate: lcb``."""
 
     @model_validator(mode="after")
     def _needs(self) -> "RewardComponent":
@@ -419,6 +447,22 @@ class RewardComponent(Section):
         return self
 
 
+# -- constrained rewards (Safe RLHF; docs/reward_models.md)
+class RewardConstraint(Section):
+    """Maximise the other components subject to E[component ``name``] >= ``threshold``: reward
+    R = sum_{k != name} w_k r_k + lambda * r_name, with lambda <- max(0, lambda + lr * (threshold - batch mean of
+    r_name)) after every iteration (Dai et al. 2023, Safe RLHF; the cost form with c = -r_name, d = -threshold)."""
+
+    name: str
+    """The constrained component (its ``name``, or its type when unnamed)."""
+    threshold: float
+    lr: float = Field(0.1, gt=0)
+    """eta, the multiplier's step size."""
+    lambda_init: float = Field(0.0, ge=0)
+    lambda_max: float | None = Field(None, gt=0)
+    """Optional cap on lambda."""
+
+
 class RewardSection(Section):
     components: list[RewardComponent] = []
     """Reward terms summed with their weights, R = sum_k weight_k * r_k, each logged as rewards/<name>. Fields of
@@ -428,6 +472,8 @@ class RewardSection(Section):
     missing_eos_penalty: float | None = None
     """Responses that never emit EOS: score -= penalty (``missing_eos_mode=subtract``) or score := -penalty (``set``)."""
     missing_eos_mode: Literal["subtract", "set"] = "subtract"
+    constraint: RewardConstraint | None = None
+    """A Lagrangian constraint on one component (online methods update the multiplier once per iteration)."""
 
 
 class JudgeConfig(Section):
@@ -1035,6 +1081,114 @@ class PRMEvalConfig(Section):
     """> 0: also run PRM-guided step-level beam search with this many beams on the test problems."""
     beam_expand: int = Field(4, gt=0)
     """Step candidates sampled per beam in beam search."""
+
+
+# ---------------------------------------------------------------- reward models that resist hacking (helper ens):
+# rm-eval and the over-optimisation lab (docs/reward_models.md)
+class RMEvalConfig(Section):
+    """Evaluate a reward model or ensemble on held-out preference pairs (accuracy by category, calibration,
+    length correlation, members' disagreement)."""
+
+    model: str = ""
+    """A reward model (``alignkit rm``'s ``<output_dir>/model``) or an ensemble directory (with ``ensemble.json``)."""
+    data: str = ""
+    """Preference pairs (JSONL/Parquet/datasets dir, or builtin:hhh, read from its test split); a ``category`` (or
+    ``subset``) field gives per-category accuracy and picks a multi-objective model's head."""
+    max_length: int = Field(512, gt=0)
+    max_prompt_length: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    n_bins: int = Field(10, gt=1)
+    """Equal-width bins of the expected calibration error and the reliability plot."""
+    output_dir: str = "runs/rm_eval"
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "output_dir")
+
+
+class OverOptConfig(Section):
+    """The over-optimisation lab (Gao, Schulman & Hilton 2023, in miniature) on the quickstart's sentiment task with
+    VADER as gold: proxies trained on gold-labelled pairs of several sizes plus an ensemble; best-of-n and PPO against
+    each; gold and proxy against sqrt(KL) with the fitted scaling laws. The default is sized (by estimate) for about
+    15 minutes on a 2-core CPU; raise the counts on a GPU."""
+
+    output_dir: str = "runs/overopt"
+    seed: int = 0
+    policy: str = "smollm2-135m-instruct"
+    """The initial policy (and the reference of every KL)."""
+    reward_model: str = "minilm"
+    """Backbone of every proxy reward model."""
+    gold: str = "vader"
+    """``vader``, or ``file.py:function`` / ``module:function`` taking response texts, returning one float each."""
+    n_collect_prompts: int = Field(40, gt=0)
+    """Training prompts sampled for the gold-labelled pair pool (of the 198 sentiment train prompts)."""
+    samples_per_prompt: int = Field(8, ge=2)
+    """Policy samples per collection prompt; the pool is every K-choose-2 pair labelled by gold (ties dropped)."""
+    label_sizes: list[int] = [250, 1000]
+    """One proxy per size: trained on that many gold-labelled pairs (nested random subsets of the pool)."""
+    ensemble_size: int = Field(3, ge=0)
+    """Members of the ensemble proxy (0: none), trained on ``ensemble_labels`` pairs, each on its own seed and
+    bootstrap resample."""
+    ensemble_labels: int | None = Field(None, gt=0)
+    """Default: the largest of ``label_sizes``."""
+    ensemble_aggregate: Literal["mean", "min", "uwo", "lcb"] = "lcb"
+    ensemble_lambda: float = Field(1.0, ge=0)
+    rm_epochs: int = Field(2, gt=0)
+    rm_lr: float = Field(1e-4, gt=0)
+    n_eval_prompts: int = Field(24, gt=0)
+    """Held-out prompts (of the 42 sentiment test prompts) for best-of-n and the RL checkpoints."""
+    bon_n: int = Field(16, ge=2)
+    """N samples per held-out prompt: best-of-n for n = 1..N by the unbiased estimator."""
+    rl_proxies: list[str] | None = None
+    """Proxies optimised by PPO: ``rm_<size>`` or ``ensemble``; default the largest single proxy and the ensemble."""
+    rl_iterations: int = Field(8, ge=0)
+    rl_eval_every: int = Field(2, gt=0)
+    """A PPO checkpoint every N iterations is evaluated (gold, proxy, KL measured from its samples)."""
+    rl_eval_samples: int = Field(2, gt=0)
+    """Samples per held-out prompt at each RL checkpoint (the KL is measured on all of them)."""
+    ppo_rollout_batch_size: int = Field(16, gt=0)
+    ppo_lr: float = Field(5e-4, gt=0)
+    ppo_kl_coef: float = Field(0.05, ge=0)
+    lora_layers: int = Field(6, gt=0)
+    lora_r: int = Field(16, gt=0)
+    value_layers: int = Field(4, gt=0)
+    max_new_tokens: int = Field(24, gt=0)
+    generation_batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(8, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Cap every reward-model training at this many optimizer steps (smoke runs)."""
+    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no(cls, v):
+        return "no" if v is False else v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return check_output_dir_value(v, "output_dir")
+
+    def proxy_names(self) -> list[str]:
+        return [f"rm_{n}" for n in self.label_sizes] + (["ensemble"] if self.ensemble_size > 1 else [])
+
+    def rl_proxy_names(self) -> list[str]:
+        if self.rl_proxies is not None:
+            return list(self.rl_proxies)
+        return [f"rm_{max(self.label_sizes)}"] + (["ensemble"] if self.ensemble_size > 1 else [])
+
+    @model_validator(mode="after")
+    def _names(self) -> "OverOptConfig":
+        if not self.label_sizes or any(n < 2 for n in self.label_sizes) or len(set(self.label_sizes)) != len(
+                self.label_sizes):
+            raise ValueError(f"label_sizes must be distinct numbers >= 2, got {self.label_sizes}")
+        if self.ensemble_size == 1:
+            raise ValueError("ensemble_size must be 0 (no ensemble) or >= 2")
+        unknown = [n for n in self.rl_proxy_names() if n not in self.proxy_names()]
+        if unknown:
+            raise ValueError(f"rl_proxies {unknown} are not proxies of this lab; choose from {self.proxy_names()}")
+        return self
 
 
 class QuickstartConfig(Section):

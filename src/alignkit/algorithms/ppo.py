@@ -40,6 +40,7 @@ from alignkit.ops.kl import AdaptiveKLController, FixedKLController
 from alignkit.ops.seeds import derive_seed
 from alignkit.ops.stats import masked_sum, masked_whiten
 from alignkit.rewards.prm import PRMDenseReward, load_prm_scorer
+from alignkit.rewards.ensemble import is_ensemble_dir
 from alignkit.rollout.engine import Rollout, response_logprobs
 
 
@@ -50,6 +51,10 @@ def check_config(cfg: PPOConfig) -> None:
         raise ValueError("ppo.reward_model is not set: give the directory of a reward model trained with `alignkit rm` "
                          "(e.g. ppo.reward_model=runs/rm/model), or reward.components, whose combined reward is then "
                          "the score")
+    if ppo.reward_model and not ppo.value_model and is_ensemble_dir(ppo.reward_model):
+        raise ValueError(f"ppo.reward_model {ppo.reward_model!r} is a reward-model ensemble: the value model cannot be "
+                         "initialised from it; give its backbone, e.g. "
+                         f"ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
     if not ppo.reward_model and not ppo.value_model:
         raise ValueError("ppo.value_model is not set: without ppo.reward_model the value model needs a backbone, e.g. "
                          f"ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")

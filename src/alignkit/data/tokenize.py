@@ -181,11 +181,19 @@ def tokenize_sft(examples: list[dict[str, Any]], tokenizer: Any, data_cfg: Any) 
     return _map(examples, data_cfg, one)
 
 
+def _category(ex: dict[str, Any]) -> str | None:
+    """A pair's category (``category``, or BIG-bench HHH's ``subset``): multi-objective reward heads, per-category
+    accuracy."""
+    value = ex.get("category", ex.get("subset"))
+    return None if value is None else str(value)
+
+
 def tokenize_preference(
     examples: list[dict[str, Any]], tokenizer: Any, data_cfg: Any
 ) -> tuple[list[dict], TruncationStats]:
     """Preference pairs -> chosen/rejected ids and masks sharing one prompt, plus ``group``, ``margin``
-    (0.0 when absent), ``label_prob`` (P(chosen better); 1.0 when absent) and ``prompt_text`` (the rendered prompt before truncation)."""
+    (0.0 when absent), ``label_prob`` (P(chosen better); 1.0 when absent), ``prompt_text`` (the rendered prompt
+    before truncation) and ``category`` (or None)."""
 
     def one(ex: dict[str, Any], stats: TruncationStats) -> dict[str, Any]:
         prompt = _encode_prompt(ex, tokenizer, data_cfg)
@@ -203,6 +211,7 @@ def tokenize_preference(
             "margin": float(ex.get("margin", 0.0)),
             "label_prob": float(ex.get("label_prob", 1.0)),
             "prompt_text": prompt.text,
+            "category": _category(ex),
         }
 
     return _map(examples, data_cfg, one)

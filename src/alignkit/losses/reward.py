@@ -33,3 +33,15 @@ def soft_bradley_terry_loss(rewards_a: Tensor, rewards_b: Tensor, p: Tensor) -> 
     """
     logits = rewards_a - rewards_b  # [B]
     return -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
+
+
+def masked_bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, weight: Tensor) -> Tensor:
+    """Bradley-Terry loss of H reward heads, each pair weighted per head:
+
+        L[p, h] = w[p, h] * -log sigma(r_h(x, y_w) - r_h(x, y_l))
+
+    w masks the heads a pair does not train (multi-objective heads: 1 for the head of the pair's category, else 0)
+    or carries a bootstrap count (a heads-ensemble: w ~ Poisson(1), the online bootstrap). Inputs [P, H]; returns
+    [P, H]; the caller divides the sum by sum(w). Equal scores at w = 1 give log 2.
+    """
+    return weight * bradley_terry_loss(chosen_rewards, rejected_rewards)  # [P, H]

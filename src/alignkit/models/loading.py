@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -224,19 +225,38 @@ def find_score_head(model, per_position: bool = False) -> torch.nn.Linear | None
     return None
 
 
-def load_reward_model(cfg: ModelConfig, tokenizer, trainable: bool = True):
-    """Sequence classifier with one output; score read at the last real token (decoders)."""
+HEADS_ATTR = "alignkit_reward_heads"
+
+
+def load_reward_model(cfg: ModelConfig, tokenizer, trainable: bool = True, head_names: list[str] | None = None):
+    """Sequence classifier; score read at the last real token (decoders). One output, or one per name of
+    ``head_names`` (a multi-objective or heads-ensemble reward model, names kept in ``config.id2label`` and
+    ``config.alignkit_reward_heads``); a saved multi-head reward model keeps its outputs when ``head_names`` is None."""
     path = resolve_path(cfg.name_or_path)
+    labels = {"num_labels": 1} if head_names is None else {
+        "num_labels": len(head_names), "id2label": dict(enumerate(head_names)),
+        "label2id": {n: i for i, n in enumerate(head_names)}}
+    try:
+        saved_heads = getattr(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code), HEADS_ATTR, None)
+    except (OSError, ValueError):
+        saved_heads = None
+    if head_names is None and saved_heads:
+        labels = {}
+    new_heads = head_names is not None and list(head_names) != list(saved_heads or [])
+    if new_heads:
+        labels["ignore_mismatched_sizes"] = True  # a 1-output reward model as the backbone of several heads
     model = _wrap_load(
         lambda: AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **labels,
             **_extra_kwargs(cfg),
         ),
         cfg.name_or_path,
         "reward model",
     )
+    if head_names is not None:
+        setattr(model.config, HEADS_ATTR, list(head_names))
     archs = getattr(model.config, "architectures", None) or []
-    fresh_head = not any("SequenceClassification" in a for a in archs)
+    fresh_head = new_heads or not any("SequenceClassification" in a for a in archs)
     _fit_vocab(model, tokenizer)
     disable_dropout(model)
     if fresh_head:

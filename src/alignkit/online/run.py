@@ -384,6 +384,8 @@ class OnlineRun:
         self.iteration = self.last_saved = int(state["step"])
         self.loop_state = dict(state["loop_state"])
         self.state = dict(state["extra_state"])
+        if "reward" in self.state and hasattr(self.reward, "load_state_dict"):
+            self.reward.load_state_dict(self.state["reward"])
         self.sampler.load_state_dict(self.loop_state["sampler"])
         self.logger.truncate_after(self.iteration)
         self.backend.update_weights(self.model)
@@ -424,6 +426,10 @@ class OnlineRun:
         since the last checkpoint (the main process's clock decides for all). ``history``: also keep the line (without
         timings) in ``state["history"]``, which the checkpoint and the summary carry."""
         metrics = self.reduce_metrics(metrics)
+        reward_update = getattr(self.reward, "end_iteration", None)
+        if reward_update is not None:  # e.g. a constrained reward's Lagrange multiplier, from this batch's means
+            metrics.update(reward_update(metrics))
+            self.state["reward"] = self.reward.state_dict()
         if history:
             self.state.setdefault("history", []).append({"iteration": iteration, **metrics})
         total = time.perf_counter() - getattr(self, "_t_iteration", time.perf_counter())

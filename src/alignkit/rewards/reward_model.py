@@ -50,7 +50,8 @@ class RewardModelScorer:
     """A frozen sequence-classification reward model used as a reward function."""
 
     def __init__(
-        self, model, tokenizer, batch_size: int = 16, normalize: bool = True, name: str = "reward_model"
+        self, model, tokenizer, batch_size: int = 16, normalize: bool = True, name: str = "reward_model",
+        head: int = 0,
     ):
         if batch_size < 1:
             raise ValueError(f"RewardModelScorer batch_size must be >= 1, got {batch_size}")
@@ -63,32 +64,48 @@ class RewardModelScorer:
         self.batch_size = batch_size
         self.normalize = normalize
         self.name = name
+        self.head = head
+        """Which output is the score (a multi-head model's objective; 0 for an ordinary reward model)."""
 
     # ------------------------------------------------------------ normalisation
     @property
-    def norm(self) -> tuple[float, float] | None:
-        """(gain, bias) stored with the model, or None."""
+    def norm(self) -> tuple[Tensor, Tensor] | None:
+        """(gain [H], bias [H]) stored with the model (one float each, or one per head), or None."""
         cfg = getattr(_plain_model(self.model), "config", None)
         stored = getattr(cfg, NORM_ATTR, None)
         if stored is None:
             return None
         try:
-            return float(stored["gain"]), float(stored["bias"])
-        except (KeyError, TypeError, ValueError):
+            gain = torch.as_tensor(stored["gain"], dtype=torch.float32).flatten()
+            bias = torch.as_tensor(stored["bias"], dtype=torch.float32).flatten()
+            if gain.shape != bias.shape or gain.numel() == 0:
+                raise ValueError
+        except (KeyError, TypeError, ValueError, RuntimeError):
             raise ValueError(
                 f"reward model config has an invalid {NORM_ATTR!r}: {stored!r} "
-                "(expected {'gain': g, 'bias': b})"
+                "(expected {'gain': g, 'bias': b}, floats or one list entry per head)"
             ) from None
+        return gain, bias
+
+    @property
+    def head_names(self) -> list[str]:
+        """The names of the model's outputs (``config.id2label``; several for a multi-objective or heads-ensemble
+        model trained with ``rm.heads`` / ``rm.ensemble_mode: heads``)."""
+        cfg = getattr(_plain_model(self.model), "config", None)
+        id2label = getattr(cfg, "id2label", None) or {0: "score"}
+        return [str(id2label[i]) for i in sorted(int(k) for k in id2label)]
 
     def _apply_norm(self, raw: Tensor) -> Tensor:
+        """raw [B, H] -> gain * raw + bias (per head) when normalising."""
         norm = self.norm if self.normalize else None
         if norm is None:
             return raw
-        gain, bias = norm
+        gain, bias = (t.to(raw.device) for t in norm)  # [H] or [1]
         return gain * raw + bias
 
     # ------------------------------------------------------------ scoring
     def _raw_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T] -> [B, H]: every output of the model at the last real token."""
         plain = _plain_model(self.model)
         head = getattr(plain, "score", None)
         base = getattr(plain, getattr(plain, "base_model_prefix", ""), None)
@@ -101,13 +118,13 @@ class RewardModelScorer:
             ).last_hidden_state  # [B, T, d]
             t_star = last_index(attention_mask)  # [B]
             h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), t_star]  # [B, d]
-            return head(h_last)[:, 0]
+            return head(h_last)  # [B, H]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         packed_ids, packed_mask = pack_left(input_ids, attention_mask, pad_id)
-        return self.model(input_ids=packed_ids, attention_mask=packed_mask).logits[:, 0]
+        return self.model(input_ids=packed_ids, attention_mask=packed_mask).logits  # [B, H]
 
-    def score_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """[B, T] ids + mask (pads anywhere) -> [B] float32 scores (normalised if configured)."""
+    def score_heads_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T] ids + mask (pads anywhere) -> [B, H] float32 scores of every head (normalised if configured)."""
         device = next(self.model.parameters()).device
         out = []
         with torch.no_grad():
@@ -116,6 +133,17 @@ class RewardModelScorer:
                 mask = attention_mask[start : start + self.batch_size].to(device)
                 out.append(self._raw_scores(ids, mask).float())
         return self._apply_norm(torch.cat(out, dim=0))
+
+    def score_ids(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, T] ids + mask (pads anywhere) -> [B] float32 scores of head ``self.head`` (normalised if configured)."""
+        return self.score_heads_ids(input_ids, attention_mask)[:, self.head]
+
+    def heads(self, prompts: list[str], completions: list[str]) -> Tensor:
+        """[B, H] scores of every head (CPU)."""
+        if not prompts:
+            return torch.zeros(0, len(self.head_names))
+        ids, mask = self.tokenize(prompts, completions)
+        return self.score_heads_ids(ids, mask).cpu()
 
     def render(self, prompt: str, completion: str) -> str:
         """prompt text + completion + EOS (EOS not doubled when the completion already ends with it)."""
