@@ -21,12 +21,12 @@ from alignkit.config import DPOConfig, default_beta
 from alignkit.data.collate import collate_preference
 from alignkit.data.pipeline import prepare_data
 from alignkit.losses import PREFERENCE_LOSSES
-from alignkit.models.loading import load_policy, load_reference, load_tokenizer, save_model
+from alignkit.models.loading import load_policy, load_reference, load_tokenizer
 from alignkit.models.reference import Reference
 from alignkit.ops.logprobs import sequence_logprobs
-from alignkit.train.loop import StepOutput, distributed_state, is_main_process, map_over_processes, train_loop
+from alignkit.train.loop import StepOutput, distributed_state, map_over_processes, finish_run, train_loop
 from alignkit.train.run import (
-    autocast_for, evaluate, log, prepare_run_dir, set_seed, write_summary,
+    autocast_for, evaluate, log, prepare_run_dir, set_seed,
 )
 
 
@@ -132,11 +132,5 @@ def train(cfg: DPOConfig, resume: bool = False) -> dict:
         cfg.train, model=model, train_examples=data.train, collate_fn=collate, step_fn=step_fn,
         run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc=cfg.dpo.loss,
     )
-    if cfg.train.save_model:
-        result["model_dir"] = str(run_dir / "model")
-        if is_main_process(cfg.train):
-            save_model(model, tokenizer, run_dir / "model")
-    result["data"] = data.report
-    if is_main_process(cfg.train):
-        write_summary(run_dir, result)
+    finish_run(cfg.train, model, tokenizer, run_dir, result, data.report)
     return result

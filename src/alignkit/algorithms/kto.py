@@ -26,12 +26,12 @@ from alignkit.data.collate import pad_sequences
 from alignkit.data.io import DataError
 from alignkit.data.pipeline import prepare_data
 from alignkit.losses import kto_loss
-from alignkit.models.loading import load_policy, load_tokenizer, save_model
+from alignkit.models.loading import load_policy, load_tokenizer
 from alignkit.models.reference import Reference
 from alignkit.ops.logprobs import sequence_logprobs
-from alignkit.train.loop import StepOutput, distributed_state, is_main_process, map_over_processes, train_loop
+from alignkit.train.loop import StepOutput, distributed_state, map_over_processes, finish_run, train_loop
 from alignkit.train.run import (
-    evaluate, log, prepare_run_dir, set_seed, autocast_for, write_summary,
+    evaluate, log, prepare_run_dir, set_seed, autocast_for,
 )
 
 
@@ -143,11 +143,5 @@ def train(cfg: KTOConfig, resume: bool = False) -> dict:
 
     result = train_loop(cfg.train, model=model, train_examples=data.train, collate_fn=collate, step_fn=step_fn,
                         run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc="kto")
-    if cfg.train.save_model:
-        result["model_dir"] = str(run_dir / "model")
-        if is_main_process(cfg.train):
-            save_model(model, tokenizer, run_dir / "model")
-    result["data"] = data.report
-    if is_main_process(cfg.train):
-        write_summary(run_dir, result)
+    finish_run(cfg.train, model, tokenizer, run_dir, result, data.report)
     return result

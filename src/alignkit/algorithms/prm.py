@@ -19,10 +19,10 @@ from alignkit.config import PRMConfig
 from alignkit.data.collate import pad_sequences
 from alignkit.data.pipeline import prepare_data
 from alignkit.losses import prm_step_loss
-from alignkit.models.loading import load_prm_model, load_tokenizer, save_model
+from alignkit.models.loading import load_prm_model, load_tokenizer
 from alignkit.rewards.prm import PRM_CONFIG_ATTR, token_logits
-from alignkit.train.loop import StepOutput, is_main_process, train_loop
-from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed, write_summary
+from alignkit.train.loop import StepOutput, finish_run, train_loop
+from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed
 
 
 def collate_stepwise(examples: list[dict], pad_token_id: int) -> dict:
@@ -84,13 +84,7 @@ def train(cfg: PRMConfig, resume: bool = False) -> dict:
     result = train_loop(cfg.train, model=model, train_examples=data.train, collate_fn=collate, step_fn=prm_step,
                         run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc="prm")
     setattr(getattr(model, "module", model).config, PRM_CONFIG_ATTR, {"separator": cfg.data.step_separator})
-    if cfg.train.save_model:
-        result["model_dir"] = str(run_dir / "model")
-        if is_main_process(cfg.train):
-            save_model(model, tokenizer, run_dir / "model")
-    result["data"] = data.report
-    if is_main_process(cfg.train):
-        write_summary(run_dir, result)
+    finish_run(cfg.train, model, tokenizer, run_dir, result, data.report)
     if result.get("eval"):
         log(f"process reward model held-out step accuracy {result['eval'].get('step_accuracy', float('nan')):.3f}, "
             f"solution accuracy {result['eval'].get('solution_accuracy', float('nan')):.3f}")

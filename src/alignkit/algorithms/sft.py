@@ -11,10 +11,10 @@ from functools import partial
 from alignkit.config import SFTConfig
 from alignkit.data.collate import collate_sft
 from alignkit.data.pipeline import prepare_data
-from alignkit.models.loading import load_policy, load_tokenizer, save_model
-from alignkit.train.loop import is_main_process, train_loop
+from alignkit.models.loading import load_policy, load_tokenizer
+from alignkit.train.loop import finish_run, train_loop
 from alignkit.train.steps import sft_step
-from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed, write_summary
+from alignkit.train.run import evaluate, log, prepare_run_dir, set_seed
 
 
 def sft_eval_metrics(model, batch: dict) -> tuple[int, dict[str, float]]:
@@ -40,12 +40,6 @@ def train(cfg: SFTConfig, resume: bool = False) -> dict:
         step_fn=partial(sft_step, padding_free=cfg.train.padding_free),
         run_dir=run_dir, eval_fn=eval_fn, resume=resume, desc="sft",
     )
-    if cfg.train.save_model:
-        result["model_dir"] = str(run_dir / "model")
-        if is_main_process(cfg.train):
-            save_model(model, tokenizer, run_dir / "model")
-    result["data"] = data.report
-    if is_main_process(cfg.train):
-        write_summary(run_dir, result)
+    finish_run(cfg.train, model, tokenizer, run_dir, result, data.report)
     log(f"sft done: {result.get('model_dir', run_dir)}")
     return result

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from alignkit.data.chains import chain_arithmetic_problems
-from alignkit.models.embedded import AssetError, _log, cache_dir, cached, ensure_cached, sha256_file
+from alignkit.models.embedded import AssetError, _log, cache_dir, cached, ensure_cached, local_override, sha256_file
 
 SPLITS = ("train", "test")
 
@@ -256,12 +256,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def _bigbench_tarball(workdir: Path, verbose: bool) -> Path:
     """The local override if set, else a fresh download from the package index into ``workdir``."""
-    override = os.environ.get(BIGBENCH_TARBALL_ENV)
-    if override:
-        path = Path(override).expanduser()
-        if not path.is_file():
-            raise AssetError(f"{BIGBENCH_TARBALL_ENV}={override} is not a file")
-        _log(verbose, f"using local {path} ({BIGBENCH_TARBALL_ENV})")
+    path = local_override(BIGBENCH_TARBALL_ENV, verbose)
+    if path is not None:
         return path
     index_url = bigbench_index_url()
     url = index_url

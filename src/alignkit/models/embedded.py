@@ -68,6 +68,19 @@ def _log(verbose: bool, msg: str) -> None:
         print(f"alignkit: {msg}", file=sys.stderr, flush=True)
 
 
+def local_override(env_var: str, verbose: bool) -> Path | None:
+    """The local file ``$env_var`` names (an offline machine's copy of a download), None when unset; a path that
+    is not a file is an :class:`AssetError`. Its checksum is still verified by the caller."""
+    override = os.environ.get(env_var)
+    if not override:
+        return None
+    path = Path(override).expanduser()
+    if not path.is_file():
+        raise AssetError(f"{env_var}={override} is not a file")
+    _log(verbose, f"using local {path} ({env_var})")
+    return path
+
+
 # --------------------------------------------------------------------------------------------------------
 # Cache: atomic folders with a manifest of sizes and hashes
 # --------------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from accelerate.utils import DistributedType, gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from alignkit.config import TrainConfig
+from alignkit.models.loading import save_model
 from alignkit.ops.seeds import derive_seed
 from alignkit.train.checkpoint import (
     checkpoints_dir,
@@ -54,7 +55,7 @@ from alignkit.train.checkpoint import (
 )
 from alignkit.train.logging import MetricsLogger
 from alignkit.train.optim import build_optimizer
-from alignkit.train.run import RunError, make_accelerator, no_checkpoint_message
+from alignkit.train.run import RunError, make_accelerator, no_checkpoint_message, write_summary
 
 
 @dataclass
@@ -88,6 +89,19 @@ def distributed_state(cfg: TrainConfig) -> PartialState:
 def is_main_process(cfg: TrainConfig) -> bool:
     """True on the process that writes files (the only one without ``accelerate launch``)."""
     return distributed_state(cfg).is_main_process
+
+
+def finish_run(cfg: TrainConfig, model, tokenizer, run_dir: Path, result: dict, data_report: dict) -> dict:
+    """The end of an offline run: ``<run_dir>/model`` (when ``train.save_model``; LoRA merged), the data report in
+    the result, and ``summary.json`` (written last: it marks a finished run). Files come from the main process."""
+    if cfg.save_model:
+        result["model_dir"] = str(Path(run_dir) / "model")
+        if is_main_process(cfg):
+            save_model(model, tokenizer, Path(run_dir) / "model")
+    result["data"] = data_report
+    if is_main_process(cfg):
+        write_summary(run_dir, result)
+    return result
 
 
 def map_over_processes(cfg: TrainConfig, fn: Callable[[list], list], items: list) -> list:
