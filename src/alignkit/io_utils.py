@@ -162,6 +162,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def atomic_save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically (temporary file in the same directory, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.stem}-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
+    return path
+
+
 def atomic_write_json(path: Path, obj: Any, **dumps_kwargs: Any) -> None:
     """``json.dumps(obj, **dumps_kwargs)`` written with :func:`atomic_write_text` (serialised before anything is
     written, so an unserialisable object leaves the old file in place)."""

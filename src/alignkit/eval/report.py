@@ -12,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from alignkit.io_utils import atomic_save_figure  # noqa: E402
+
 
 def _ok(x) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
@@ -41,9 +43,7 @@ def plot_reward_vs_kl(policies: dict[str, dict], path: str | Path, bon_curve: li
     axes[0].set_title("Gold reward vs KL")
     axes[1].set_title("Proxy reward vs KL")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path, dpi=110)
 
 
 def html_report(title: str, markdown_text: str, png: Path | None, tables: list[tuple[str, list[dict]]]) -> str:

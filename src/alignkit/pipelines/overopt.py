@@ -40,7 +40,7 @@ from alignkit.config import (
 from alignkit.data.builtin import sentiment_prompts
 from alignkit.eval.bon import bon_curve
 from alignkit.eval.policy import evaluate_policy, sample, scores_in_chunks
-from alignkit.io_utils import atomic_write_json, atomic_write_text
+from alignkit.io_utils import atomic_save_figure, atomic_write_json, atomic_write_text
 from alignkit.models.loading import load_policy, load_tokenizer, resolve_path
 from alignkit.pipelines.quickstart import LLAMA_LINEAR, gold_function, gold_pairs
 from alignkit.rewards.combine import build_reward
@@ -329,11 +329,7 @@ def plot_overopt(bon: dict, rl: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path, dpi=110)
 
 
 def render_summary(s: dict, q: OverOptConfig) -> str:

@@ -33,7 +33,7 @@ from alignkit.data.tokenize import encode, render_prompt, split_steps
 from alignkit.eval.bon import bon_unbiased_estimate
 from alignkit.eval.policy import sample
 from alignkit.eval.voting import majority_vote_accuracy, pass_at_n
-from alignkit.io_utils import atomic_write_text
+from alignkit.io_utils import atomic_save_figure, atomic_write_text
 from alignkit.models.loading import load_policy, load_tokenizer
 from alignkit.rewards.prm import aggregate_steps, load_prm_scorer
 from alignkit.rewards.rules import last_number
@@ -131,9 +131,7 @@ def plot_accuracy(table: dict[str, list[float]], path: Path, title: str) -> Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return atomic_save_figure(fig, path, dpi=120)
 
 
 def _train_rm(cfg: PRMEvalConfig, data: Path, out: Path) -> dict:

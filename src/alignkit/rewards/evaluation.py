@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from alignkit.io_utils import atomic_save_figure
+
 LENGTH_WARNING = 0.3
 """|corr(score, length)| at or above this prints a length-hacking warning."""
 
@@ -147,8 +149,4 @@ def plot_reliability(bins: list[dict], path: str | Path, title: str = "reward mo
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_save_figure(fig, path, dpi=100)
