@@ -123,6 +123,10 @@ class TrainConfig(Section):
     padding_free: bool = False
     """Run each micro-batch's sequences as one packed row (position ids restart per sequence, attention stays
     inside each): no compute on padding. Same losses up to float rounding (SFT, DPO family, KTO)."""
+    reuse_frozen_prefix: bool = True
+    """Online RL (PPO) under LoRA on the last layers: run the frozen leading layers once per rollout and keep their
+    states ([B, T, hidden] per rollout batch) for the old/reference log-probs and every PPO epoch (``ops/prefix.py``).
+    Same log-probs up to float rounding; turn off to save that memory on very large rollout batches."""
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
     """Autocast (accelerate's mixed precision). ``auto``: bf16 where the hardware computes it natively (a CUDA GPU with
     bf16, a CPU with AVX512-BF16/AMX), else ``no`` (CPUs without it emulate bf16 ~20x slower than fp32)."""

@@ -132,8 +132,9 @@ class Experience:
     def __init__(self, run: OnlineRun, batch, kl_coef: float, dense_reward=None) -> None:
         ppo, mbs = run.cfg.ppo, run.cfg.ppo.micro_batch_size
         self.rollout, self.kl_coef = batch.rollout, kl_coef
-        self.logprobs, self.entropy = run.policy_logprobs(self.rollout, mbs)
-        self.ref_logprobs = run.ref_logprobs(self.rollout, mbs)
+        self.hidden = run.prefix_states(self.rollout, mbs)  # [B, P + R, d] or None: frozen layers, run once
+        self.logprobs, self.entropy = run.policy_logprobs(self.rollout, mbs, hidden=self.hidden)
+        self.ref_logprobs = run.ref_logprobs(self.rollout, mbs, hidden=self.hidden)
         with torch.no_grad(), run.autocast():
             self.values = values_of(run.value, self.rollout, mbs).float()
         self.scores, self.raw_scores, self.parts = batch.rewards.to(run.device), batch.scores, batch.parts  # [B]
@@ -175,7 +176,9 @@ def ppo_update(run: OnlineRun, exp: Experience, iteration: int) -> list[dict[str
                 micro = exp.rollout.select(inds)  # same columns as the experience tensors
                 mask = micro.response_mask.float()  # [b, R]
                 with run.autocast():
-                    new_logprobs = response_logprobs(run.model, micro, temperature)  # [b, R]
+                    hidden = None if exp.hidden is None else exp.hidden[inds]
+                    new_logprobs = response_logprobs(run.model, micro, temperature, hidden=hidden,
+                                                     hidden_layers=run.shared_prefix() if hidden is not None else 0)
                     vpred = values_of(run.value, micro).float()  # [b, R]
                 pg = ppo_policy_loss(new_logprobs, exp.logprobs[inds], exp.advantages[inds], ppo.cliprange)
                 vf = ppo_value_loss(vpred, exp.values[inds], exp.returns[inds], ppo.cliprange_value)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.config import GenerationSection
+from alignkit.ops.prefix import prefix_states, shared_prefix_layers
 from alignkit.rollout.backends import make_backend
 from alignkit.rollout.engine import Rollout, SamplingParams, generate_rollouts, response_logprobs
 from alignkit.rollout.prompts import prompt_batch
@@ -126,17 +127,24 @@ def sample(model, tokenizer, prompts: list[dict], params: SamplingParams, num_sa
 @torch.no_grad()
 def sequence_kl(policy, reference, rollout: Rollout, temperature: float = 1.0, micro_batch_size: int = 16,
                 reference_ctx=None, desc: str | None = None) -> torch.Tensor:
-    """[B] summed log pi - log pi_ref over each sampled response (k1); a progress bar when ``desc`` is given."""
+    """[B] summed log pi - log pi_ref over each sampled response (k1); a progress bar when ``desc`` is given.
+
+    Leading layers whose weights the two models share (LoRA on the last layers, merged or not) run once
+    (``ops.prefix``); without a ``reference_ctx`` only, since that context may change what those layers hold."""
     out = []
+    shared = shared_prefix_layers(policy, reference) if reference_ctx is None else 0
     with progress(len(rollout), desc) as bar:
         for start in range(0, len(rollout), micro_batch_size):
             rows = rollout.select(list(range(start, min(start + micro_batch_size, len(rollout)))))
-            logp = response_logprobs(policy, rows, temperature, micro_batch_size=micro_batch_size)  # [b, R]
+            hidden = prefix_states(policy, rows.input_ids, rows.attention_mask, shared) if shared else None
+            logp = response_logprobs(policy, rows, temperature, micro_batch_size=micro_batch_size, hidden=hidden,
+                                     hidden_layers=shared)  # [b, R]
             if reference_ctx is not None:
                 with reference_ctx():
                     ref = response_logprobs(reference, rows, temperature, micro_batch_size=micro_batch_size)
             else:
-                ref = response_logprobs(reference, rows, temperature, micro_batch_size=micro_batch_size)
+                ref = response_logprobs(reference, rows, temperature, micro_batch_size=micro_batch_size,
+                                        hidden=hidden, hidden_layers=shared)
             out.append(((logp - ref) * rows.response_mask).sum(-1))  # [b]
             bar.update(len(rows))
     return torch.cat(out)  # [B]

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from alignkit.models.loading import disable_dropout, load_policy, load_tokenizer, save_model
 from alignkit.models.reference import Reference
 from alignkit.ops.diagnostics import diagnostic_warnings, response_diagnostics
+from alignkit.ops.prefix import frozen_prefix_layers, prefix_states, shared_prefix_layers
 from alignkit.ops.seeds import derive_seed
 from alignkit.online.rollout import ScoredRollout, sample_and_score
 from alignkit.rewards.combine import build_reward
@@ -110,6 +111,7 @@ class OnlineRun:
     last_saved: int = -1
     _bar: Any = None
     _n_iterations: int = 0
+    _shared_prefix: int | None = None
 
     # ------------------------------------------------------------ setup
     @classmethod
@@ -267,22 +269,50 @@ class OnlineRun:
                                 timings=self.timings)
 
     # ------------------------------------------------------------ log-probs
+    def shared_prefix(self) -> int:
+        """Leading decoder layers that are frozen in the policy and the same in the reference (LoRA on the last
+        layers with the adapter-disabled policy as reference): their states can be computed once per rollout
+        (``train.reuse_frozen_prefix``; ``ops/prefix.py``). 0 when off or nothing is shared."""
+        if self._shared_prefix is None:
+            k = frozen_prefix_layers(self.model) if self.cfg.train.reuse_frozen_prefix else 0
+            if k and self.reference is not None and self.reference.kind != "adapters_off":
+                k = min(k, shared_prefix_layers(self.model, self.reference.model))
+            self._shared_prefix = k
+            if k:
+                log(f"{self.name}: the first {k} decoder layers are frozen and shared with the reference: their "
+                    f"states are computed once per rollout (train.reuse_frozen_prefix)")
+        return self._shared_prefix
+
     @torch.no_grad()
-    def policy_logprobs(self, rollout: Rollout, micro_batch_size: int, entropy: bool = True):
-        """log pi_old of the response tokens ([B, R], from logits / temperature) and their entropy ([B, R])."""
+    def prefix_states(self, rollout: Rollout, micro_batch_size: int) -> Tensor | None:
+        """The states entering layer ``shared_prefix()`` for every row [B, P + R, d]; None when nothing is shared."""
+        k = self.shared_prefix()
+        if not k:
+            return None
+        with self.autocast():
+            return prefix_states(self.model, rollout.input_ids, rollout.attention_mask, k, micro_batch_size)
+
+    @torch.no_grad()
+    def policy_logprobs(self, rollout: Rollout, micro_batch_size: int, entropy: bool = True,
+                        hidden: Tensor | None = None):
+        """log pi_old of the response tokens ([B, R], from logits / temperature) and their entropy ([B, R]).
+        ``hidden``: ``prefix_states(rollout)``, to skip the shared layers."""
         with self.autocast():
             out = response_logprobs(self.model, rollout, self.cfg.generation.temperature, return_entropy=entropy,
-                                    micro_batch_size=micro_batch_size)
+                                    micro_batch_size=micro_batch_size, hidden=hidden,
+                                    hidden_layers=self.shared_prefix() if hidden is not None else 0)
         self.check_finite("policy log-probs", out[0] if entropy else out)
         return out
 
-    def ref_logprobs(self, rollout: Rollout, micro_batch_size: int) -> Tensor | None:
-        """log pi_ref of the response tokens [B, R] (None without a reference)."""
+    def ref_logprobs(self, rollout: Rollout, micro_batch_size: int, hidden: Tensor | None = None) -> Tensor | None:
+        """log pi_ref of the response tokens [B, R] (None without a reference); ``hidden`` as in
+        ``policy_logprobs``."""
         if self.reference is None:
             return None
         with self.autocast():
             out = self.reference.logprobs(response_logprobs, rollout, self.cfg.generation.temperature,
-                                          micro_batch_size=micro_batch_size)
+                                          micro_batch_size=micro_batch_size, hidden=hidden,
+                                          hidden_layers=self.shared_prefix() if hidden is not None else 0)
         self.check_finite("reference log-probs", out)
         return out
 

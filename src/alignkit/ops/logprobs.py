@@ -44,11 +44,14 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
-def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
-    """Causal-LM logits with padding-aware position ids: [B, T, V], or [B, k, V] for the last k positions."""
+def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
+                   inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal-LM logits with padding-aware position ids: [B, T, V], or [B, k, V] for the last k positions.
+    ``inputs_embeds`` [B, T, d] replaces the token embeddings (then ``input_ids`` only sets the shape)."""
     kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     out = model(
-        input_ids=input_ids,
+        **inputs,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
@@ -66,6 +69,8 @@ def token_logprobs(
     first_index: int = 1,
     logits_budget_bytes: int | None = None,
     padding_free: bool = False,
+    hidden: torch.Tensor | None = None,
+    hidden_layers: int = 0,
 ):
     """Log-prob of each token given its prefix, aligned to ``input_ids``.
 
@@ -81,7 +86,24 @@ def token_logprobs(
     ``padding_free``: the rows' real tokens run as ONE packed sequence [1, N] whose position ids restart at
     every row (transformers then keeps attention inside each row), so no compute is spent on padding; the
     result is scattered back to the [B, T] layout and equals the padded path up to float rounding.
+
+    ``hidden`` [B, T, d]: the states entering decoder layer ``hidden_layers``, computed once by
+    ``ops.prefix.prefix_states``; only the layers from there on run (frozen-prefix reuse, ``ops/prefix.py``).
     """
+    if hidden is not None and hidden_layers > 0:
+        if padding_free:
+            raise ValueError("token_logprobs: padding_free and a precomputed frozen prefix cannot be combined")
+        from alignkit.ops.prefix import only_layers
+
+        with only_layers(model, hidden_layers):
+            return _token_logprobs(model, input_ids, attention_mask, temperature, return_entropy, first_index,
+                                   logits_budget_bytes, False, hidden)
+    return _token_logprobs(model, input_ids, attention_mask, temperature, return_entropy, first_index,
+                           logits_budget_bytes, padding_free, None)
+
+
+def _token_logprobs(model, input_ids, attention_mask, temperature, return_entropy, first_index, logits_budget_bytes,
+                    padding_free, inputs_embeds):
     T = input_ids.shape[1]
     first = max(int(first_index), 1)
     keep = T - first + 1  # logits at positions first-1 .. T-1 predict tokens first .. T
@@ -92,8 +114,9 @@ def token_logprobs(
                                       first, budget)
     if head is not None and input_ids.shape[0] * keep * head.out_features * 4 > budget:
         return _token_logprobs_chunked(model, head, input_ids, attention_mask, temperature, return_entropy,
-                                       first, budget)
-    logits = forward_logits(model, input_ids, attention_mask, logits_to_keep=keep if first > 1 else 0)
+                                       first, budget, inputs_embeds)
+    logits = forward_logits(model, input_ids, attention_mask, logits_to_keep=keep if first > 1 else 0,
+                            inputs_embeds=inputs_embeds)
     logits = logits[:, -keep:]  # [B, keep, V] (a model that ignores logits_to_keep returns all T)
     shifted = gather_logprobs(logits[:, :-1], input_ids[:, first:], temperature)  # [B, T-first]
     logps = F.pad(shifted, (first, 0), value=0.0)  # [B, T]
@@ -195,9 +218,11 @@ def chunked_head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, labels: t
     return out.reshape(lead)
 
 
-def _token_logprobs_chunked(model, head, input_ids, attention_mask, temperature, return_entropy, first, budget):
+def _token_logprobs_chunked(model, head, input_ids, attention_mask, temperature, return_entropy, first, budget,
+                            inputs_embeds=None):
     """:func:`token_logprobs` through the hidden states: the LM head runs chunk by chunk."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
+    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    out = model(**inputs, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                 output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][:, first - 1:-1]  # [B, T-first, d]: positions predicting tokens first..T-1

@@ -416,12 +416,16 @@ def response_logprobs(
     temperature: float,
     return_entropy: bool = False,
     micro_batch_size: int | None = None,
+    hidden: torch.Tensor | None = None,
+    hidden_layers: int = 0,
 ):
     """log π(y_t | x, y_<t) of each response token, from log_softmax(logits / temperature).
 
     Returns [B, R] (and the entropy [B, R] if ``return_entropy``), zero outside ``response_mask``.
     Computed on ``rollout.input_ids`` with padding-aware position ids, so a row's values do not
     depend on how much the batch pads it. Gradients flow unless the caller uses ``torch.no_grad()``.
+    ``hidden`` [B, P + R, d]: the rows' states entering decoder layer ``hidden_layers`` (``ops.prefix``); only the
+    layers after it run.
     """
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # [B, P + R]
     b = input_ids.shape[0]
@@ -435,6 +439,8 @@ def response_logprobs(
             temperature=temperature,
             return_entropy=return_entropy,
             first_index=rollout.prompt_length,  # the LM head skips prompt positions
+            hidden=None if hidden is None else hidden[start : start + step],
+            hidden_layers=hidden_layers,
         )
         if return_entropy:
             logps_chunks.append(out[0])
