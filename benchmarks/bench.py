@@ -235,13 +235,18 @@ def generation_worker(spec: dict) -> dict[str, Any]:
     model = load_policy(ModelConfig(name_or_path=C.EMBEDDED_MODEL), tok, trainable=False).eval()
     prompts = load_prompts(RLDataConfig(train="builtin:sentiment"), tok, spec["new_tokens"], log=lambda *_: None)
     out: dict[str, Any] = {"runs": []}
+    warm = prompt_batch(prompts[:1], tok.pad_token_id)  # one-off first-call costs (allocator, thread pool)
+    HFGenerateBackend(model, tok).generate(warm["input_ids"], warm["attention_mask"], SamplingParams(2, do_sample=False))
     for batch in spec["batches"]:
         b = prompt_batch(prompts[:batch], tok.pad_token_id)
         ids, mask = b["input_ids"], b["attention_mask"]
+        prefill_times = []
         with torch.no_grad():
-            t0 = time.perf_counter()
-            model(input_ids=ids, attention_mask=mask, use_cache=True)
-            prefill_s = time.perf_counter() - t0
+            for _ in range(2):  # the faster of two: the prefill part of a warm generate()
+                t0 = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask, use_cache=True)
+                prefill_times.append(time.perf_counter() - t0)
+        prefill_s = min(prefill_times)
         greedy_tokens: dict[str, list] = {}
         for mode in ("greedy", "sampled"):
             params = SamplingParams(max_new_tokens=spec["new_tokens"], do_sample=mode == "sampled")

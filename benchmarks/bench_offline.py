@@ -317,8 +317,10 @@ def trl_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
     )
     timer = StepTimer()
     if job == "sft":
-        args = trl.SFTConfig(**common, completion_only_loss=True, packing=False,
-                             padding_free=bool(spec.get("trl_padding_free")))
+        padding_free = bool(spec.get("trl_padding_free"))
+        # padding-free without packing refuses a max_length; alignkit's tokenisation already fits it
+        args = trl.SFTConfig(**{**common, "max_length": None if padding_free else spec["max_length"]},
+                             completion_only_loss=True, packing=False, padding_free=padding_free)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                  callbacks=[timer])
     elif job == "rm":
@@ -473,15 +475,15 @@ def prepare_inputs(args: argparse.Namespace, jobs: list[str], workdir: Path) -> 
 def run_job(job: str, frameworks: list[str], repeats: int, spec_path: Path, workdir: Path, timeout: float,
             threads: int | None, tag: str = "") -> dict[str, list[dict]]:
     """``repeats`` worker runs of ``job`` per framework, alternating which framework goes first; each run's
-    result dict (see the workers), keyed by framework. ``tag`` keeps file names apart (bench.py's settings)."""
+    result dict (see the workers), keyed by framework. ``tag`` prefixes the progress lines (bench.py: model/setting)."""
     runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
     for rep in range(repeats):
         for fw in (frameworks if rep % 2 == 0 else frameworks[::-1]):
-            out = workdir / f"result-{tag}{fw}-{job}-{rep}.json"
+            out = workdir / f"result-{fw}-{job}-{rep}.json"
             print(f"[{time.strftime('%H:%M:%S')}] {tag}{job} / {fw} (repeat {rep}) ...", flush=True)
             r = C.run_worker([__file__, "--worker", fw, "--job", job, "--repeat", str(rep), "--spec",
                               str(spec_path), "--worker-out", str(out)],
-                             out, workdir / f"log-{tag}{fw}-{job}-{rep}.txt", timeout, threads)
+                             out, workdir / f"log-{fw}-{job}-{rep}.txt", timeout, threads)
             runs[fw].append(r)
             status = r["error"].splitlines()[-1] if "error" in r else (
                 f"loop {r['loop_s']:.1f} s (CPU {r['loop_cpu_s']:.1f} s), {r['tokens'] / r['loop_s']:.0f} tok/s, "
