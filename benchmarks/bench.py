@@ -15,7 +15,7 @@ In ONE invocation:
 4. **output**: ``benchmarks/results/<date>-bench.json`` and printed tables, then the change against the previous
    ``*-bench.json`` (or ``--compare FILE``), flagging rows more than ``--flag`` worse.
 
-    .venv/bin/python benchmarks/bench.py            # ~25-30 min on the idle 2-core machine (estimate, README)
+    .venv/bin/python benchmarks/bench.py            # ~30 min on the idle 2-core machine (estimate, README)
     .venv/bin/python benchmarks/bench.py --quick    # a 2-3 minute smoke: tiny sizes, numbers not comparable
     .venv/bin/python benchmarks/bench.py --jobs sft,dpo --models cut4 --settings b --skip-generation
 """
@@ -54,7 +54,7 @@ SIZES = {
                  "grpo": {"iterations": 4, "prompts": 2, "G": 4, "max_new_tokens": 32}},
         "full-lora": {"layers": None, "lora": LORA, "steps": 3, "batch_size": 2,
                       "grpo": {"iterations": 2, "prompts": 2, "G": 2, "max_new_tokens": 16}},
-        "generation": {"new_tokens": 24, "batch": 128},  # the quickstart's max_new_tokens
+        "generation": {"new_tokens": None, "batch": None},  # None: the quickstart's max_new_tokens / generation batch
         "matmul_seconds": 3.0, "bandwidth_seconds": 2.0, "matmul_n": 2048,
     },
     "quick": {
@@ -435,9 +435,10 @@ def run_training(args, size: dict, jobs: list[str], models: list[str], settings:
 def run_generation(args, size: dict, repeats: int, workdir: Path) -> dict:
     from alignkit.config import QuickstartConfig
 
-    batch = args.generation_batch or (size["generation"]["batch"] if args.quick
-                                      else QuickstartConfig().generation_batch_size)
-    spec = {"new_tokens": size["generation"]["new_tokens"], "batches": [1, batch], "repeats": repeats}
+    q = QuickstartConfig()
+    batch = args.generation_batch or size["generation"]["batch"] or q.generation_batch_size
+    spec = {"new_tokens": size["generation"]["new_tokens"] or q.max_new_tokens, "batches": [1, batch],
+            "repeats": repeats}
     gdir = workdir / "generation"
     gdir.mkdir(parents=True, exist_ok=True)
     spec_path, out = gdir / "spec.json", gdir / "result.json"

@@ -227,3 +227,57 @@ def test_static_cache_generates_the_same_greedy_tokens():
     a, b = dynamic.generate(ids, mask, params), static.generate(ids, mask, params)
     assert a.shape[1] >= 3 and len(set(a[0].tolist())) >= 3  # a non-degenerate comparison
     assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the whole command with mocked workers
+def test_parent_main_with_mocked_workers_writes_json_tables_and_the_diff(tmp_path, monkeypatch, capsys):
+    """parent_main end to end with every measurement replaced: the JSON schema, both tables, and on a second run
+    (alignkit twice as slow) the change against the first, flagged."""
+    slow = {"factor": 1.0}
+    limits = {"matmul_fp32": {"n": 8, "peak_gflops": 80.0, "median_gflops": 70.0, "threads": 1},
+              "matmul_bf16": {"n": 8, "peak_gflops": 1.0, "median_gflops": 1.0, "threads": 1},
+              "copy": {"mib": 1, "peak_gbs": 12.0, "median_gbs": 11.0}}
+
+    def fake_job(job, frameworks, repeats, spec_path, workdir, timeout, threads, tag=""):
+        spec = json.loads(Path(spec_path).read_text())
+        assert spec["optimizer"] == ("adamw_fused" if "/b/" in tag else "adamw")
+        s = {"alignkit": 1.0 * slow["factor"], "trl": 2.0}
+        return {fw: [fake_offline_run([3.0, s[fw], s[fw]])] for fw in frameworks}
+
+    def fake_grpo(frameworks, repeats, spec_path, workdir, timeout, threads, tag=""):
+        it = {"step_s": 2.0, "generation_s": 1.0, "scoring_s": 0.0, "training_s": 1.0, "completion_length": 8,
+              "reward": 0.0, "loss": 0.0}
+        return {fw: [{"iterations": [it, it], "peak_rss_mb": 900.0, "process_wall_s": 9.0}] for fw in frameworks}
+
+    gen = {"runs": [{"batch": 1, "mode": "greedy", "cache": "dynamic", "seconds": 1.0, "steps": 8,
+                     "prompt_width": 40, "prefill_s": 0.2}], "static_equals_dynamic_greedy": {"1": True}}
+    monkeypatch.setattr(C, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench, "measure_limits", lambda size, n: limits)
+    monkeypatch.setattr(bench.bench_offline, "prepare_inputs", lambda ns, jobs, workdir: {"data": {}})
+    monkeypatch.setattr(bench.bench_offline, "run_job", fake_job)
+    monkeypatch.setattr(bench.bench_grpo, "run_grpo", fake_grpo)
+    monkeypatch.setattr(bench, "run_generation", lambda args, size, repeats, workdir: {"spec": {}, **gen})
+    argv = ["--jobs", "sft,grpo", "--models", "cut4", "--workdir", str(tmp_path / "w")]
+    assert bench.parent_main(bench.build_parser().parse_args(argv)) == 0
+    first = json.loads(next(tmp_path.glob("*-bench.json")).read_text())
+    assert {"command", "machine", "limits", "decisions", "spec", "train_rows", "train_runs", "generation_rows",
+            "tables_markdown"} <= set(first)
+    assert first["decisions"]["bf16"] is False
+    rows = {(r["job"], r["setting"]): r for r in first["train_rows"]}
+    assert set(rows) == {("sft", "a"), ("sft", "b"), ("grpo", "a"), ("grpo", "b")}
+    assert rows["sft", "a"]["ratio"] == pytest.approx(2.0)
+    assert "compare" not in first
+    out = capsys.readouterr().out
+    assert "Training" in out and "Generation" in out and "no previous" in out
+
+    slow["factor"] = 2.0
+    assert bench.parent_main(bench.build_parser().parse_args(argv)) == 0
+    second = json.loads(sorted(tmp_path.glob("*-bench-2.json"))[0].read_text())
+    worse = {r["metric"] for r in second["compare"]["rows"] if r["worse"]}
+    assert worse == {"train/sft/cut4/a/alignkit s/step", "train/sft/cut4/b/alignkit s/step"}
+    assert "Change against" in capsys.readouterr().out
+
+
+def test_unknown_job_is_an_error_naming_the_option():
+    with pytest.raises(SystemExit, match="--jobs: unknown \\['ppo'\\]"):
+        bench.parent_main(bench.build_parser().parse_args(["--jobs", "ppo"]))
