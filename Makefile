@@ -41,7 +41,7 @@ lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: assets
-	$(PY) benchmarks/bench_offline.py
+	$(PY) benchmarks/bench.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -99,11 +99,12 @@ def alignkit_grpo_config(spec: dict, run_dir: Path):
     from alignkit import config as AC
 
     return AC.GRPOConfig(
-        model=AC.ModelConfig(name_or_path=C.EMBEDDED_MODEL, num_hidden_layers=spec["layers"], dtype="float32"),
+        model=C.alignkit_model_config(spec),
         data=AC.RLDataConfig(train="builtin:arithmetic"),
         train=AC.TrainConfig(output_dir=str(run_dir), seed=spec["seed"], lr=spec["lr"], weight_decay=0.0,
                              adam_betas=(0.9, 0.999), scheduler="constant", warmup_steps=0, max_grad_norm=1.0,
-                             save_model=False, cpu=True, log_every=1),
+                             save_model=False, cpu=True, log_every=1, optimizer=spec.get("optimizer", "adamw"),
+                             mixed_precision=spec.get("mixed_precision", "no")),
         generation=AC.GenerationSection(max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"],
                                         top_p=1.0, top_k=0, batch_size=spec["prompts"]),
         reward=AC.RewardSection(components=[AC.RewardComponent(type="callable", name="arithmetic",
@@ -175,16 +176,18 @@ def trl_grpo_worker(spec: dict, t_start: float) -> dict[str, Any]:
         gradient_accumulation_steps=rows // spec["micro_batch_size"], num_generations=spec["G"],
         max_completion_length=spec["max_new_tokens"], temperature=spec["temperature"], top_p=1.0, top_k=0,
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim="adamw_torch", max_grad_norm=1.0,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, optim=spec.get("trl_optim", "adamw_torch"),
+        max_grad_norm=1.0,
         beta=spec["beta"], loss_type="grpo", scale_rewards="group", epsilon=0.2, num_iterations=1,
         shuffle_dataset=False, seed=spec["seed"], logging_steps=1, report_to="none", save_strategy="no",
-        eval_strategy="no", bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-        disable_tqdm=True, log_completions=False,
-        model_init_kwargs={"num_hidden_layers": spec["layers"], "dtype": "float32"},
+        eval_strategy="no", bf16=bool(spec.get("trl_bf16")), fp16=False, gradient_checkpointing=False,
+        use_cpu=True, disable_tqdm=True, log_completions=False,
+        model_init_kwargs={"dtype": "float32", **({"num_hidden_layers": spec["layers"]} if spec.get("layers") else {})},
     )
     timer = StepTimer()
+    peft = {"peft_config": C.peft_lora_config(spec)} if spec.get("lora") else {}
     trainer = trl.GRPOTrainer(model=C.embedded_model_dir(), reward_funcs=C.arithmetic_reward, args=args,
-                              train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+                              train_dataset=dataset, processing_class=tokenizer, callbacks=[timer], **peft)
     t0 = time.perf_counter()
     trainer.train()
     train_call_s = time.perf_counter() - t0
@@ -393,6 +396,28 @@ def ppo_sft_summary(ppo_runs: list[dict], sft_runs: list[dict], spec: dict) -> t
     return summary, table
 
 
+def run_one(worker: str, rep: int, spec_path: Path, workdir: Path, timeout: float, threads: int | None,
+            tag: str = "") -> dict:
+    """One worker subprocess (``alignkit``/``trl`` GRPO, ``ppo``, ``sft``); its result dict."""
+    out = workdir / f"result-{worker}-{rep}.json"
+    print(f"[{time.strftime('%H:%M:%S')}] {tag}{worker} (repeat {rep}) ...", flush=True)
+    r = C.run_worker([__file__, "--worker", worker, "--repeat", str(rep), "--spec", str(spec_path),
+                      "--worker-out", str(out)], out, workdir / f"log-{worker}-{rep}.txt", timeout, threads)
+    print("    " + (r["error"].splitlines()[-1] if "error" in r else f"done in {r['process_wall_s']:.1f} s, "
+          f"steps {[round(i['step_s'], 1) for i in r.get('iterations', [])]}"), flush=True)
+    return r
+
+
+def run_grpo(frameworks: list[str], repeats: int, spec_path: Path, workdir: Path, timeout: float,
+             threads: int | None, tag: str = "") -> dict[str, list[dict]]:
+    """``repeats`` GRPO runs per framework, alternating which goes first."""
+    runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+    for rep in range(repeats):
+        for fw in (frameworks if rep % 2 == 0 else frameworks[::-1]):
+            runs[fw].append(run_one(fw, rep, spec_path, workdir, timeout, threads, tag))
+    return runs
+
+
 def parent_main(args: argparse.Namespace) -> int:
     frameworks = [f for f in args.frameworks.split(",") if f]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="alignkit-bench-grpo-"))
@@ -413,19 +438,9 @@ def parent_main(args: argparse.Namespace) -> int:
     machine = C.machine_info()  # before the runs: alignkit_git is the code the workers import
 
     def run(worker: str, rep: int = 0) -> dict:
-        out = workdir / f"result-{worker}-{rep}.json"
-        print(f"[{time.strftime('%H:%M:%S')}] {worker} (repeat {rep}) ...", flush=True)
-        r = C.run_worker([__file__, "--worker", worker, "--repeat", str(rep), "--spec", str(spec_path),
-                          "--worker-out", str(out)], out, workdir / f"log-{worker}-{rep}.txt", args.timeout,
-                         args.threads)
-        print("    " + (r["error"].splitlines()[-1] if "error" in r else f"done in {r['process_wall_s']:.1f} s, "
-              f"steps {[round(i['step_s'], 1) for i in r.get('iterations', [])]}"), flush=True)
-        return r
+        return run_one(worker, rep, spec_path, workdir, args.timeout, args.threads)
 
-    grpo_runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
-    for rep in range(args.repeats):
-        for fw in (frameworks if rep % 2 == 0 else frameworks[::-1]):
-            grpo_runs[fw].append(run(fw, rep))
+    grpo_runs = run_grpo(frameworks, args.repeats, spec_path, workdir, args.timeout, args.threads)
     summary = {fw: per_iteration_summary(rs) for fw, rs in grpo_runs.items()}
     table = grpo_table(summary)
     print("\n" + table)

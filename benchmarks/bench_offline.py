@@ -138,13 +138,14 @@ def epoch_order(n: int, batch_size: int, seed: int) -> list[int]:
 def alignkit_config(job: str, spec: dict, run_dir: Path):
     from alignkit import config as AC
 
-    model = AC.ModelConfig(name_or_path=C.EMBEDDED_MODEL, num_hidden_layers=spec["layers"], dtype="float32")
+    model = C.alignkit_model_config(spec)
     data = AC.DataConfig(train=spec["data"][job], max_length=spec["max_length"], eval_fraction=0.0)
     train = AC.TrainConfig(
         output_dir=str(run_dir), seed=spec["seed"], lr=spec["lr"], weight_decay=0.0, adam_betas=(0.9, 0.999),
         max_steps=spec["steps"], batch_size=spec["batch_size"], grad_accum=spec["grad_accum"], max_grad_norm=1.0,
-        scheduler="constant", warmup_steps=0, mixed_precision="no", eval_every=0, save_every=0, log_every=1,
-        save_model=False, cpu=True,
+        scheduler="constant", warmup_steps=0, mixed_precision=spec.get("mixed_precision", "no"), eval_every=0,
+        save_every=0, log_every=1, save_model=False, cpu=True, optimizer=spec.get("optimizer", "adamw"),
+        padding_free=bool(spec.get("padding_free")) and job != "rm",  # the RM loop has no padding-free path
     )
     if job == "sft":
         return AC.SFTConfig(model=model, data=data, train=train)
@@ -275,7 +276,6 @@ def trl_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
     from transformers.trainer_utils import set_seed
 
     import trl
-    from alignkit.config import ModelConfig
     from alignkit.models.loading import load_policy, load_reward_model, load_tokenizer
 
     class StepTimer(TrainerCallback):
@@ -303,7 +303,7 @@ def trl_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
     dataset, alignkit_tokens = trl_dataset(job, spec, tokenizer)
     # Same initial weights as alignkit: its loaders after the same seed (the RM head is drawn from it).
     set_seed(spec["seed"])
-    model_cfg = ModelConfig(name_or_path=C.EMBEDDED_MODEL, num_hidden_layers=spec["layers"], dtype="float32")
+    model_cfg = C.alignkit_model_config(spec)  # LoRA (spec["lora"]) applied by the loader: the same adapters
     model = (load_reward_model if job == "rm" else load_policy)(model_cfg, tokenizer)
     common = dict(
         output_dir=str(Path(spec["workdir"]) / f"trl-{job}-{spec['repeat']}"), max_steps=spec["steps"],
@@ -311,12 +311,16 @@ def trl_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0, optim=spec["trl_optim"],
         seed=spec["seed"], logging_steps=1, report_to="none", save_strategy="no", eval_strategy="no",
-        bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, dataloader_num_workers=0,
+        bf16=bool(spec.get("trl_bf16")), fp16=False, gradient_checkpointing=False, use_cpu=True,
+        dataloader_num_workers=0,
         train_sampling_strategy="sequential", disable_tqdm=True, max_length=spec["max_length"],
     )
     timer = StepTimer()
     if job == "sft":
-        args = trl.SFTConfig(**common, completion_only_loss=True, packing=False)
+        padding_free = bool(spec.get("trl_padding_free"))
+        # padding-free without packing refuses a max_length; alignkit's tokenisation already fits it
+        args = trl.SFTConfig(**{**common, "max_length": None if padding_free else spec["max_length"]},
+                             completion_only_loss=True, packing=False, padding_free=padding_free)
         trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                                  callbacks=[timer])
     elif job == "rm":
@@ -468,6 +472,27 @@ def prepare_inputs(args: argparse.Namespace, jobs: list[str], workdir: Path) -> 
             "workdir": str(workdir), "data": data, "n_examples": n, "threads": args.threads}
 
 
+def run_job(job: str, frameworks: list[str], repeats: int, spec_path: Path, workdir: Path, timeout: float,
+            threads: int | None, tag: str = "") -> dict[str, list[dict]]:
+    """``repeats`` worker runs of ``job`` per framework, alternating which framework goes first; each run's
+    result dict (see the workers), keyed by framework. ``tag`` prefixes the progress lines (bench.py: model/setting)."""
+    runs: dict[str, list[dict]] = {fw: [] for fw in frameworks}
+    for rep in range(repeats):
+        for fw in (frameworks if rep % 2 == 0 else frameworks[::-1]):
+            out = workdir / f"result-{fw}-{job}-{rep}.json"
+            print(f"[{time.strftime('%H:%M:%S')}] {tag}{job} / {fw} (repeat {rep}) ...", flush=True)
+            r = C.run_worker([__file__, "--worker", fw, "--job", job, "--repeat", str(rep), "--spec",
+                              str(spec_path), "--worker-out", str(out)],
+                             out, workdir / f"log-{fw}-{job}-{rep}.txt", timeout, threads)
+            runs[fw].append(r)
+            status = r["error"].splitlines()[-1] if "error" in r else (
+                f"loop {r['loop_s']:.1f} s (CPU {r['loop_cpu_s']:.1f} s), {r['tokens'] / r['loop_s']:.0f} tok/s, "
+                f"peak RSS {r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']:.4f}, "
+                f"load {r['load_average_before'][0]:.1f}")
+            print(f"    {status}", flush=True)
+    return runs
+
+
 def parent_main(args: argparse.Namespace) -> int:
     jobs = [j for j in args.jobs.split(",") if j]
     frameworks = [f for f in args.frameworks.split(",") if f]
@@ -483,22 +508,8 @@ def parent_main(args: argparse.Namespace) -> int:
     print(f"matmul peak {peak['peak_gflops']:.1f} GFLOP/s", flush=True)
 
     config = C.truncated_config(args.layers)
-    runs: dict[str, dict[str, list[dict]]] = {}
-    for job in jobs:
-        for rep in range(args.repeats):
-            order = frameworks if rep % 2 == 0 else frameworks[::-1]  # alternate who runs first
-            for fw in order:
-                out = workdir / f"result-{fw}-{job}-{rep}.json"
-                print(f"[{time.strftime('%H:%M:%S')}] {job} / {fw} (repeat {rep}) ...", flush=True)
-                r = C.run_worker([__file__, "--worker", fw, "--job", job, "--repeat", str(rep), "--spec",
-                                  str(spec_path), "--worker-out", str(out)],
-                                 out, workdir / f"log-{fw}-{job}-{rep}.txt", args.timeout, args.threads)
-                runs.setdefault(job, {}).setdefault(fw, []).append(r)
-                status = r["error"].splitlines()[-1] if "error" in r else (
-                    f"loop {r['loop_s']:.1f} s (CPU {r['loop_cpu_s']:.1f} s), {r['tokens'] / r['loop_s']:.0f} tok/s, "
-                    f"peak RSS {r['peak_rss_mb']:.0f} MiB, final loss {r['final_loss']:.4f}, "
-                    f"load {r['load_average_before'][0]:.1f}")
-                print(f"    {status}", flush=True)
+    runs = {job: run_job(job, frameworks, args.repeats, spec_path, workdir, args.timeout, args.threads)
+            for job in jobs}
 
     best: dict[str, dict[str, dict]] = {}
     for job, fws in runs.items():

@@ -138,15 +138,15 @@ def results_path(kind: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
-def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> dict[str, float]:
-    """Achievable fp32 matmul throughput of this machine with torch's current thread count.
+def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0, dtype: str = "float32") -> dict[str, float]:
+    """Achievable matmul throughput of this machine in ``dtype`` with torch's current thread count.
 
-    One ``[n, n] @ [n, n]`` costs ``2 n^3`` FLOPs; repeated for ``seconds`` after one warm-up call.
-    Returns ``peak`` (best single matmul) and ``median`` GFLOP/s.
+    One ``[n, n] @ [n, n]`` costs ``2 n^3`` FLOPs; repeated for ``seconds`` after one warm-up call (at least
+    3 calls). Returns ``peak`` (best single matmul) and ``median`` GFLOP/s.
     """
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     torch.mm(a, b)  # warm-up (thread pool, allocator)
     flops = 2.0 * n**3
     rates: list[float] = []
@@ -155,8 +155,31 @@ def matmul_peak_gflops(n: int = 2048, seconds: float = 3.0) -> dict[str, float]:
         t0 = time.perf_counter()
         torch.mm(a, b)
         rates.append(flops / (time.perf_counter() - t0) / 1e9)
-    return {"n": n, "calls": len(rates), "peak_gflops": max(rates), "median_gflops": statistics.median(rates),
-            "threads": torch.get_num_threads()}
+    return {"n": n, "dtype": dtype, "calls": len(rates), "peak_gflops": max(rates),
+            "median_gflops": statistics.median(rates), "threads": torch.get_num_threads()}
+
+
+def copy_bandwidth_gbs(mib: int = 256, seconds: float = 2.0) -> dict[str, float]:
+    """Memory bandwidth of a large fp32 tensor copy (``dst.copy_(src)``, ``mib`` MiB each, far above any cache).
+
+    Each copy reads ``mib`` MiB and writes ``mib`` MiB: GB/s here COUNTS BOTH (2 x bytes / s), the traffic a
+    decode step's weight reads are compared with. Repeated for ``seconds`` after one warm-up; ``peak`` is the
+    best copy, ``median`` the median.
+    """
+    import torch
+
+    n = mib * 2**20 // 4
+    src, dst = torch.randn(n), torch.empty(n)
+    dst.copy_(src)  # warm-up: pages touched
+    nbytes = 2.0 * n * 4  # read + write
+    rates: list[float] = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds or len(rates) < 3:
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
+    return {"mib": mib, "bytes_counted": "read + write", "calls": len(rates), "peak_gbs": max(rates),
+            "median_gbs": statistics.median(rates), "threads": torch.get_num_threads()}
 
 
 def matmul_params(config: Any, lm_head: bool, num_labels: int = 1) -> int:
@@ -179,6 +202,32 @@ def matmul_params(config: Any, lm_head: bool, num_labels: int = 1) -> int:
     return config.num_hidden_layers * per_layer + head
 
 
+def lora_params(config: Any, r: int, target_modules: list[str], layers: list[int] | None = None) -> int:
+    """Trainable LoRA weights: each adapted linear ``[d_in -> d_out]`` gains ``A [r, d_in]`` and ``B [d_out, r]``,
+    i.e. ``r (d_in + d_out)``, in every adapted layer (all layers when ``layers`` is None)."""
+    d = config.hidden_size
+    h = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or h
+    d_h = getattr(config, "head_dim", None) or d // h
+    shapes = {"q_proj": (d, h * d_h), "k_proj": (d, kv * d_h), "v_proj": (d, kv * d_h), "o_proj": (h * d_h, d),
+              "gate_proj": (d, config.intermediate_size), "up_proj": (d, config.intermediate_size),
+              "down_proj": (config.intermediate_size, d)}
+    per_layer = sum(r * (shapes[m][0] + shapes[m][1]) for m in target_modules)
+    return per_layer * (config.num_hidden_layers if layers is None else len(layers))
+
+
+def training_flops_per_token(n_params: int, n_lora: int = 0) -> float:
+    """Matmul FLOPs per trained token.
+
+    Full fine-tuning: 6 N (forward 2 N, backward 4 N: input gradients 2 N + weight gradients 2 N).
+    LoRA on every layer: the frozen weights do the forward (2 N) and pass input gradients down to the first
+    layer (2 N) but need no weight gradient, so 4 N; the adapters (N_lora) cost the full 6 N_lora. The
+    LoRA side products ``x A`` are counted in N_lora; norms and attention scores are not (see matmul_params).
+    E.g. N = 100, N_lora = 10: full 600; LoRA 4*100 + 6*10 = 460.
+    """
+    return 6.0 * n_params if n_lora == 0 else 4.0 * n_params + 6.0 * n_lora
+
+
 def training_flops(n_params: int, tokens: int) -> float:
     """C = 6 N D (forward + backward) for D tokens through N matmul weights."""
     return 6.0 * n_params * tokens
@@ -194,6 +243,27 @@ def embedded_model_dir() -> str:
     from alignkit.models.embedded import resolve_model_path
 
     return resolve_model_path(EMBEDDED_MODEL)
+
+
+def alignkit_model_config(spec: dict) -> Any:
+    """alignkit's ``ModelConfig`` for a benchmark spec: the embedded model cut to ``spec["layers"]`` (None: all
+    30), fp32, and LoRA when ``spec["lora"]`` is set (``{"r", "alpha", "target_modules"}``, dropout 0)."""
+    from alignkit import config as AC
+
+    lora = spec.get("lora")
+    lora_cfg = AC.LoraConfig(enabled=True, r=lora["r"], alpha=lora["alpha"], dropout=0.0,
+                             target_modules=list(lora["target_modules"])) if lora else AC.LoraConfig()
+    return AC.ModelConfig(name_or_path=EMBEDDED_MODEL, num_hidden_layers=spec.get("layers"), dtype="float32",
+                          lora=lora_cfg)
+
+
+def peft_lora_config(spec: dict, task_type: str = "CAUSAL_LM") -> Any:
+    """The peft ``LoraConfig`` alignkit builds from :func:`alignkit_model_config` (for TRL's ``peft_config``)."""
+    from peft import LoraConfig
+
+    lora = spec["lora"]
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=0.0,
+                      target_modules=list(lora["target_modules"]), task_type=task_type)
 
 
 def truncated_config(layers: int | None) -> Any:

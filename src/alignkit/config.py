@@ -152,6 +152,9 @@ class TrainConfig(Section):
     """Write the final model (merged LoRA) loadable with ``from_pretrained``."""
     cpu: bool = False
     """Force CPU even when an accelerator is present."""
+    optimizer: Literal["adamw", "adamw_fused"] = "adamw"
+    """``adamw``: torch's AdamW (for-each implementation); ``adamw_fused``: the same update in one fused kernel per
+    dtype/device group (``torch.optim.AdamW(fused=True)``, CPU and CUDA). Same maths up to float rounding."""
 
     @field_validator("output_dir")
     @classmethod
@@ -409,6 +412,9 @@ class GenerationSection(Section):
     batch_size: int = Field(16, gt=0)
     """Prompts per generate() call; each brings its G samples (GRPO/RLOO/best-of-n), so a call has
     batch_size x G rows."""
+    cache_implementation: Literal["dynamic", "static"] = "dynamic"
+    """``hf`` backend's KV cache: ``dynamic`` (grows per step, transformers' default) or ``static`` (preallocated
+    to prompt + max_new_tokens). Same tokens; which is faster depends on the machine (``make bench`` measures it)."""
 
 
 CALLABLE_REWARD_SIGNATURE = "def score(prompts: list[str], completions: list[str], **fields) -> list[float]"

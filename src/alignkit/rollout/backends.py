@@ -16,7 +16,7 @@ from alignkit.rollout.engine import GenerationBackend, HFGenerateBackend
 def make_backend(gen: GenerationSection, model, tokenizer, autocast_dtype: torch.dtype | None = None) -> GenerationBackend:
     """The engine ``gen.backend`` names, sampling from ``model`` (the trainer's policy)."""
     if gen.backend == "hf":
-        return HFGenerateBackend(model, tokenizer, autocast_dtype)
+        return HFGenerateBackend(model, tokenizer, autocast_dtype, gen.cache_implementation)
     if gen.backend == "vllm":
         from alignkit.rollout.vllm import VLLMBackend
 

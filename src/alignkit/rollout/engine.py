@@ -174,10 +174,12 @@ class HFGenerateBackend:
     with AVX512-BF16; log-probs for the loss are recomputed by the caller anyway.
     """
 
-    def __init__(self, model, tokenizer, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model, tokenizer, autocast_dtype: torch.dtype | None = None,
+                 cache_implementation: str = "dynamic"):
         self.model = model
         self.tokenizer = tokenizer
         self.autocast_dtype = autocast_dtype
+        self.cache_implementation = cache_implementation  # generation.cache_implementation
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError(
                 "HFGenerateBackend needs a tokenizer with both pad_token_id and eos_token_id set"
@@ -197,6 +199,8 @@ class HFGenerateBackend:
             "eos_token_id": self.tokenizer.eos_token_id,
             "use_cache": True,
         }
+        if self.cache_implementation != "dynamic":  # "static": a preallocated [B, heads, P + R, d] cache
+            kwargs["cache_implementation"] = self.cache_implementation
         if params.do_sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:  # override sampling defaults a checkpoint's generation_config may carry (avoids HF warnings)

@@ -15,7 +15,7 @@ SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "
 
 
 def build_optimizer(params, train_cfg, total_steps: int):
-    """(AdamW, LR scheduler) for ``params``: a module (its trainable parameters), a list of parameters,
+    """(AdamW, LR scheduler) for ``params`` (``train.optimizer``: torch's default AdamW or its fused kernel): a module (its trainable parameters), a list of parameters,
     or a list of param-group dicts (``{"params": [...], "lr": ...}``; a group without ``lr`` uses ``train.lr``)."""
     if isinstance(params, torch.nn.Module):
         params = [p for p in params.parameters() if p.requires_grad]
@@ -25,7 +25,8 @@ def build_optimizer(params, train_cfg, total_steps: int):
     if not any(g["params"] for g in groups):
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
     optimizer = torch.optim.AdamW(
-        groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), weight_decay=train_cfg.weight_decay
+        groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), weight_decay=train_cfg.weight_decay,
+        fused=True if train_cfg.optimizer == "adamw_fused" else None,
     )
     scheduler = get_scheduler(
         SCHEDULES[train_cfg.scheduler], optimizer, num_warmup_steps=train_cfg.warmup_steps,
