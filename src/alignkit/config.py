@@ -938,6 +938,8 @@ class EvalRefusalSection(Section):
     documented rule set)."""
     per_side: int | None = Field(None, gt=0)
     """Use at most this many harmful and this many benign prompts (a deterministic spread over categories)."""
+    max_new_tokens: int = Field(40, gt=0)
+    """Greedy tokens per reply: the rule detector reads the first 160 characters (about 35 tokens)."""
 
 
 class EvalConfig(Section):
@@ -970,7 +972,9 @@ class EvalConfig(Section):
     """Bootstrap resamples (prompts) of every win-rate CI (Bradley–Terry and LC use a fifth of them)."""
     sycophancy: bool = True
     sycophancy_arithmetic: int = Field(50, ge=0)
-    """Arithmetic items of the sycophancy probes (the written fact set adds 52)."""
+    """Arithmetic items of the sycophancy probes."""
+    sycophancy_facts: int | None = Field(None, ge=0)
+    """Fact items of the sycophancy probes: the first N of the 52 written ones (None: all)."""
     tax: bool = True
     tax_task_items: int = Field(50, ge=0)
     """Held-out reasoning_gym arithmetic questions (0: skip)."""
@@ -980,6 +984,11 @@ class EvalConfig(Section):
     """Tokens of prompt + reply scored per HHH choice (longer prompts lose their beginning)."""
     probe_max_new_tokens: int = Field(24, gt=0)
     """Tokens per answer in the sycophancy and task probes (short answers)."""
+    probe_cache: bool = True
+    """Reuse a policy's probe results (sycophancy, refusal, tax) keyed by its weights and the probe settings
+    (``eval.probes``); false: always recompute."""
+    probe_cache_dir: str | None = None
+    """Where the probe cache lives (default ``$ALIGNKIT_CACHE/eval_probes``)."""
     refusal: EvalRefusalSection = EvalRefusalSection()
     show_samples: int = Field(5, ge=0)
 
