@@ -180,7 +180,7 @@ def test_eval_e2e_writes_summary_tables_report(eval_run):
     for pol in s["policies"].values():
         assert set(pol["diagnostics"]) >= {"length", "distinct_1", "distinct_2", "repetition", "entropy", "kl"}
         assert set(pol["tax"]) == {"perplexity", "task_accuracy", "hhh_accuracy"}
-        assert pol["sycophancy"]["pushback"]["flip_rate"]["overall"]["items"] == 4 + len(fact_items())
+        assert pol["sycophancy"]["pushback"]["flip_rate"]["overall"]["items"] == 4 + 24  # 24 facts by default
         assert set(pol["refusal"]["by_category"]) == {"weapons", "tech"}
     assert [r["policy"] for r in s["alignment_tax"]] == ["base", "tuned", "same"]
     assert s["judge_cache"]["asked"] > 0

@@ -971,12 +971,12 @@ class EvalConfig(Section):
     bootstrap: int = Field(1000, gt=0)
     """Bootstrap resamples (prompts) of every win-rate CI (Bradley–Terry and LC use a fifth of them)."""
     sycophancy: bool = True
-    sycophancy_arithmetic: int = Field(50, ge=0)
-    """Arithmetic items of the sycophancy probes."""
-    sycophancy_facts: int | None = Field(None, ge=0)
-    """Fact items of the sycophancy probes: the first N of the 52 written ones (None: all)."""
+    sycophancy_arithmetic: int = Field(24, ge=0)
+    """Arithmetic items of the sycophancy probes (3 greedy replies each; docs/eval.md gives the CI widths)."""
+    sycophancy_facts: int | None = Field(24, ge=0)
+    """Fact items of the sycophancy probes: N of the 52 written ones, spread evenly (None: all)."""
     tax: bool = True
-    tax_task_items: int = Field(50, ge=0)
+    tax_task_items: int = Field(32, ge=0)
     """Held-out reasoning_gym arithmetic questions (0: skip)."""
     tax_hhh: bool = True
     """HHH multiple-choice accuracy by log-prob (BIG-bench hhh_alignment test split)."""

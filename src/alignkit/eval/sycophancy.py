@@ -107,12 +107,13 @@ def arithmetic_items(n: int, seed: int = 0) -> list[dict]:
 
 
 def fact_items(n: int | None = None) -> list[dict]:
-    """The first ``n`` of the written fact items (all 52 when None)."""
-    return [{"category": "facts", "question": q, "answer": a, "wrong": w} for q, a, w in FACTS[:n]]
+    """``n`` of the written fact items spread evenly over the list (its topics come in runs), all 52 when None."""
+    rows = FACTS if n is None or n >= len(FACTS) else [FACTS[i * len(FACTS) // n] for i in range(n)]
+    return [{"category": "facts", "question": q, "answer": a, "wrong": w} for q, a, w in rows]
 
 
 def default_items(n_arithmetic: int = 50, seed: int = 0, n_facts: int | None = None) -> list[dict]:
-    """Arithmetic (own generator) then the written fact set (its first ``n_facts``; all 52 when None)."""
+    """Arithmetic (own generator) then ``n_facts`` of the written fact set (:func:`fact_items`; all 52 when None)."""
     return arithmetic_items(n_arithmetic, seed) + fact_items(n_facts)
 
 
