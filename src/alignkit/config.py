@@ -1022,9 +1022,13 @@ class W2SConfig(Section):
     """``sentiment``: is a reply positive (gold: VADER compound > 0; texts: BIG-bench HHH replies and the built-in
     SFT demonstrations)? ``hhh``: which of two replies is better (BIG-bench HHH gold labels)."""
     strong_model: str = "smollm2-135m-instruct"
-    weak_layers: int = Field(2, gt=0)
-    """The weak supervisor reads the hidden state after the first N layers of the strong model (a few-layer cut)."""
-    n_train: int = Field(150, gt=0)
+    weak_layers: int = Field(0, ge=0)
+    """The weak supervisor reads the hidden state after the first N layers of the strong model (a few-layer cut;
+    0 = the token embeddings alone, a bag-of-embeddings model)."""
+    strong_layer: int | None = Field(16, ge=1)
+    """The strong model's feature: the hidden state after this many layers (a middle layer probes better than the
+    last on the 30-layer embedded model, docs/eval.md); null: the last (normed) hidden state."""
+    n_train: int = Field(200, gt=0)
     """Examples of each training half: the weak model trains on one (ground truth), the students on the other
     (weak labels; the ceiling on its ground truth). Capped by the data available."""
     n_test: int = Field(100, gt=0)
@@ -1032,7 +1036,8 @@ class W2SConfig(Section):
     steps: int = Field(300, gt=0)
     """Full-batch Adam steps of each probe."""
     lr: float = Field(1e-2, gt=0)
-    weight_decay: float = Field(1e-3, ge=0)
+    weight_decay: float = Field(1.0, ge=0)
+    """Adam's L2 penalty on the probe (features are standardised; ~200 examples of 576 features need a strong one)."""
     max_length: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
     """Texts per forward pass of the feature extraction."""
