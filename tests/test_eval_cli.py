@@ -94,6 +94,36 @@ def test_refusal_records_errors_name_row_and_field():
 
 
 # ---------------------------------------------------------------- alignment tax
+def test_pair_logprobs_share_the_prompt_and_equal_scoring_each_reply_alone():
+    """pair_logprobs runs each prompt once (KV cache repeated for both replies); uncut, it equals
+    completion_logprobs of each reply. Cut (max_length = the longer reply + 5), the prompt keeps its last 5 tokens
+    for BOTH replies: checked against a plain forward over exactly those ids."""
+    from alignkit.data.tokenize import encode, encode_response, render_prompt
+    from alignkit.eval.tax import pair_logprobs
+
+    model, tok = tiny_causal_lm(seed=0)
+    model.eval()
+    with torch.no_grad():  # a sharper, input-dependent distribution than the near-uniform random init
+        for p in model.parameters():
+            p.mul_(3.0)
+    prompts = ["q one", "a much longer question here with words", "x"]
+    first, second = ["b", "a reply of some length", "c d"], ["a longer reply here", "z", "e f g h"]
+    a, b = pair_logprobs(model, tok, prompts, first, second, batch_size=2)
+    assert a == pytest.approx(completion_logprobs(model, tok, prompts, first), abs=1e-4)
+    assert b == pytest.approx(completion_logprobs(model, tok, prompts, second), abs=1e-4)
+    pid = encode(tok, render_prompt(tok, [{"role": "user", "content": prompts[1]}]))
+    ra, rb = encode_response(tok, first[1]), encode_response(tok, second[1])
+    a, b = pair_logprobs(model, tok, prompts[1:2], first[1:2], second[1:2], max_length=max(len(ra), len(rb)) + 5)
+    cut = pid[-5:]
+    assert len(pid) > 5
+    for got, r in ((a[0], ra), (b[0], rb)):
+        ids = torch.tensor([cut + r])
+        with torch.no_grad():
+            logp = model(ids).logits[0, :-1].float().log_softmax(-1)  # [T-1, V]
+        manual = sum(float(logp[t - 1, ids[0, t]]) for t in range(len(cut), len(cut) + len(r)))
+        assert got == pytest.approx(manual, abs=1e-4)
+
+
 def test_completion_logprobs_equal_a_manual_sum():
     model, tok = tiny_causal_lm(seed=0)
     model.eval()

@@ -8,8 +8,8 @@ Model calls of one policy (greedy; ``make_generate`` sorts conversations by leng
 2. ONE generate at ``short_tokens`` for the pushback turn (it needs the first answers);
 3. ONE generate at ``refusal_tokens`` for the refusal prompts (the rule detector reads the first
    ``eval.refusal.LEAD_CHARS`` = 160 characters, about 35 tokens);
-4. ONE length-sorted scoring pass over both replies of every HHH pair, and ONE padded pass over the perplexity
-   paragraphs.
+4. ONE pass over the HHH pairs, each prompt run once for both replies (``eval.tax.pair_logprobs``: its KV cache is
+   repeated for the two replies), and ONE padded pass over the perplexity paragraphs.
 
 **Cache.** The probe results depend only on the weights, the tokenizer and the probe settings, not on the prompt
 set of the win rates. They are stored as JSON under ``$ALIGNKIT_CACHE/eval_probes/<key>.json`` (``probe_cache_dir``
@@ -39,8 +39,11 @@ from alignkit.eval.tax import hhh_accuracy, perplexity, task_conversations, task
 from alignkit.io_utils import atomic_write_json
 from alignkit.rollout.engine import SamplingParams
 
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 """Bump when a probe's procedure changes what it measures: older cache entries then miss."""
+HHH_PAIRS_PER_BATCH = 8
+"""Pairs per shared-prefix HHH pass: 16 reply rows, their fp32 logits 16 × reply length × vocabulary × 4 bytes
+(≈ 0.4 GB for 130 tokens of the 49k-token embedded vocabulary)."""
 
 
 class SectionClock:
@@ -176,8 +179,8 @@ def run_probes(model, tokenizer, plan: ProbePlan, detector, clock: SectionClock,
             out.setdefault("tax", {})["perplexity"] = perplexity(model, tokenizer)
     if plan.hhh:
         with clock("tax_hhh"):
-            out.setdefault("tax", {})["hhh_accuracy"] = hhh_accuracy(model, tokenizer, plan.hhh, plan.batch_size,
-                                                                     plan.hhh_max_length)
+            out.setdefault("tax", {})["hhh_accuracy"] = hhh_accuracy(
+                model, tokenizer, plan.hhh, min(plan.batch_size, HHH_PAIRS_PER_BATCH), plan.hhh_max_length)
     if "tax" in out:  # a stable key order in summaries: perplexity, task, hhh
         order = ("perplexity", "task_accuracy", "hhh_accuracy")
         out["tax"] = {k: out["tax"][k] for k in order if k in out["tax"]}
