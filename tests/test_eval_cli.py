@@ -233,6 +233,8 @@ def test_eval_timing_per_policy_and_section(eval_run):
         assert {"load", "sample", "token_stats", "score", "probe_cache"} <= set(sections)
         assert sum(sections.values()) <= s["timings_s"][name] + 0.05
         assert (probe_sections <= set(sections)) == (name != "same"), (name, sections)
+    table = (eval_run / "tables.md").read_text()
+    assert "## Time per policy and section" in table and "| same | " in table.split("## Time per policy")[1]
 
 
 def test_probe_cache_hit_within_a_run_and_on_a_rerun(eval_run, tmp_path):

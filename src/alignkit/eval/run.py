@@ -419,4 +419,12 @@ def render_tables(s: dict) -> str:
                   "| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for r in s["alignment_tax"]:
             lines.append(f"| {r['policy']} | " + " | ".join(_f(r.get(c)) for c in cols) + " |")
+    if s.get("timing"):
+        sections = list(dict.fromkeys(k for t in s["timing"].values() for k in t))
+        lines += ["", "## Time per policy and section (seconds; a missing section did not run, e.g. probes read "
+                  "from the cache)", "", "| policy | " + " | ".join(sections) + " | total |",
+                  "|---" * (len(sections) + 2) + "|"]
+        for n, t in s["timing"].items():
+            lines.append(f"| {n} | " + " | ".join(_f(t.get(k), 1) for k in sections)
+                         + f" | {_f(s['timings_s'].get(n), 1)} |")
     return "\n".join(lines) + "\n"
