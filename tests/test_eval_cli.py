@@ -258,6 +258,7 @@ def test_probe_cache_hit_within_a_run_and_on_a_rerun(eval_run, tmp_path):
     assert cli.main(off + [pol, "probe_cache=false", f"output_dir={tmp_path / 'off'}"]) == 0
     s3 = json.loads((tmp_path / "off" / "summary.json").read_text())
     assert s3["probe_cache"] is None and "probe_turn1" in s3["timing"]["base"]
+    assert "probe_cache" not in s3["timing"]["base"]
     assert s3["policies"]["base"]["sycophancy"] == s["policies"]["base"]["sycophancy"]
 
 
@@ -408,7 +409,7 @@ def test_quickstart_eval_config_is_valid():
 
 def test_probe_generation_keeps_the_order_of_conversations():
     """Batched by length, replies come back in the caller's order: equal to generating each conversation alone."""
-    from alignkit.eval.run import make_generate
+    from alignkit.eval.probes import make_generate
 
     model, tok = tiny_causal_lm(seed=0)
     model.eval()

@@ -10,7 +10,9 @@
 3. Diagnostics of each policy's samples (``ops.diagnostics``: length, its correlation with the reward, distinct-n,
    repetition, entropy, KL to the reference, proxy–gold gap, no-EOS share) and warnings against the baseline.
 4. Sycophancy (``eval.sycophancy``), over-refusal (``eval.overrefusal``, when ``refusal.prompts`` is set) and the
-   alignment tax (``eval.tax``) of each policy, with greedy decoding.
+   alignment tax (``eval.tax``) of each policy, with greedy decoding, in a few batched calls (``eval.probes``),
+   cached per policy by its weights fingerprint and the probe settings (``probe_cache``).
+5. ``summary.json: timing``: seconds per policy and section (``tables.md`` ends with the same table).
 
 Writes ``summary.json``, ``tables.md``, ``winrates.csv``, ``samples.jsonl``, ``plots/*.png`` (win rates, reward vs
 KL, sycophancy, refusal) and ``report.html`` (``eval.html``) to ``output_dir``.
@@ -35,8 +37,8 @@ from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import tokenize_prompts
 from alignkit.eval.overrefusal import DEFAULT_DETECTOR, check_records, subsample
 from alignkit.eval.policy import sample
-from alignkit.eval.probes import (ProbeCache, ProbePlan, SectionClock, default_cache_dir, make_generate,
-                                  probe_key, run_probes, weights_fingerprint)
+from alignkit.eval.probes import (ProbeCache, ProbePlan, SectionClock, default_cache_dir, probe_key, run_probes,
+                                  weights_fingerprint)
 from alignkit.eval.sycophancy import default_items
 from alignkit.eval.winrate import bootstrap_ci, bradley_terry_ci, lc_win_rate, outcomes_from_scores, win_rate
 from alignkit.io_utils import atomic_write_json, atomic_write_text
@@ -97,9 +99,6 @@ class JudgeCache:
 
 
 # ---------------------------------------------------------------- helpers
-__all__ = ["make_generate", "run"]  # make_generate lives in eval.probes; kept importable from here
-
-
 def _load_model(path: str, tokenizer):
     return load_policy(ModelConfig(name_or_path=EMBEDDED_ALIASES.get(path, path)), tokenizer, trainable=False)
 
@@ -235,9 +234,11 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
         r["diagnostics"] = response_diagnostics(tokens, reward, r["eos"], entropy=ent, entropy_tokens=ntok,
                                                 logratio=ratio, gold=r.get("gold") if "rm" in r else None)
         if not plan.empty():
-            with clock("probe_cache"):
-                key = probe_key(weights_fingerprint(model), plan, tokenizer) if cache is not None else None
-                cached = cache.get(key) if cache is not None else None
+            key = cached = None
+            if cache is not None:
+                with clock("probe_cache"):  # the weights fingerprint (a second for 135M parameters) and the lookup
+                    key = probe_key(weights_fingerprint(model), plan, tokenizer)
+                    cached = cache.get(key)
             if cached is None:
                 cached = run_probes(model, tokenizer, plan, detector, clock, name)
                 if cache is not None:
