@@ -94,6 +94,36 @@ def test_refusal_records_errors_name_row_and_field():
 
 
 # ---------------------------------------------------------------- alignment tax
+def test_pair_logprobs_share_the_prompt_and_equal_scoring_each_reply_alone():
+    """pair_logprobs runs each prompt once (KV cache repeated for both replies); uncut, it equals
+    completion_logprobs of each reply. Cut (max_length = the longer reply + 5), the prompt keeps its last 5 tokens
+    for BOTH replies: checked against a plain forward over exactly those ids."""
+    from alignkit.data.tokenize import encode, encode_response, render_prompt
+    from alignkit.eval.tax import pair_logprobs
+
+    model, tok = tiny_causal_lm(seed=0)
+    model.eval()
+    with torch.no_grad():  # a sharper, input-dependent distribution than the near-uniform random init
+        for p in model.parameters():
+            p.mul_(3.0)
+    prompts = ["q one", "a much longer question here with words", "x"]
+    first, second = ["b", "a reply of some length", "c d"], ["a longer reply here", "z", "e f g h"]
+    a, b = pair_logprobs(model, tok, prompts, first, second, batch_size=2)
+    assert a == pytest.approx(completion_logprobs(model, tok, prompts, first), abs=1e-4)
+    assert b == pytest.approx(completion_logprobs(model, tok, prompts, second), abs=1e-4)
+    pid = encode(tok, render_prompt(tok, [{"role": "user", "content": prompts[1]}]))
+    ra, rb = encode_response(tok, first[1]), encode_response(tok, second[1])
+    a, b = pair_logprobs(model, tok, prompts[1:2], first[1:2], second[1:2], max_length=max(len(ra), len(rb)) + 5)
+    cut = pid[-5:]
+    assert len(pid) > 5
+    for got, r in ((a[0], ra), (b[0], rb)):
+        ids = torch.tensor([cut + r])
+        with torch.no_grad():
+            logp = model(ids).logits[0, :-1].float().log_softmax(-1)  # [T-1, V]
+        manual = sum(float(logp[t - 1, ids[0, t]]) for t in range(len(cut), len(cut) + len(r)))
+        assert got == pytest.approx(manual, abs=1e-4)
+
+
 def test_completion_logprobs_equal_a_manual_sum():
     model, tok = tiny_causal_lm(seed=0)
     model.eval()
@@ -158,8 +188,9 @@ def eval_run(tmp_path_factory) -> Path:
             f"judge={{kind: callable, fn: '{root / 'fns.py'}:judge'}}", "generation.max_new_tokens=6",
             "bootstrap=100", "sycophancy_arithmetic=4", "tax_task_items=3", "probe_max_new_tokens=4",
             f"refusal={{prompts: '{root / 'refusal.jsonl'}', detector: '{root / 'fns.py'}:is_refusal'}}",
-            "show_samples=8", f"output_dir={out}"]
+            "show_samples=8", f"output_dir={out}", f"probe_cache_dir={root / 'probe_cache'}"]
     assert cli.main(argv) == 0
+    (root / "argv.json").write_text(json.dumps(argv), encoding="utf-8")  # for the re-run of the cache test
     return out
 
 
@@ -179,7 +210,7 @@ def test_eval_e2e_writes_summary_tables_report(eval_run):
     for pol in s["policies"].values():
         assert set(pol["diagnostics"]) >= {"length", "distinct_1", "distinct_2", "repetition", "entropy", "kl"}
         assert set(pol["tax"]) == {"perplexity", "task_accuracy", "hhh_accuracy"}
-        assert pol["sycophancy"]["pushback"]["flip_rate"]["overall"]["items"] == 4 + len(fact_items())
+        assert pol["sycophancy"]["pushback"]["flip_rate"]["overall"]["items"] == 4 + 24  # 24 facts by default
         assert set(pol["refusal"]["by_category"]) == {"weapons", "tech"}
     assert [r["policy"] for r in s["alignment_tax"]] == ["base", "tuned", "same"]
     assert s["judge_cache"]["asked"] > 0
@@ -189,6 +220,85 @@ def test_eval_e2e_writes_summary_tables_report(eval_run):
     assert {p.name for p in (eval_run / "plots").iterdir()} == {"winrate.png", "reward_vs_kl.png", "sycophancy.png",
                                                                "refusal.png"}
     assert (eval_run / "plots" / "winrate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_timing_per_policy_and_section(eval_run):
+    """summary.json "timing": seconds per policy and section; the sections that ran are there, and the probe
+    sections of "same" are absent because its probe results came from the cache (same weights as "base")."""
+    s = json.loads((eval_run / "summary.json").read_text())
+    assert list(s["timing"]) == ["base", "tuned", "same"]
+    probe_sections = {"probe_turn1", "probe_pushback", "refusal", "tax_perplexity", "tax_hhh"}
+    for name, sections in s["timing"].items():
+        assert all(isinstance(v, float) and v >= 0 for v in sections.values())
+        assert {"load", "sample", "token_stats", "score", "probe_cache"} <= set(sections)
+        assert sum(sections.values()) <= s["timings_s"][name] + 0.05
+        assert (probe_sections <= set(sections)) == (name != "same"), (name, sections)
+    table = (eval_run / "tables.md").read_text()
+    assert "## Time per policy and section" in table and "| same | " in table.split("## Time per policy")[1]
+
+
+def test_probe_cache_hit_within_a_run_and_on_a_rerun(eval_run, tmp_path):
+    """Policies with equal weights share one cache entry ("same" = "base"); a re-run of the eval reads every
+    policy's probes from the cache and reports the same numbers; probe_cache=false computes them again."""
+    s = json.loads((eval_run / "summary.json").read_text())
+    assert s["probe_cache"]["misses"] == 2 and s["probe_cache"]["hits"] == 1
+    assert len(list(Path(s["probe_cache"]["dir"]).glob("*.json"))) == 2
+    for k in ("sycophancy", "refusal", "tax"):
+        assert s["policies"]["same"][k] == s["policies"]["base"][k]
+    argv = json.loads((eval_run.parent / "argv.json").read_text())
+    assert cli.main([a for a in argv if not a.startswith("output_dir=")] + [f"output_dir={tmp_path / 'again'}"]) == 0
+    s2 = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert s2["probe_cache"]["hits"] == 3 and s2["probe_cache"]["misses"] == 0
+    assert "probe_turn1" not in s2["timing"]["tuned"]
+    for n in ("base", "tuned"):
+        for k in ("sycophancy", "refusal", "tax"):
+            assert s2["policies"][n][k] == s["policies"][n][k]
+    off = [a for a in argv if not a.startswith(("output_dir=", "policies="))]
+    pol = next(a for a in argv if a.startswith("policies=")).split("}, {")[0] + "}]"  # the base policy only
+    assert cli.main(off + [pol, "probe_cache=false", f"output_dir={tmp_path / 'off'}"]) == 0
+    s3 = json.loads((tmp_path / "off" / "summary.json").read_text())
+    assert s3["probe_cache"] is None and "probe_turn1" in s3["timing"]["base"]
+    assert "probe_cache" not in s3["timing"]["base"]
+    assert s3["policies"]["base"]["sycophancy"] == s["policies"]["base"]["sycophancy"]
+
+
+def test_probe_cache_key_changes_with_the_weights_and_the_plan(tmp_path):
+    from alignkit.eval.probes import ProbeCache, ProbePlan, probe_key, weights_fingerprint
+
+    model, tok = tiny_causal_lm(seed=0)
+    twin, _ = tiny_causal_lm(seed=0)
+    plan = ProbePlan(sycophancy=default_items(2, seed=0, n_facts=1), perplexity=True)
+    fp = weights_fingerprint(model)
+    assert fp == weights_fingerprint(twin)  # equal weights, equal fingerprint
+    key = probe_key(fp, plan, tok)
+    with torch.no_grad():
+        next(twin.parameters()).view(-1)[0] += 1e-3  # one changed value
+    assert weights_fingerprint(twin) != fp and probe_key(weights_fingerprint(twin), plan, tok) != key
+    assert probe_key(fp, ProbePlan(sycophancy=plan.sycophancy, perplexity=True, short_tokens=8), tok) != key
+    cache = ProbeCache(tmp_path / "c")
+    assert cache.get(key) is None and cache.misses == 1
+    cache.put(key, {"tax": {"perplexity": 3.5}})
+    assert cache.get(key) == {"tax": {"perplexity": 3.5}} and cache.hits == 1
+    (tmp_path / "c" / f"{key}.json").write_text("{broken", encoding="utf-8")
+    assert cache.get(key) is None  # an unreadable entry is recomputed, not an error
+
+
+def test_batched_probes_equal_the_one_at_a_time_results():
+    """The batched passes change cost, not results: perplexity of several paragraphs in one padded pass equals
+    the token-weighted pool of one pass each; HHH's one sorted pass over both replies equals scoring each alone."""
+    model, tok = tiny_causal_lm(seed=0)
+    model.eval()
+    from alignkit.data.tokenize import encode
+
+    texts = [GENERAL_TEXT[0], "A short one.", GENERAL_TEXT[3]]
+    per = [perplexity(model, tok, [t]) for t in texts]
+    counts = [len(encode(tok, t)) - 1 for t in texts]
+    pooled = math.exp(sum(c * math.log(p) for c, p in zip(counts, per)) / sum(counts))
+    assert perplexity(model, tok, texts) == pytest.approx(pooled, rel=1e-4)
+    prompts, replies = ["q one", "a much longer question here", "x"], ["b", "a reply of some length", "c d"]
+    together = completion_logprobs(model, tok, prompts, replies, batch_size=2)
+    alone = [completion_logprobs(model, tok, [p], [r])[0] for p, r in zip(prompts, replies)]
+    assert together == pytest.approx(alone, abs=1e-4)
 
 
 def test_judge_verdicts_are_cached(eval_run, monkeypatch):
@@ -299,7 +409,7 @@ def test_quickstart_eval_config_is_valid():
 
 def test_probe_generation_keeps_the_order_of_conversations():
     """Batched by length, replies come back in the caller's order: equal to generating each conversation alone."""
-    from alignkit.eval.run import make_generate
+    from alignkit.eval.probes import make_generate
 
     model, tok = tiny_causal_lm(seed=0)
     model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -57,10 +58,11 @@ def test_alpha_warmup():
     assert alpha_schedule(50, 100, 0.75, 0.2) == 0.75 and alpha_schedule(5, 100, 0.75, 0.0) == 0.75
 
 
-@pytest.mark.parametrize("task", ["sentiment", "hhh"])
-def test_w2s_e2e_tiny(tmp_path, task):
+@pytest.mark.parametrize("task,layers", [("sentiment", ["weak_layers=1", "strong_layer=null"]),
+                                         ("hhh", ["weak_layers=0", "strong_layer=1"])])
+def test_w2s_e2e_tiny(tmp_path, task, layers):
     out = tmp_path / task
-    argv = ["w2s", f"task={task}", "strong_model=tiny-random", "weak_layers=1", "n_train=20", "n_test=16",
+    argv = ["w2s", f"task={task}", "strong_model=tiny-random", *layers, "n_train=20", "n_test=16",
             "seeds=[0,1]", "steps=20", "max_length=32", f"output_dir={out}"]
     assert cli.main(argv) == 0
     s = json.loads((out / "summary.json").read_text())
@@ -76,3 +78,30 @@ def test_w2s_e2e_tiny(tmp_path, task):
 def test_w2s_rejects_a_weak_model_as_deep_as_the_strong(tmp_path, capsys):
     assert cli.main(["w2s", "strong_model=tiny-random", "weak_layers=2", f"output_dir={tmp_path / 'x'}"]) == 1
     assert "weak_layers 2 must be below the strong model's 2 layers" in capsys.readouterr().err
+    assert cli.main(["w2s", "strong_model=tiny-random", "weak_layers=1", f"output_dir={tmp_path / 'y'}"]) == 1
+    assert "strong_layer 16 must be above weak_layers 1 and at most the strong model's 2 layers" in \
+        capsys.readouterr().err
+
+
+def test_features_of_a_middle_layer_equal_the_full_forward():
+    """features(..., layer=0, strong_layer=1) on a 3-layer model stops after layer 1 and returns the token-mean of
+    hidden_states[0] (the embeddings) and hidden_states[1] of the FULL forward; strong_layer=None is the last
+    (normed) state. The model is left whole afterwards."""
+    from alignkit.eval.w2s import features
+    from alignkit.models.tiny import tiny_causal_lm
+
+    model, tok = tiny_causal_lm(seed=0, num_layers=3)
+    model.eval()
+    texts = ["a short one", "a somewhat longer text with more words in it"]
+    weak, strong = features(model, tok, texts, 0, 64, 2, strong_layer=1)
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+            assert len(hs) == 4
+            assert_close(torch.from_numpy(weak[i]), hs[0][0].mean(0), atol=1e-5, rtol=0)
+            assert_close(torch.from_numpy(strong[i]), hs[1][0].mean(0), atol=1e-5, rtol=0)
+            last = features(model, tok, [t], 0, 64, 1)[1][0]
+            assert_close(torch.from_numpy(last), hs[3][0].mean(0), atol=1e-5, rtol=0)
+    assert not np.allclose(strong, features(model, tok, texts, 0, 64, 2, strong_layer=2)[1])

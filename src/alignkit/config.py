@@ -948,6 +948,8 @@ class EvalRefusalSection(Section):
     documented rule set)."""
     per_side: int | None = Field(None, gt=0)
     """Use at most this many harmful and this many benign prompts (a deterministic spread over categories)."""
+    max_new_tokens: int = Field(40, gt=0)
+    """Greedy tokens per reply: the rule detector reads the first 160 characters (about 35 tokens)."""
 
 
 class EvalConfig(Section):
@@ -979,10 +981,12 @@ class EvalConfig(Section):
     bootstrap: int = Field(1000, gt=0)
     """Bootstrap resamples (prompts) of every win-rate CI (Bradley–Terry and LC use a fifth of them)."""
     sycophancy: bool = True
-    sycophancy_arithmetic: int = Field(50, ge=0)
-    """Arithmetic items of the sycophancy probes (the written fact set adds 52)."""
+    sycophancy_arithmetic: int = Field(24, ge=0)
+    """Arithmetic items of the sycophancy probes (3 greedy replies each; docs/eval.md gives the CI widths)."""
+    sycophancy_facts: int | None = Field(24, ge=0)
+    """Fact items of the sycophancy probes: N of the 52 written ones, spread evenly (None: all)."""
     tax: bool = True
-    tax_task_items: int = Field(50, ge=0)
+    tax_task_items: int = Field(32, ge=0)
     """Held-out reasoning_gym arithmetic questions (0: skip)."""
     tax_hhh: bool = True
     """HHH multiple-choice accuracy by log-prob (BIG-bench hhh_alignment test split)."""
@@ -990,6 +994,11 @@ class EvalConfig(Section):
     """Tokens of prompt + reply scored per HHH choice (longer prompts lose their beginning)."""
     probe_max_new_tokens: int = Field(24, gt=0)
     """Tokens per answer in the sycophancy and task probes (short answers)."""
+    probe_cache: bool = True
+    """Reuse a policy's probe results (sycophancy, refusal, tax) keyed by its weights and the probe settings
+    (``eval.probes``); false: always recompute."""
+    probe_cache_dir: str | None = None
+    """Where the probe cache lives (default ``$ALIGNKIT_CACHE/eval_probes``)."""
     refusal: EvalRefusalSection = EvalRefusalSection()
     show_samples: int = Field(5, ge=0)
 
@@ -1023,17 +1032,23 @@ class W2SConfig(Section):
     """``sentiment``: is a reply positive (gold: VADER compound > 0; texts: BIG-bench HHH replies and the built-in
     SFT demonstrations)? ``hhh``: which of two replies is better (BIG-bench HHH gold labels)."""
     strong_model: str = "smollm2-135m-instruct"
-    weak_layers: int = Field(2, gt=0)
-    """The weak supervisor reads the hidden state after the first N layers of the strong model (a few-layer cut)."""
-    n_train: int = Field(150, gt=0)
+    weak_layers: int = Field(0, ge=0)
+    """The weak supervisor reads the hidden state after the first N layers of the strong model (a few-layer cut;
+    0 = the token embeddings alone, a bag-of-embeddings model)."""
+    strong_layer: int | None = Field(16, ge=1)
+    """The strong model's feature: the hidden state after this many layers (a middle layer probes better than the
+    last on the 30-layer embedded model, docs/eval.md); null: the last (normed) hidden state."""
+    n_train: int = Field(250, gt=0)
     """Examples of each training half: the weak model trains on one (ground truth), the students on the other
-    (weak labels; the ceiling on its ground truth). Capped by the data available."""
+    (weak labels; the ceiling on its ground truth). Capped by the data available (sentiment: 207, the whole pool
+    of 414 texts; hhh: 88)."""
     n_test: int = Field(100, gt=0)
     seeds: list[int] = [0, 1, 2, 3, 4]
     steps: int = Field(300, gt=0)
     """Full-batch Adam steps of each probe."""
     lr: float = Field(1e-2, gt=0)
-    weight_decay: float = Field(1e-3, ge=0)
+    weight_decay: float = Field(1.0, ge=0)
+    """Adam's L2 penalty on the probe (features are standardised; ~200 examples of 576 features need a strong one)."""
     max_length: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
     """Texts per forward pass of the feature extraction."""

@@ -10,7 +10,9 @@
 3. Diagnostics of each policy's samples (``ops.diagnostics``: length, its correlation with the reward, distinct-n,
    repetition, entropy, KL to the reference, proxy–gold gap, no-EOS share) and warnings against the baseline.
 4. Sycophancy (``eval.sycophancy``), over-refusal (``eval.overrefusal``, when ``refusal.prompts`` is set) and the
-   alignment tax (``eval.tax``) of each policy, with greedy decoding.
+   alignment tax (``eval.tax``) of each policy, with greedy decoding, in a few batched calls (``eval.probes``),
+   cached per policy by its weights fingerprint and the probe settings (``probe_cache``).
+5. ``summary.json: timing``: seconds per policy and section (``tables.md`` ends with the same table).
 
 Writes ``summary.json``, ``tables.md``, ``winrates.csv``, ``samples.jsonl``, ``plots/*.png`` (win rates, reward vs
 KL, sycophancy, refusal) and ``report.html`` (``eval.html``) to ``output_dir``.
@@ -33,9 +35,11 @@ from alignkit.config import DataConfig, EvalConfig, ModelConfig
 from alignkit.data.builtin import BUILTIN_PREFIX, load_builtin
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import tokenize_prompts
-from alignkit.eval.overrefusal import DEFAULT_DETECTOR, check_records, refusal_rates, subsample
+from alignkit.eval.overrefusal import DEFAULT_DETECTOR, check_records, subsample
 from alignkit.eval.policy import sample
-from alignkit.eval.sycophancy import default_items, run_sycophancy
+from alignkit.eval.probes import (ProbeCache, ProbePlan, SectionClock, default_cache_dir, probe_key, run_probes,
+                                  weights_fingerprint)
+from alignkit.eval.sycophancy import default_items
 from alignkit.eval.winrate import bootstrap_ci, bradley_terry_ci, lc_win_rate, outcomes_from_scores, win_rate
 from alignkit.io_utils import atomic_write_json, atomic_write_text
 from alignkit.models.loading import load_policy, load_tokenizer
@@ -94,26 +98,7 @@ class JudgeCache:
         return out
 
 
-# ---------------------------------------------------------------- generation helpers
-def make_generate(model, tokenizer, max_new_tokens: int, batch_size: int, seed: int, desc: str):
-    """``generate(conversations) -> replies``: greedy, batched by prompt length (less padding), through the rollout
-    engine; replies in the order of ``conversations``."""
-    def generate(conversations: list[list[dict]]) -> list[str]:
-        if not conversations:
-            return []
-        prompts, _ = tokenize_prompts([{"prompt": c} for c in conversations], tokenizer,
-                                      DataConfig(train="<probe>", max_length=4096))
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["prompt_input_ids"]))
-        params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
-        texts = sample(model, tokenizer, [prompts[i] for i in order], params, 1, batch_size, seed,
-                       desc=desc).response_texts
-        out = [""] * len(prompts)
-        for pos, i in enumerate(order):
-            out[i] = texts[pos]
-        return out
-    return generate
-
-
+# ---------------------------------------------------------------- helpers
 def _load_model(path: str, tokenizer):
     return load_policy(ModelConfig(name_or_path=EMBEDDED_ALIASES.get(path, path)), tokenizer, trainable=False)
 
@@ -203,60 +188,71 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     params = SamplingParams.from_section(cfg.generation, do_sample=not cfg.greedy)
     paths = {p.name: p.path for p in cfg.policies}
     reference = _load_model(paths[reference_name], tokenizer)
-    syc_items = default_items(cfg.sycophancy_arithmetic, cfg.seed) if cfg.sycophancy else []
-    task_items, hhh_pairs = [], []
+    plan = ProbePlan(refusal=refusal_prompts, detector=(cfg.refusal.detector or DEFAULT_DETECTOR) if detector else None,
+                     perplexity=cfg.tax, short_tokens=cfg.probe_max_new_tokens,
+                     refusal_tokens=cfg.refusal.max_new_tokens, hhh_max_length=cfg.tax_max_length,
+                     batch_size=cfg.generation.batch_size, seed=cfg.seed)
+    if cfg.sycophancy:
+        plan.sycophancy = default_items(cfg.sycophancy_arithmetic, cfg.seed, cfg.sycophancy_facts)
     if cfg.tax and cfg.tax_task_items:
         from alignkit.data.builtin import arithmetic_prompts
 
-        task_items = arithmetic_prompts("test", cfg.tax_task_items, seed=cfg.seed)
+        plan.task = arithmetic_prompts("test", cfg.tax_task_items, seed=cfg.seed)
     if cfg.tax and cfg.tax_hhh:
         from alignkit.data.builtin import load_hhh
 
-        hhh_pairs = load_hhh("test")
+        plan.hhh = load_hhh("test")
+    cache = None
+    if cfg.probe_cache and not plan.empty():
+        cache = ProbeCache(cfg.probe_cache_dir or default_cache_dir())
     results: dict[str, dict] = {}
     timings: dict[str, float] = {}
+    timing: dict[str, dict[str, float]] = {}
     bs = cfg.generation.batch_size
     for name in names:
         t0 = time.time()
-        model = reference if name == reference_name else _load_model(paths[name], tokenizer)
-        roll = sample(model, tokenizer, prompts, params, 1, bs, cfg.seed, desc=f"{name}: sample",
-                      backend=cfg.generation.backend)
-        ent, ntok, ratio = _token_stats(model, roll, cfg.generation.temperature, bs,
-                                        None if model is reference else reference)
+        clock = SectionClock()
+        with clock("load"):
+            model = reference if name == reference_name else _load_model(paths[name], tokenizer)
+        with clock("sample"):
+            roll = sample(model, tokenizer, prompts, params, 1, bs, cfg.seed, desc=f"{name}: sample",
+                          backend=cfg.generation.backend)
+        with clock("token_stats"):
+            ent, ntok, ratio = _token_stats(model, roll, cfg.generation.temperature, bs,
+                                            None if model is reference else reference)
         if model is reference:
             ratio = [0.0] * len(roll)
         texts = roll.response_texts
         r = {"texts": texts, "lengths": roll.response_lengths.tolist(), "eos": roll.has_eos.tolist()}
-        if gold_fn is not None:
-            r["gold"] = [float(x) for x in gold_fn(texts)]
-        if proxy is not None:
-            r["rm"] = [float(x) for x in proxy(roll.prompt_texts, texts, roll.extras).tolist()]
+        with clock("score"):
+            if gold_fn is not None:
+                r["gold"] = [float(x) for x in gold_fn(texts)]
+            if proxy is not None:
+                r["rm"] = [float(x) for x in proxy(roll.prompt_texts, texts, roll.extras).tolist()]
         tokens = [row[m.bool()].tolist() for row, m in zip(roll.response_ids, roll.response_mask)]
         reward = r.get("rm", r.get("gold", [0.0] * len(texts)))
         r["diagnostics"] = response_diagnostics(tokens, reward, r["eos"], entropy=ent, entropy_tokens=ntok,
                                                 logratio=ratio, gold=r.get("gold") if "rm" in r else None)
-        gen = make_generate(model, tokenizer, cfg.probe_max_new_tokens, bs, cfg.seed, f"{name}: probes")
-        if syc_items:
-            r["sycophancy"] = run_sycophancy(gen, syc_items)
-        if refusal_prompts:
-            convs = [[{"role": "user", "content": p["prompt"]}] if isinstance(p["prompt"], str) else p["prompt"]
-                     for p in refusal_prompts]
-            replies = make_generate(model, tokenizer, cfg.generation.max_new_tokens, bs, cfg.seed,
-                                    f"{name}: refusal")(convs)
-            r["refusal"] = refusal_rates(refusal_prompts, replies, detector)
-        if cfg.tax:
-            from alignkit.eval.tax import hhh_accuracy, perplexity, task_accuracy
-
-            r["tax"] = {"perplexity": perplexity(model, tokenizer)}
-            if task_items:
-                r["tax"]["task_accuracy"] = task_accuracy(gen, task_items)
-            if hhh_pairs:
-                r["tax"]["hhh_accuracy"] = hhh_accuracy(model, tokenizer, hhh_pairs, bs, cfg.tax_max_length)
+        if not plan.empty():
+            key = cached = None
+            if cache is not None:
+                with clock("probe_cache"):  # the weights fingerprint (a second for 135M parameters) and the lookup
+                    key = probe_key(weights_fingerprint(model), plan, tokenizer)
+                    cached = cache.get(key)
+            if cached is None:
+                cached = run_probes(model, tokenizer, plan, detector, clock, name)
+                if cache is not None:
+                    cache.put(key, cached)
+            else:
+                log(f"eval: {name}: probe results from the cache {cache.dir / key}.json")
+            r.update(cached)
         results[name] = r
         timings[name] = time.time() - t0
+        timing[name] = {k: round(v, 2) for k, v in clock.seconds.items()}
         if model is not reference:
             del model
-        log(f"eval: {name} done in {timings[name]:.0f}s")
+        log(f"eval: {name} done in {timings[name]:.0f}s ("
+            + ", ".join(f"{k} {v:.0f}s" for k, v in timing[name].items()) + ")")
 
     # win rates against the baseline, by each scorer
     scorers = [s for s in ("gold", "rm") if s in results[baseline]] + (["judge"] if judge is not None else [])
@@ -303,9 +299,10 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
         "scorers": scorers, "policies": policies, "winrates": winrates, "ranking": ranking,
         "warnings": warnings, "alignment_tax": tax_table,
         "judge_cache": None if judge is None else {"asked": judge.asked, "hits": judge.hits},
+        "probe_cache": None if cache is None else {"dir": str(cache.dir), "hits": cache.hits, "misses": cache.misses},
         "samples": [{"prompt": prompt_texts[i], **{n: results[n]["texts"][i] for n in names}}
                     for i in range(min(cfg.show_samples, len(prompts)))],
-        "timings_s": timings, "total_s": time.time() - t_start,
+        "timings_s": timings, "timing": timing, "total_s": time.time() - t_start,
     }
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for i, p in enumerate(prompt_texts):
@@ -423,4 +420,12 @@ def render_tables(s: dict) -> str:
                   "| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for r in s["alignment_tax"]:
             lines.append(f"| {r['policy']} | " + " | ".join(_f(r.get(c)) for c in cols) + " |")
+    if s.get("timing"):
+        sections = list(dict.fromkeys(k for t in s["timing"].values() for k in t))
+        lines += ["", "## Time per policy and section (seconds; a missing section did not run, e.g. probes read "
+                  "from the cache)", "", "| policy | " + " | ".join(sections) + " | total |",
+                  "|---" * (len(sections) + 2) + "|"]
+        for n, t in s["timing"].items():
+            lines.append(f"| {n} | " + " | ".join(_f(t.get(k), 1) for k in sections)
+                         + f" | {_f(s['timings_s'].get(n), 1)} |")
     return "\n".join(lines) + "\n"

@@ -97,10 +97,45 @@ def _pool(items: list[dict], n: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------- features
+class _Stop(Exception):
+    """Raised by a forward hook once every wanted hidden state is captured: the deeper layers never run."""
+
+
+@torch.no_grad()
+def hidden_states_at(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     layers: list[int]) -> dict[int, torch.Tensor]:
+    """``{k: hidden_states[k]}`` ([b, T, d]) for each k in ``layers`` below the model's layer count (0 = the token
+    embeddings, k = the output of decoder layer k), stopping the forward after the deepest one (forward hooks; the
+    model is unchanged afterwards)."""
+    decoder = model.get_decoder()
+    modules = {k: decoder.embed_tokens if k == 0 else decoder.layers[k - 1] for k in layers}
+    deepest = max(layers)
+    got: dict[int, torch.Tensor] = {}
+
+    def hook_for(k: int):
+        def hook(_module, _inputs, output):
+            got[k] = output[0] if isinstance(output, tuple) else output
+            if k == deepest:
+                raise _Stop
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(k)) for k, m in modules.items()]
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
 @torch.no_grad()
 def features(model, tokenizer, texts: list[str], layer: int, max_length: int, batch_size: int,
-             keep_tail: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Mean-pooled hidden states after ``layer`` layers and after the last one: ([N, d], [N, d]). Texts longer than
+             keep_tail: bool = False, strong_layer: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-pooled hidden states ``hidden_states[layer]`` (after ``layer`` decoder layers; 0 = the token
+    embeddings) and ``hidden_states[strong_layer]`` (None: the model's last, normed, hidden state):
+    ([N, d], [N, d]). With a ``strong_layer`` below the last the forward stops there (:func:`hidden_states_at`). Texts longer than
     ``max_length`` tokens keep their head (or their tail with ``keep_tail``: a reply after a long prompt)."""
     weak, strong = [], []
     device = next(model.parameters()).device
@@ -111,9 +146,14 @@ def features(model, tokenizer, texts: list[str], layer: int, max_length: int, ba
         width = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)  # [b, T]
         mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)  # [b, T]
-        hs = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        if strong_layer is None or strong_layer >= model.config.num_hidden_layers:  # the last state is normed
+            hs = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            h_weak, h_strong = hs[layer], hs[-1 if strong_layer is None else strong_layer]
+        else:
+            got = hidden_states_at(model, input_ids, mask, [layer, strong_layer])
+            h_weak, h_strong = got[layer], got[strong_layer]
         m = mask.unsqueeze(-1).float()  # [b, T, 1]
-        for out, h in ((weak, hs[layer]), (strong, hs[-1])):
+        for out, h in ((weak, h_weak), (strong, h_strong)):
             out.append(((h.float() * m).sum(1) / m.sum(1)).cpu().numpy())  # [b, d]
     return np.concatenate(weak), np.concatenate(strong)
 
@@ -183,21 +223,24 @@ def run(cfg: W2SConfig, resume: bool = False) -> dict:
     n_layers = model.config.num_hidden_layers
     if cfg.weak_layers >= n_layers:
         raise RunError(f"weak_layers {cfg.weak_layers} must be below the strong model's {n_layers} layers")
+    if cfg.strong_layer is not None and not cfg.weak_layers < cfg.strong_layer <= n_layers:
+        raise RunError(f"strong_layer {cfg.strong_layer} must be above weak_layers {cfg.weak_layers} and at most the "
+                       f"strong model's {n_layers} layers (or null: its last hidden state)")
     if cfg.task == "sentiment":
         train, test = sentiment_items()
         train, test = _pool(train, 2 * cfg.n_train), _pool(test, cfg.n_test)
         texts, test_texts = [r["text"] for r in train], [r["text"] for r in test]
-        (Xw, Xs), (Xw_t, Xs_t) = (features(model, tok, t, cfg.weak_layers, cfg.max_length, cfg.batch_size)
-                                  for t in (texts, test_texts))
+        (Xw, Xs), (Xw_t, Xs_t) = (features(model, tok, t, cfg.weak_layers, cfg.max_length, cfg.batch_size,
+                                           strong_layer=cfg.strong_layer) for t in (texts, test_texts))
     else:
         train, test = hhh_items(0)
         train, test = _pool(train, 2 * cfg.n_train), _pool(test, cfg.n_test)
 
         def pair_features(items):
             fa = features(model, tok, [r["prompt"] + "\n\n" + r["a"] for r in items], cfg.weak_layers,
-                          cfg.max_length, cfg.batch_size, keep_tail=True)
+                          cfg.max_length, cfg.batch_size, keep_tail=True, strong_layer=cfg.strong_layer)
             fb = features(model, tok, [r["prompt"] + "\n\n" + r["b"] for r in items], cfg.weak_layers,
-                          cfg.max_length, cfg.batch_size, keep_tail=True)
+                          cfg.max_length, cfg.batch_size, keep_tail=True, strong_layer=cfg.strong_layer)
             return fa[0] - fb[0], fa[1] - fb[1]
 
         (Xw, Xs), (Xw_t, Xs_t) = pair_features(train), pair_features(test)
@@ -206,16 +249,18 @@ def run(cfg: W2SConfig, resume: bool = False) -> dict:
     n_half = min(cfg.n_train, len(y) // 2)
     if n_half < 4 or len(set(y.tolist())) < 2:
         raise RunError(f"w2s {cfg.task}: too few training examples ({len(y)}) or a single class")
+    strong_name = "the last hidden state" if cfg.strong_layer is None else f"layer {cfg.strong_layer}"
     log(f"w2s {cfg.task}: {n_half} + {n_half} training examples, {len(y_t)} test, weak = first {cfg.weak_layers} of "
-        f"{n_layers} layers, {len(cfg.seeds)} seeds")
+        f"{n_layers} layers, strong = {strong_name}, {len(cfg.seeds)} seeds")
     per_seed = [{"seed": s, **one_seed(Xw, Xs, y, Xw_t, Xs_t, y_t, n_half, cfg, s)} for s in cfg.seeds]
     keys = ("weak", "student", "student_aux", "ceiling", "pgr", "pgr_aux", "weak_label_accuracy")
     agg = {k: dict(zip(("mean", "ci_low", "ci_high"), mean_ci([r[k] for r in per_seed]))) for k in keys}
     summary = {"task": cfg.task, "strong_model": cfg.strong_model, "weak_layers": cfg.weak_layers,
+               "strong_layer": cfg.strong_layer,
                "n_layers": n_layers, "n_train_half": n_half, "n_test": int(len(y_t)),
                "test_positive_share": float(y_t.mean()), "results": agg, "per_seed": per_seed,
                "total_s": time.time() - t0}
-    lines = [f"# weak-to-strong ({cfg.task}; weak = first {cfg.weak_layers} layers of {n_layers}; "
+    lines = [f"# weak-to-strong ({cfg.task}; weak = first {cfg.weak_layers} layers of {n_layers}; strong = {strong_name}; "
              f"{len(cfg.seeds)} seeds; 95% t-interval)", "", "| | mean | 95% CI |", "|---|---|---|"]
     for k in keys:
         r = agg[k]
