@@ -632,3 +632,32 @@ def test_cli_ppo_without_reward_model_scores_with_components_only(paths, tmp_pat
     for r in records:
         assert "rewards/reward_model" not in r and math.isfinite(r["loss/value"])
         assert_close(torch.tensor(r["scores"]), torch.tensor(r["rewards/length"]))
+
+
+def test_loo_score_baseline_subtracts_the_other_responses_mean(paths, tmp_path):
+    """samples_per_prompt=2, score_baseline=loo, kl_coef 0: each row's per-token rewards sum to its score minus
+    the other response's score to the same prompt (k=2: r_i - r_j), so each prompt's pair sums to 0; the logged
+    scores stay the raw ones. 2 prompts x 2 samples = 4 rows, prompt-major."""
+    run = start_ppo_run(paths, tmp_path / "loo", "ppo.samples_per_prompt=2", "ppo.score_baseline=loo")
+    batch = run.sample(*run.next_prompts(2), num_samples=2)
+    assert len(batch.rollout) == 4 and batch.rollout.prompt_texts[0] == batch.rollout.prompt_texts[1]
+    exp = Experience(run, batch, kl_coef=0.0)
+    s = exp.scores
+    assert_close(exp.rewards.sum(1), torch.stack([s[0] - s[1], s[1] - s[0], s[2] - s[3], s[3] - s[2]]))
+    assert_close(exp.raw_scores, batch.scores)
+
+
+def test_loo_score_baseline_needs_several_samples(paths, tmp_path, capsys):
+    out = tmp_path / "bad_loo"
+    assert cli.main(["ppo", *overrides(paths, out, "ppo.score_baseline=loo")]) == 1
+    assert "ppo.score_baseline=loo needs ppo.samples_per_prompt >= 2" in capsys.readouterr().err
+    assert cli.main(["ppo", *overrides(paths, out, "ppo.samples_per_prompt=3", "ppo.num_minibatches=5")]) == 1
+    assert "ppo.rollout_batch_size x ppo.samples_per_prompt (4 x 3) must be divisible by" in capsys.readouterr().err
+
+
+def test_cli_ppo_with_several_samples_per_prompt_and_loo(paths, tmp_path):
+    out = tmp_path / "loo_cli"
+    assert cli.main(["ppo", *overrides(paths, out, "ppo.samples_per_prompt=2", "ppo.score_baseline=loo",
+                                       "ppo.rollout_batch_size=2")]) == 0
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "objective/kl" in r]
+    assert len(records) == 2 and all(math.isfinite(r["loss/policy"]) for r in records)

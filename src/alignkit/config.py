@@ -578,6 +578,13 @@ class PPOSection(Section):
     value_lr: float | None = Field(None, gt=0)
     """Value model learning rate (default: train.lr)."""
     whiten_rewards: bool = False
+    samples_per_prompt: int = Field(1, ge=1)
+    """Responses drawn per prompt (prompt-major): an iteration holds rollout_batch_size x samples_per_prompt rows."""
+    score_baseline: Literal["none", "loo"] = "none"
+    """``loo``: subtract from each score the mean score of the OTHER responses to its prompt (RLOO's baseline,
+    Ahmadian et al. 2024) before the per-token rewards and GAE. A per-prompt constant, so the policy gradient
+    stays unbiased while the prompt-to-prompt spread (which a fresh critic cannot know yet) leaves the
+    advantages. Needs ``samples_per_prompt`` >= 2."""
     missing_eos_penalty: float | None = Field(1.0, ge=0)
     """Score minus this for responses that never emit EOS (None: no penalty)."""
     dense_prm: str | None = None

@@ -8,7 +8,8 @@ prompt in its own format, as ``alignkit rm`` trained it), and the value model V 
 reward model, or ``ppo.value_model``).
 
 One iteration:
-  1. rollout: ``rollout_batch_size`` prompts, one response each (``generation.*``);
+  1. rollout: ``rollout_batch_size`` prompts, ``samples_per_prompt`` responses each (``generation.*``);
+     with ``score_baseline: loo`` each score minus the mean score of its prompt's other responses;
   2. experience (no grad): log pi and log pi_ref of the response tokens (logits / temperature), values,
      score s = r_phi(x, y) (+ extra components, - missing-EOS penalty), per-token reward
      r_t = -beta (log pi_t - log pi_ref_t) + s·[t = last] (``ops.kl_penalized_rewards``) (with ``ppo.dense_prm``
@@ -35,7 +36,7 @@ from alignkit.losses.ppo import ppo_policy_loss, ppo_value_loss
 from alignkit.models.loading import load_tokenizer
 from alignkit.models.value import ValueModel, response_values
 from alignkit.online.run import OnlineRun, save_module_dir
-from alignkit.ops.advantages import compute_gae, kl_penalized_rewards
+from alignkit.ops.advantages import compute_gae, kl_penalized_rewards, rloo_advantages
 from alignkit.ops.kl import AdaptiveKLController, FixedKLController
 from alignkit.ops.seeds import derive_seed
 from alignkit.ops.stats import masked_sum, masked_whiten
@@ -58,9 +59,12 @@ def check_config(cfg: PPOConfig) -> None:
     if not ppo.reward_model and not ppo.value_model:
         raise ValueError("ppo.value_model is not set: without ppo.reward_model the value model needs a backbone, e.g. "
                          f"ppo.value_model={cfg.model.name_or_path} ppo.value_layers=4")
-    if ppo.rollout_batch_size % ppo.num_minibatches != 0:
-        raise ValueError(f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) must be divisible by "
-                         f"ppo.num_minibatches ({ppo.num_minibatches})")
+    if ppo.rollout_batch_size * ppo.samples_per_prompt % ppo.num_minibatches != 0:
+        raise ValueError(f"ppo.rollout_batch_size x ppo.samples_per_prompt ({ppo.rollout_batch_size} x "
+                         f"{ppo.samples_per_prompt}) must be divisible by ppo.num_minibatches ({ppo.num_minibatches})")
+    if ppo.score_baseline == "loo" and ppo.samples_per_prompt < 2:
+        raise ValueError("ppo.score_baseline=loo needs ppo.samples_per_prompt >= 2 (the baseline of a response is the "
+                         f"mean score of its prompt's other responses); got samples_per_prompt={ppo.samples_per_prompt}")
 
 
 def reward_section(cfg: PPOConfig) -> RewardSection:
@@ -138,7 +142,10 @@ class Experience:
         with torch.no_grad(), run.autocast():
             self.values = values_of(run.value, self.rollout, mbs).float()
         self.scores, self.raw_scores, self.parts = batch.rewards.to(run.device), batch.scores, batch.parts  # [B]
-        self.rewards, self.kl = kl_penalized_rewards(self.logprobs, self.ref_logprobs, self.scores,
+        shaped = self.scores  # [B]
+        if ppo.score_baseline == "loo":  # rows are prompt-major: p0 x G, p1 x G, ...
+            shaped = rloo_advantages(self.scores, ppo.samples_per_prompt)
+        self.rewards, self.kl = kl_penalized_rewards(self.logprobs, self.ref_logprobs, shaped,
                                                      self.rollout.response_mask, kl_coef)
         self.dense = None
         if dense_reward is not None:  # ppo.dense_prm: PRM step scores at the tokens that end the steps
@@ -254,11 +261,12 @@ def train(cfg: PPOConfig, resume: bool = False) -> dict:
     metrics: dict[str, float] = {}
     for iteration in run.iterations(ppo.num_iterations):
         lr = run.lr
-        batch = run.sample(*run.next_prompts(ppo.rollout_batch_size))
+        batch = run.sample(*run.next_prompts(ppo.rollout_batch_size), num_samples=ppo.samples_per_prompt)
         exp = Experience(run, batch, kl_ctl.value, dense)
         mb_stats = ppo_update(run, exp, iteration)
         metrics = {**iteration_metrics(run, exp, mb_stats), "lr": lr}
-        kl_ctl.update(run.reduce_metrics({"kl": metrics["objective/kl"]})["kl"], n_steps=ppo.rollout_batch_size)
+        kl_ctl.update(run.reduce_metrics({"kl": metrics["objective/kl"]})["kl"],
+                      n_steps=ppo.rollout_batch_size * ppo.samples_per_prompt)
         run.state["kl_ctl"] = kl_ctl.state_dict()  # Ziegler: n = batch size
         run.end_iteration(iteration, metrics, ppo.save_every)
 
