@@ -11,6 +11,7 @@ Sampling, scoring and the KL each show a tqdm progress bar (on stderr): on a CPU
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -125,26 +126,33 @@ def sample(model, tokenizer, prompts: list[dict], params: SamplingParams, num_sa
 
 
 @torch.no_grad()
-def sequence_kl(policy, reference, rollout: Rollout, temperature: float = 1.0, micro_batch_size: int = 16,
-                reference_ctx=None, desc: str | None = None) -> torch.Tensor:
-    """[B] summed log pi - log pi_ref over each sampled response (k1); a progress bar when ``desc`` is given.
+def logprobs_with_reference(policy, reference, rows: Rollout, temperature: float = 1.0,
+                            micro_batch_size: int | None = None, entropy: bool = False, reference_ctx=None):
+    """log pi and log pi_ref of every response token ([B, R] each; and pi's entropy [B, R] if ``entropy``, else None).
 
     Leading layers whose weights the two models share (LoRA on the last layers, merged or not) run once
-    (``ops.prefix``); without a ``reference_ctx`` only, since that context may change what those layers hold."""
-    out = []
+    (``ops.prefix``); not under a ``reference_ctx``, which may change what those layers compute."""
     shared = shared_prefix_layers(policy, reference) if reference_ctx is None else 0
+    hidden = prefix_states(policy, rows.input_ids, rows.attention_mask, shared, micro_batch_size) if shared else None
+    out = response_logprobs(policy, rows, temperature, return_entropy=entropy, micro_batch_size=micro_batch_size,
+                            hidden=hidden, hidden_layers=shared)
+    logp, ent = out if entropy else (out, None)
+    with reference_ctx() if reference_ctx is not None else contextlib.nullcontext():
+        ref = response_logprobs(reference, rows, temperature, micro_batch_size=micro_batch_size, hidden=hidden,
+                                hidden_layers=shared)
+    return logp, ent, ref
+
+
+@torch.no_grad()
+def sequence_kl(policy, reference, rollout: Rollout, temperature: float = 1.0, micro_batch_size: int = 16,
+                reference_ctx=None, desc: str | None = None) -> torch.Tensor:
+    """[B] summed log pi - log pi_ref over each sampled response (k1); a progress bar when ``desc`` is given."""
+    out = []
     with progress(len(rollout), desc) as bar:
         for start in range(0, len(rollout), micro_batch_size):
             rows = rollout.select(list(range(start, min(start + micro_batch_size, len(rollout)))))
-            hidden = prefix_states(policy, rows.input_ids, rows.attention_mask, shared) if shared else None
-            logp = response_logprobs(policy, rows, temperature, micro_batch_size=micro_batch_size, hidden=hidden,
-                                     hidden_layers=shared)  # [b, R]
-            if reference_ctx is not None:
-                with reference_ctx():
-                    ref = response_logprobs(reference, rows, temperature, micro_batch_size=micro_batch_size)
-            else:
-                ref = response_logprobs(reference, rows, temperature, micro_batch_size=micro_batch_size,
-                                        hidden=hidden, hidden_layers=shared)
+            logp, _, ref = logprobs_with_reference(policy, reference, rows, temperature, micro_batch_size,
+                                                   reference_ctx=reference_ctx)  # [b, R] each
             out.append(((logp - ref) * rows.response_mask).sum(-1))  # [b]
             bar.update(len(rows))
     return torch.cat(out)  # [B]

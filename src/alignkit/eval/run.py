@@ -36,7 +36,7 @@ from alignkit.data.builtin import BUILTIN_PREFIX, load_builtin
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import tokenize_prompts
 from alignkit.eval.overrefusal import DEFAULT_DETECTOR, check_records, subsample
-from alignkit.eval.policy import sample
+from alignkit.eval.policy import logprobs_with_reference, sample
 from alignkit.eval.probes import (ProbeCache, ProbePlan, SectionClock, default_cache_dir, probe_key, run_probes,
                                   weights_fingerprint)
 from alignkit.eval.sycophancy import default_items
@@ -106,11 +106,12 @@ def _load_model(path: str, tokenizer):
 @torch.no_grad()
 def _token_stats(model, rollout, temperature: float, batch_size: int, reference=None):
     """Per response: summed entropy, token count, summed log-ratio to ``reference`` (None without one)."""
-    logp, ent = response_logprobs(model, rollout, temperature, return_entropy=True, micro_batch_size=batch_size)
     mask = rollout.response_mask.float()  # [B, R]
     ratio = None
-    if reference is not None:
-        ref = response_logprobs(reference, rollout, temperature, micro_batch_size=batch_size)
+    if reference is None:
+        logp, ent = response_logprobs(model, rollout, temperature, return_entropy=True, micro_batch_size=batch_size)
+    else:  # layers the two share run once
+        logp, ent, ref = logprobs_with_reference(model, reference, rollout, temperature, batch_size, entropy=True)
         ratio = ((logp - ref) * mask).sum(-1).tolist()  # [B]
     return (ent * mask).sum(-1).tolist(), mask.sum(-1).long().tolist(), ratio
 
