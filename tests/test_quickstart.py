@@ -67,7 +67,7 @@ def test_gold_pairs_orient_by_gold_and_drop_ties():
 
 REDUCED = ["n_train_prompts=3", "samples_per_prompt=2", "n_eval_prompts=2", "eval_samples=2", "kl_samples=2",
            "max_new_tokens=6", "max_steps=1", "hhh_epochs=1", "show_samples=1", "bon_n=3", "ppo_iterations=1",
-           "ppo_rollout_batch_size=2", "value_layers=1"]
+           "ppo_rollout_batch_size=2", "ppo_samples_per_prompt=2", "value_layers=1"]
 
 
 @pytest.mark.slow

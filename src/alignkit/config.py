@@ -1268,13 +1268,18 @@ class QuickstartConfig(Section):
     dpo_epochs: int = Field(2, gt=0)
     dpo_lr: float = Field(1e-3, gt=0)
     dpo_beta: float = Field(0.1, gt=0)
-    ppo_iterations: int = Field(8, ge=0)
-    """PPO iterations (0 skips PPO); each samples ppo_rollout_batch_size training prompts."""
+    ppo_iterations: int = Field(5, ge=0)
+    """PPO iterations (0 skips PPO); each samples ppo_rollout_batch_size training prompts x ppo_samples_per_prompt."""
     ppo_rollout_batch_size: int = Field(16, gt=0)
+    ppo_samples_per_prompt: int = Field(4, ge=1)
+    """Responses per prompt; with 2 or more each score is taken relative to its prompt's other responses
+    (``ppo.score_baseline: loo``)."""
+    ppo_epochs: int = Field(4, gt=0)
     ppo_lr: float = Field(5e-4, gt=0)
-    ppo_kl_coef: float = Field(0.05, ge=0)
+    ppo_kl_coef: float = Field(0.2, ge=0)
     value_layers: int = Field(4, gt=0)
     """PPO critic: the SFT backbone's first N layers + a value head."""
+    value_lr: float = Field(3e-4, gt=0)
     mixed_precision: Literal["auto", "no", "bf16"] = "auto"
     """Autocast for every training stage and for sampling. ``auto``: bf16 where the hardware computes it natively (a
     CUDA GPU with bf16, a CPU with AVX512-BF16/AMX: ~2-3x faster), else fp32 (a CPU without it emulates bf16 ~20x

@@ -441,8 +441,10 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
             generation=GenerationSection(max_new_tokens=q.max_new_tokens, temperature=1.0,
                                          batch_size=q.generation_batch_size),
             ppo=PPOSection(reward_model=rm_res["model_dir"], value_model=sft_dir, value_layers=q.value_layers,
-                           rollout_batch_size=q.ppo_rollout_batch_size, num_iterations=q.ppo_iterations, ppo_epochs=2,
-                           num_minibatches=2, micro_batch_size=q.batch_size, kl_coef=q.ppo_kl_coef, value_lr=5e-5,
+                           rollout_batch_size=q.ppo_rollout_batch_size, samples_per_prompt=q.ppo_samples_per_prompt,
+                           score_baseline="loo" if q.ppo_samples_per_prompt > 1 else "none",
+                           num_iterations=q.ppo_iterations, ppo_epochs=q.ppo_epochs, num_minibatches=2,
+                           micro_batch_size=q.batch_size, kl_coef=q.ppo_kl_coef, value_lr=q.value_lr,
                            missing_eos_penalty=None),
         )
         ppo_dir = train("ppo", ppo.train, ppo_cfg)["model_dir"]
