@@ -1276,7 +1276,7 @@ class QuickstartConfig(Section):
     (``ppo.score_baseline: loo``)."""
     ppo_epochs: int = Field(4, gt=0)
     ppo_lr: float = Field(5e-4, gt=0)
-    ppo_kl_coef: float = Field(0.2, ge=0)
+    ppo_kl_coef: float = Field(0.3, ge=0)
     value_layers: int = Field(4, gt=0)
     """PPO critic: the SFT backbone's first N layers + a value head."""
     value_lr: float = Field(3e-4, gt=0)
