@@ -185,7 +185,7 @@ def ppo_update(run: OnlineRun, exp: Experience, iteration: int) -> list[dict[str
                 with run.autocast():
                     hidden = None if exp.hidden is None else exp.hidden[inds]
                     new_logprobs = response_logprobs(run.model, micro, temperature, hidden=hidden,
-                                                     hidden_layers=run.shared_prefix() if hidden is not None else 0)
+                                                     hidden_layers=run.shared_prefix())
                     vpred = values_of(run.value, micro).float()  # [b, R]
                 pg = ppo_policy_loss(new_logprobs, exp.logprobs[inds], exp.advantages[inds], ppo.cliprange)
                 vf = ppo_value_loss(vpred, exp.values[inds], exp.returns[inds], ppo.cliprange_value)

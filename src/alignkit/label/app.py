@@ -216,9 +216,12 @@ def make_app(db_path: str, markdown: bool = False) -> FastAPI:
             return auth[7:].strip(), False
         return request.cookies.get(COOKIE), True
 
-    def who(request: Request) -> tuple[Principal, str]:
+    def principal_of(request: Request) -> tuple[Principal | None, str | None]:
         token, _ = token_of(request)
-        p = store.authenticate(token)
+        return store.authenticate(token), token
+
+    def who(request: Request) -> tuple[Principal, str]:
+        p, token = principal_of(request)
         if p is None:
             raise LabelError("log in with your invite token first (/login)", 401)
         return p, token
@@ -290,8 +293,7 @@ def make_app(db_path: str, markdown: bool = False) -> FastAPI:
 
     @app.get("/")
     def index(request: Request):
-        token, _ = token_of(request)
-        p = store.authenticate(token)
+        p, _ = principal_of(request)
         if p is None:
             return RedirectResponse("/login", status_code=303)
         if p.kind == "annotator":
@@ -316,8 +318,7 @@ def make_app(db_path: str, markdown: bool = False) -> FastAPI:
 
     @app.get("/p/{name}")
     def label_page(name: str, request: Request):
-        token, _ = token_of(request)
-        p = store.authenticate(token)
+        p, token = principal_of(request)
         if p is None:
             return RedirectResponse("/login", status_code=303)
         if p.kind == "admin":
@@ -391,8 +392,7 @@ def make_app(db_path: str, markdown: bool = False) -> FastAPI:
 
     @app.get("/p/{name}/admin")
     def admin_page(name: str, request: Request):
-        token, _ = token_of(request)
-        p = store.authenticate(token)
+        p, _ = principal_of(request)
         if p is None:
             return RedirectResponse("/login", status_code=303)
         project = admin_project(p, name)

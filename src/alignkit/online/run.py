@@ -300,7 +300,7 @@ class OnlineRun:
         with self.autocast():
             out = response_logprobs(self.model, rollout, self.cfg.generation.temperature, return_entropy=entropy,
                                     micro_batch_size=micro_batch_size, hidden=hidden,
-                                    hidden_layers=self.shared_prefix() if hidden is not None else 0)
+                                    hidden_layers=self.shared_prefix())
         self.check_finite("policy log-probs", out[0] if entropy else out)
         return out
 
@@ -312,7 +312,7 @@ class OnlineRun:
         with self.autocast():
             out = self.reference.logprobs(response_logprobs, rollout, self.cfg.generation.temperature,
                                           micro_batch_size=micro_batch_size, hidden=hidden,
-                                          hidden_layers=self.shared_prefix() if hidden is not None else 0)
+                                          hidden_layers=self.shared_prefix())
         self.check_finite("reference log-probs", out)
         return out
 

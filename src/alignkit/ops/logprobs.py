@@ -44,14 +44,18 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return -(logp.exp() * logp).sum(-1)
 
 
+def _inputs(input_ids: torch.Tensor, inputs_embeds: torch.Tensor | None) -> dict:
+    """The model's token input: the ids, or precomputed states (``inputs_embeds``) in their place."""
+    return {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+
+
 def forward_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int = 0,
                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Causal-LM logits with padding-aware position ids: [B, T, V], or [B, k, V] for the last k positions.
     ``inputs_embeds`` [B, T, d] replaces the token embeddings (then ``input_ids`` only sets the shape)."""
     kwargs = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}
-    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
     out = model(
-        **inputs,
+        **_inputs(input_ids, inputs_embeds),
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
@@ -221,8 +225,7 @@ def chunked_head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, labels: t
 def _token_logprobs_chunked(model, head, input_ids, attention_mask, temperature, return_entropy, first, budget,
                             inputs_embeds=None):
     """:func:`token_logprobs` through the hidden states: the LM head runs chunk by chunk."""
-    inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    out = model(**inputs, attention_mask=attention_mask,
+    out = model(**_inputs(input_ids, inputs_embeds), attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                 output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1][:, first - 1:-1]  # [B, T-first, d]: positions predicting tokens first..T-1
