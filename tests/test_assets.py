@@ -35,6 +35,7 @@ from alignkit.data.builtin import (
     find_sdist_url,
     load_builtin,
     load_hhh,
+    read_hhh_dir,
     read_hhh_tarball,
     sentiment_prompts,
     sft_demonstrations,
@@ -57,6 +58,7 @@ from alignkit.models.embedded import (
     resolve_model_path,
 )
 from alignkit.rewards.gold import _analyzer, vader_scores
+from hhh_standin import real_hhh, write_standin
 
 SHA256_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2 test vector
 
@@ -357,8 +359,9 @@ def test_index_without_the_file_is_an_error(tmp_path):
 
 
 def test_real_hhh_counts():
-    if cached(HHH_CACHE_NAME) is None:
-        pytest.skip("HHH cache not built; run `python -m alignkit.setup_assets`")
+    if not real_hhh():
+        pytest.skip("the real BIG-bench hhh_alignment pairs are not on this machine (tests run on the stand-in of "
+                    "tests/hhh_standin.py); see `python -m alignkit.setup_assets`")
     train, test = load_hhh("train"), load_hhh("test")
     assert (len(train), len(test)) == (176, 45)
     per_subset = {s: (sum(r["subset"] == s for r in train), sum(r["subset"] == s for r in test))
@@ -472,12 +475,60 @@ def test_setup_assets_main_builds_then_reuses(tmp_cache, monkeypatch, capsys):
 
 def test_setup_assets_main_fails_with_message(tmp_cache, monkeypatch, capsys):
     def offline(verbose=True):
-        raise AssetError("could not download bigbench from https://x/: timed out; set ALIGNKIT_BIGBENCH_...")
+        raise AssetError("could not download it from https://x/: timed out")
 
-    monkeypatch.setattr(setup_assets, "ASSETS", (("bigbench-hhh-alignment", offline),))
+    monkeypatch.setattr(setup_assets, "ASSETS", (("smollm2-135m-instruct", offline),))
     assert setup_assets.main([]) == 1
     err = capsys.readouterr().err
-    assert "alignkit setup failed for bigbench-hhh-alignment: could not download bigbench" in err
+    assert "alignkit setup failed for smollm2-135m-instruct: could not download it from https://x/" in err
+
+
+def test_setup_assets_hhh_is_optional_with_a_warning(tmp_cache, monkeypatch, capsys):
+    """The HHH pairs missing from the index (bigbench 1.0.0 left PyPI): setup warns, says what is skipped and how
+    to supply them, builds the rest, and exits 0."""
+    calls: list[int] = []
+    stub = lambda verbose=True: ensure_cached("stub", _writer(calls), verbose=verbose)  # noqa: E731
+    monkeypatch.setattr(setup_assets, "ASSETS", (("bigbench-hhh-alignment", ensure_hhh), ("stub", stub)))
+    assert setup_assets.main(["-q"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"WARNING: bigbench-hhh-alignment is not available: could not download bigbench from "
+                     r"file://.*; set ALIGNKIT_BIGBENCH_TARBALL=/path/to/bigbench-1.0.0.tar.gz to use a local copy, "
+                     r"or ALIGNKIT_HHH_DIR=<a BIG-bench git checkout>\n  skipped without it: the quickstart's HHH "
+                     r"reward-model stage, the HHH accuracy of `alignkit eval`", err)
+    assert calls == [1] and not (tmp_cache / HHH_CACHE_NAME).exists()
+
+
+def test_ensure_hhh_from_a_bigbench_checkout(tmp_cache, tmp_path, monkeypatch):
+    """$ALIGNKIT_HHH_DIR: the hhh_alignment folder or the checkout's root; the same records and split as from the
+    sdist (same tasks), the manifest names the folder."""
+    tasks = _fake_tasks()
+    path, sha = make_fake_tarball(tmp_path / "bigbench-1.0.0.tar.gz", tasks)
+    root = tmp_path / "BIG-bench"
+    for subset, examples in tasks.items():
+        f = root / "bigbench/benchmark_tasks/hhh_alignment" / subset / "task.json"
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps({"examples": examples}))
+    assert read_hhh_dir(root) == read_hhh_dir(root / "bigbench/benchmark_tasks/hhh_alignment") \
+        == read_hhh_tarball(path, sha)
+    monkeypatch.setenv("ALIGNKIT_HHH_DIR", str(root))
+    folder = ensure_hhh(verbose=False)
+    assert len(load_hhh("train")) + len(load_hhh("test")) == 41
+    info = json.loads((folder / MANIFEST).read_text())["info"]
+    assert info["source"] == f"ALIGNKIT_HHH_DIR={root}"
+    with pytest.raises(AssetError, match=r"ALIGNKIT_HHH_DIR=.*nowhere: no \{harmless,helpful,honest,other\}/task.json"):
+        read_hhh_dir(tmp_path / "nowhere")
+    (root / "bigbench/benchmark_tasks/hhh_alignment/other/task.json").write_text("{oops")
+    with pytest.raises(AssetError, match=r"other/task.json: not valid JSON"):
+        read_hhh_dir(root)
+
+
+def test_hhh_unavailable_gives_the_reason_once(tmp_cache, tmp_path, monkeypatch):
+    reason = builtin.hhh_unavailable()
+    assert reason.startswith("BIG-bench hhh_alignment is not available: could not download bigbench")
+    monkeypatch.setenv("ALIGNKIT_HHH_DIR", str(write_standin(tmp_path / "standin")))
+    assert builtin.hhh_unavailable() == reason  # not retried in this process
+    monkeypatch.setattr(builtin, "_HHH_MISSING", {})
+    assert builtin.hhh_unavailable() is None and len(load_hhh("test")) > 0
 
 
 # --------------------------------------------------------------------------------- real embedded model

@@ -222,6 +222,24 @@ def test_eval_e2e_writes_summary_tables_report(eval_run):
     assert (eval_run / "plots" / "winrate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_without_the_hhh_pairs_runs_the_rest_and_says_why(eval_run, tmp_path, monkeypatch):
+    """BIG-bench HHH missing (its sdist gone from the index): the HHH accuracy is left out of the alignment tax, the
+    warning is logged, and summary.json / tables.md say what was not measured and why; every other probe runs."""
+    from alignkit.data import builtin
+
+    monkeypatch.setattr(builtin, "hhh_unavailable", lambda: "BIG-bench hhh_alignment is not available: offline")
+    argv = json.loads((eval_run.parent / "argv.json").read_text())
+    keep = [a for a in argv if not a.startswith(("output_dir=", "policies=", "probe_cache_dir="))]
+    pol = next(a for a in argv if a.startswith("policies=")).split("}, {")[0] + "}]"  # the base policy only
+    assert cli.main(keep + [pol, "probe_cache=false", f"output_dir={tmp_path / 'run'}"]) == 0
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    reason = "HHH accuracy (alignment tax) not measured: BIG-bench hhh_alignment is not available: offline"
+    assert s["skipped"] == [reason]
+    assert set(s["policies"]["base"]["tax"]) == {"perplexity", "task_accuracy"}
+    assert "tax_hhh" not in s["timing"]["base"] and "sycophancy" in s["policies"]["base"]
+    assert f"## Not measured\n\n- {reason}" in (tmp_path / "run" / "tables.md").read_text()
+
+
 def test_eval_timing_per_policy_and_section(eval_run):
     """summary.json "timing": seconds per policy and section; the sections that ran are there, and the probe
     sections of "same" are absent because its probe results came from the cache (same weights as "base")."""

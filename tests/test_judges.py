@@ -398,19 +398,23 @@ def test_judge_cli_with_the_tiny_random_hf_judge(tmp_path):
 
 
 def test_judge_cli_reads_the_builtin_hhh_pairs_with_categories(tmp_path):
-    """The default data: BIG-bench HHH, both splits (221 pairs), categories from its `subset` field (a cheap
-    callable judge; the pairs are too long for the tiny model's 512 positions)."""
+    """The default data: BIG-bench HHH, both splits (221 pairs; the tests' stand-in where the real pairs are not
+    on the machine), categories from its `subset` field (a cheap callable judge; the pairs are too long for the
+    tiny model's 512 positions)."""
     import json
+    from collections import Counter
 
     from alignkit.cli import main
+    from alignkit.data.builtin import load_hhh
+
+    pairs = load_hhh("train") + load_hhh("test")
 
     (tmp_path / "coin.py").write_text("def judge(prompts, first, second, principles):\n    return [0.5] * len(prompts)\n")
     assert main(["judge", "judge.kind=callable", f"judge.fn={tmp_path / 'coin.py'}:judge",
                  f"output_dir={tmp_path / 'run'}"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["pairs"] == 221 and summary["agreement"] == 0.5
-    assert {c: v["pairs"] for c, v in summary["by_category"].items()} == {
-        "harmless": 58, "helpful": 59, "honest": 61, "other": 43}
+    assert summary["pairs"] == len(pairs) and summary["agreement"] == 0.5
+    assert {c: v["pairs"] for c, v in summary["by_category"].items()} == Counter(r["subset"] for r in pairs)
 
 
 def test_judge_cli_bad_pair_names_file_line_and_field(tmp_path, capsys):

@@ -190,6 +190,30 @@ def test_quickstart_resume_reuses_finished_stages_and_continues_an_interrupted_o
     assert again["timings_s"] == {**first["timings_s"], "proxy_bon": again["timings_s"]["proxy_bon"]}
 
 
+def test_quickstart_without_the_hhh_pairs_skips_that_stage_and_says_why(tmp_path, monkeypatch):
+    """BIG-bench HHH missing: the HHH reward model is not trained (it feeds nothing else), the summary and report
+    say why, and every other stage runs."""
+    import zlib
+
+    from alignkit.models.tiny import save_tiny_models
+    from alignkit.pipelines import quickstart
+
+    paths = save_tiny_models(tmp_path / "models")
+    out = tmp_path / "qs"
+    monkeypatch.setattr(quickstart, "vader_scores", lambda texts: [zlib.crc32(t.encode()) % 2001 / 1000 - 1 for t in texts])
+    monkeypatch.setattr(quickstart, "hhh_unavailable", lambda: "BIG-bench hhh_alignment is not available: offline")
+    assert main(["quickstart", f"output_dir={out}", f"policy={paths['policy']}", f"reward_model={paths['reward']}",
+                 f"hhh_reward_model={paths['reward']}", "lora_layers=1", "batch_size=2", "mixed_precision='no'",
+                 *REDUCED]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["reward_model_hhh"] == {"test_accuracy": None, "test_margin": None,
+                                     "skipped": "BIG-bench hhh_alignment is not available: offline"}
+    assert s["artifacts"]["hhh_reward_model"] is None and not (out / "rm_hhh").exists()
+    assert "rm_hhh" not in s["timings_s"] and set(s["policies"]) == {"base", "sft", "dpo", "ppo", "bon"}
+    assert "HHH reward model: not trained (BIG-bench hhh_alignment is not available: offline)." in \
+        (out / "summary.md").read_text()
+
+
 def test_quickstart_resume_refuses_a_missing_run_or_a_changed_config(tmp_path, capsys):
     from alignkit.config import QuickstartConfig, config_to_yaml
 

@@ -372,3 +372,44 @@ def test_first_ratio_is_one_on_own_samples():
     new = response_logprobs(model, ro, temperature=0.8, micro_batch_size=3)
     ratio = torch.exp(new - old)[ro.response_mask.bool()]
     assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- log-probs recorded while sampling
+@pytest.mark.parametrize("temperature,top_k,peft", [(0.8, 0, False), (1.3, 5, False), (1.0, 0, True)])
+def test_recorded_logprobs_equal_recomputed(temperature, top_k, peft):
+    """record_logprobs: the decoding loop's log π_T(y_t) and entropies equal a second forward pass over the
+    sampled rows (response_logprobs) to 1e-4, for left-padded prompts of different lengths, chunked, with
+    rows finishing at different steps; zero outside the response mask. Top-k sampling still records the
+    untruncated softmax (what response_logprobs computes); a LoRA-wrapped model is hooked through peft."""
+    model, tok = varied_lm(9)
+    if peft:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    ids, mask = left_pad([[10, 11, 12, 13], [20], [30, 31], [40, 41, 42]])
+    params = SamplingParams(8, temperature=temperature, top_k=top_k)
+    torch.manual_seed(3)
+    ro = generate_rollouts(HFGenerateBackend(model, tok), tok, ids, mask, params, num_samples=2, batch_size=3,
+                           record_logprobs=True)
+    assert ro.logprobs is not None and ro.logprobs.shape == ro.response_ids.shape
+    with torch.no_grad():
+        lp, ent = response_logprobs(model, ro, temperature=temperature, return_entropy=True)
+    assert_close(ro.logprobs, lp, atol=1e-4, rtol=0)
+    assert_close(ro.entropy, ent, atol=1e-4, rtol=0)
+    outside = ro.response_mask == 0
+    assert bool((ro.logprobs[outside] == 0).all()) and bool((ro.entropy[outside] == 0).all())
+    assert bool((ro.logprobs[~outside] < 0).all()) and bool((ro.entropy[~outside] > 0).all())
+    # the same draw as without recording (the hook only reads)
+    torch.manual_seed(3)
+    plain = generate_rollouts(HFGenerateBackend(model, tok), tok, ids, mask, params, num_samples=2, batch_size=3)
+    assert torch.equal(plain.response_ids, ro.response_ids) and plain.logprobs is None
+    sub = ro.select([3, 0])
+    assert torch.equal(sub.logprobs, ro.logprobs[[3, 0]]) and torch.equal(sub.entropy, ro.entropy[[3, 0]])
+
+
+def test_record_logprobs_is_ignored_by_backends_that_cannot():
+    """A backend without generate_with_logprobs samples as before and leaves the fields None (callers recompute)."""
+    _, tok = varied_lm(1)
+    ids, mask = left_pad([[10, 11], [20]])
+    ro = generate_rollouts(PlusOneBackend(), tok, ids, mask, SamplingParams(3), record_logprobs=True)
+    assert ro.logprobs is None and ro.entropy is None

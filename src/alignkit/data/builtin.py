@@ -73,6 +73,9 @@ BIGBENCH_PROJECT = "bigbench"
 BIGBENCH_FILENAME = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_TARBALL_ENV = "ALIGNKIT_BIGBENCH_TARBALL"
+HHH_DIR_ENV = "ALIGNKIT_HHH_DIR"
+"""A folder holding ``{harmless,helpful,honest,other}/task.json``: ``bigbench/benchmark_tasks/hhh_alignment`` of a
+git checkout of github.com/google/BIG-bench (or the checkout itself)."""
 DEFAULT_INDEX_URL = "https://pypi.org/simple"
 HHH_SUBSETS = ("harmless", "helpful", "honest", "other")
 HHH_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/hhh_alignment/{subset}/task.json"
@@ -216,6 +219,27 @@ def read_hhh_tarball(path: Path, expected_sha256: str | None = BIGBENCH_SHA256) 
     return records
 
 
+def read_hhh_dir(path: Path) -> list[dict[str, str]]:
+    """The four hhh_alignment ``task.json`` files of a BIG-bench checkout: ``path`` is the ``hhh_alignment``
+    folder or the checkout's root."""
+    path = Path(path)
+    for root in (path, path / "bigbench" / "benchmark_tasks" / "hhh_alignment"):
+        if all((root / s / "task.json").is_file() for s in HHH_SUBSETS):
+            break
+    else:
+        raise AssetError(f"{HHH_DIR_ENV}={path}: no {{{','.join(HHH_SUBSETS)}}}/task.json in it (nor under "
+                         "bigbench/benchmark_tasks/hhh_alignment/)")
+    records = []
+    for subset in HHH_SUBSETS:
+        file = root / subset / "task.json"
+        try:
+            task = json.loads(file.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise AssetError(f"{file}: not valid JSON: {e}") from e
+        records += hhh_records_from_task(task, subset, str(file))
+    return records
+
+
 def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
@@ -273,7 +297,7 @@ def _bigbench_tarball(workdir: Path, verbose: bool) -> Path:
             reason = str(e) or type(e).__name__
         raise AssetError(
             f"could not download bigbench from {redact_url(url)}: {reason}; set {BIGBENCH_TARBALL_ENV}="
-            f"/path/to/{BIGBENCH_FILENAME} to use a local copy"
+            f"/path/to/{BIGBENCH_FILENAME} to use a local copy, or {HHH_DIR_ENV}=<a BIG-bench git checkout>"
         ) from e
 
 
@@ -281,16 +305,22 @@ def ensure_hhh(verbose: bool = True) -> Path:
     """Cached folder with ``train.jsonl`` and ``test.jsonl`` of BIG-bench hhh_alignment (+ manifest)."""
 
     def build(out: Path) -> dict[str, Any]:
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir()) as work:
-            tarball = _bigbench_tarball(Path(work), verbose)
-            _log(verbose, "reading hhh_alignment from the bigbench sdist ...")
-            records = read_hhh_tarball(tarball, BIGBENCH_SHA256)
+        folder = os.environ.get(HHH_DIR_ENV)
+        if folder:
+            _log(verbose, f"reading hhh_alignment from {folder} ({HHH_DIR_ENV}) ...")
+            records = read_hhh_dir(Path(folder).expanduser())
+        else:
+            with tempfile.TemporaryDirectory(prefix=".download-", dir=cache_dir()) as work:
+                tarball = _bigbench_tarball(Path(work), verbose)
+                _log(verbose, "reading hhh_alignment from the bigbench sdist ...")
+                records = read_hhh_tarball(tarball, BIGBENCH_SHA256)
         train, test = split_hhh(records)
         _write_jsonl(out / "train.jsonl", train)
         _write_jsonl(out / "test.jsonl", test)
         return {
-            "source": f"{BIGBENCH_FILENAME}:{HHH_MEMBER.format(subset='{' + ','.join(HHH_SUBSETS) + '}')}",
-            "source_sha256": BIGBENCH_SHA256,
+            "source": (f"{HHH_DIR_ENV}={folder}" if folder else
+                       f"{BIGBENCH_FILENAME}:{HHH_MEMBER.format(subset='{' + ','.join(HHH_SUBSETS) + '}')}"),
+            "source_sha256": None if folder else BIGBENCH_SHA256,
             "split": f"by prompt, per subset in sha1 order, test <= round({HHH_TEST_FRACTION} * n) pairs",
             "counts": {
                 split: {s: sum(r["subset"] == s for r in rows) for s in HHH_SUBSETS}
@@ -306,6 +336,27 @@ def load_hhh(split: str) -> list[dict[str, str]]:
     _check_split(split)
     folder = cached(HHH_CACHE_NAME) or ensure_hhh(verbose=True)
     return _read_jsonl(folder / f"{split}.jsonl")
+
+
+HHH_USERS = ("the quickstart's HHH reward-model stage, the HHH accuracy of `alignkit eval` (alignment tax), "
+             "`alignkit w2s task=hhh` and `builtin:hhh` datasets")
+"""What cannot run without the HHH pairs (for messages)."""
+_HHH_MISSING: dict[str, str] = {}
+
+
+def hhh_unavailable() -> str | None:
+    """None when the HHH pairs can be loaded (cached, or built now); else why not, once per process (a failed
+    build is not retried), for the optional users (:data:`HHH_USERS`) to skip with that reason."""
+    if cached(HHH_CACHE_NAME) is not None:
+        return None
+    key = str(cache_dir())
+    if key not in _HHH_MISSING:
+        try:
+            ensure_hhh(verbose=True)
+            return None
+        except AssetError as e:
+            _HHH_MISSING[key] = f"BIG-bench hhh_alignment is not available: {e}"
+    return _HHH_MISSING[key]
 
 
 # --------------------------------------------------------------------------------------------------------

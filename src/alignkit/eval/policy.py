@@ -99,10 +99,18 @@ class _ProgressBackend:
 
     def __init__(self, backend, bar):
         self.backend, self.bar = backend, bar
+        if hasattr(backend, "generate_with_logprobs"):  # only where the engine can record them
+            self.generate_with_logprobs = self._generate_with_logprobs
 
     def generate(self, prompt_ids, prompt_mask, params, row_seeds=None):
         args = (prompt_ids, prompt_mask, params) + (() if row_seeds is None else (row_seeds,))
         out = self.backend.generate(*args)
+        self.bar.update(prompt_ids.shape[0])
+        return out
+
+    def _generate_with_logprobs(self, prompt_ids, prompt_mask, params, row_seeds=None):
+        args = (prompt_ids, prompt_mask, params) + (() if row_seeds is None else (row_seeds,))
+        out = self.backend.generate_with_logprobs(*args)
         self.bar.update(prompt_ids.shape[0])
         return out
 
@@ -112,9 +120,11 @@ class _ProgressBackend:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[dict], params: SamplingParams, num_samples: int, batch_size: int,
-           seed: int, autocast_dtype: torch.dtype | None = None, desc: str = "sample", backend: str = "hf") -> Rollout:
+           seed: int, autocast_dtype: torch.dtype | None = None, desc: str = "sample", backend: str = "hf",
+           record_logprobs: bool = False) -> Rollout:
     """``num_samples`` responses per prompt (rows prompt-major), drawn after ``torch.manual_seed(seed)`` with the
-    engine ``backend`` names (``generation.backend``)."""
+    engine ``backend`` names (``generation.backend``); ``record_logprobs``: with the log-probs and entropies of
+    the decoding loop (``generate_rollouts``)."""
     torch.manual_seed(seed)
     batch = prompt_batch(prompts, tokenizer.pad_token_id)
     with progress(len(prompts) * num_samples, desc) as bar:
@@ -122,6 +132,7 @@ def sample(model, tokenizer, prompts: list[dict], params: SamplingParams, num_sa
         return generate_rollouts(
             engine, tokenizer, batch["input_ids"], batch["attention_mask"], params, num_samples=num_samples,
             prompt_texts=batch["prompt_texts"], extras=batch["extras"], batch_size=batch_size,
+            record_logprobs=record_logprobs,
         )
 
 

@@ -105,10 +105,18 @@ def _load_model(path: str, tokenizer):
 
 @torch.no_grad()
 def _token_stats(model, rollout, temperature: float, batch_size: int, reference=None):
-    """Per response: summed entropy, token count, summed log-ratio to ``reference`` (None without one)."""
+    """Per response: summed entropy, token count, summed log-ratio to ``reference`` (None without one).
+
+    The policy's log-probs and entropies come from the sampling loop when it recorded them
+    (``Rollout.logprobs``); then only the reference runs a forward pass."""
     mask = rollout.response_mask.float()  # [B, R]
     ratio = None
-    if reference is None:
+    if rollout.logprobs is not None:
+        logp, ent = rollout.logprobs, rollout.entropy
+        if reference is not None:
+            ref = response_logprobs(reference, rollout, temperature, micro_batch_size=batch_size)
+            ratio = ((logp - ref) * mask).sum(-1).tolist()  # [B]
+    elif reference is None:
         logp, ent = response_logprobs(model, rollout, temperature, return_entropy=True, micro_batch_size=batch_size)
     else:  # layers the two share run once
         logp, ent, ref = logprobs_with_reference(model, reference, rollout, temperature, batch_size, entropy=True)
@@ -199,10 +207,15 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
         from alignkit.data.builtin import arithmetic_prompts
 
         plan.task = arithmetic_prompts("test", cfg.tax_task_items, seed=cfg.seed)
+    skipped: list[str] = []
     if cfg.tax and cfg.tax_hhh:
-        from alignkit.data.builtin import load_hhh
+        from alignkit.data.builtin import hhh_unavailable, load_hhh
 
-        plan.hhh = load_hhh("test")
+        if (missing := hhh_unavailable()) is None:
+            plan.hhh = load_hhh("test")
+        else:  # optional: the other probes still run; the summary and tables say why this one did not
+            skipped.append(f"HHH accuracy (alignment tax) not measured: {missing}")
+            log(f"eval: WARNING: {skipped[-1]}")
     cache = None
     if cfg.probe_cache and not plan.empty():
         cache = ProbeCache(cfg.probe_cache_dir or default_cache_dir())
@@ -217,7 +230,7 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
             model = reference if name == reference_name else _load_model(paths[name], tokenizer)
         with clock("sample"):
             roll = sample(model, tokenizer, prompts, params, 1, bs, cfg.seed, desc=f"{name}: sample",
-                          backend=cfg.generation.backend)
+                          backend=cfg.generation.backend, record_logprobs=True)
         with clock("token_stats"):
             ent, ntok, ratio = _token_stats(model, roll, cfg.generation.temperature, bs,
                                             None if model is reference else reference)
@@ -298,7 +311,7 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     summary = {
         "baseline": baseline, "reference": reference_name, "prompts": cfg.prompts, "n_prompts": len(prompts),
         "scorers": scorers, "policies": policies, "winrates": winrates, "ranking": ranking,
-        "warnings": warnings, "alignment_tax": tax_table,
+        "warnings": warnings, "alignment_tax": tax_table, "skipped": skipped,
         "judge_cache": None if judge is None else {"asked": judge.asked, "hits": judge.hits},
         "probe_cache": None if cache is None else {"dir": str(cache.dir), "hits": cache.hits, "misses": cache.misses},
         "samples": [{"prompt": prompt_texts[i], **{n: results[n]["texts"][i] for n in names}}
@@ -421,6 +434,8 @@ def render_tables(s: dict) -> str:
                   "| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for r in s["alignment_tax"]:
             lines.append(f"| {r['policy']} | " + " | ".join(_f(r.get(c)) for c in cols) + " |")
+    if s.get("skipped"):
+        lines += ["", "## Not measured", ""] + [f"- {x}" for x in s["skipped"]]
     if s.get("timing"):
         sections = list(dict.fromkeys(k for t in s["timing"].values() for k in t))
         lines += ["", "## Time per policy and section (seconds; a missing section did not run, e.g. probes read "

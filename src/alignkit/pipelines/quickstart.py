@@ -33,7 +33,7 @@ from alignkit.config import (
     DataConfig, DPOConfig, DPOSection, GenerationSection, LoraConfig, ModelConfig, PPOConfig, PPOSection,
     QuickstartConfig, RLDataConfig, RMConfig, RMSection, SFTConfig, TrainConfig,
 )
-from alignkit.data.builtin import sentiment_prompts
+from alignkit.data.builtin import hhh_unavailable, sentiment_prompts
 from alignkit.data.tokenize import render_prompt
 from alignkit.eval.bon import best_indices, bon_curve, bon_kl
 from alignkit.eval.report import html_report, plot_reward_vs_kl
@@ -415,10 +415,16 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
                       data=DataConfig(train=str(pref_file), eval=str(test_pair_file), max_length=256),
                       train=_train_cfg(q, out / "rm_sentiment", q.rm_lr, q.rm_epochs), rm=RMSection(normalize=True))
     rm_res = train("rm_sentiment", reward_model.train, rm_cfg)
-    hhh_cfg = RMConfig(model=ModelConfig(name_or_path=q.hhh_reward_model, freeze_embeddings=True),
-                       data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=384, max_prompt_length=256),
-                       train=_train_cfg(q, out / "rm_hhh", q.hhh_lr, q.hhh_epochs))
-    hhh_res = train("rm_hhh", reward_model.train, hhh_cfg)
+    hhh_missing = hhh_unavailable()
+    if hhh_missing is None:
+        hhh_cfg = RMConfig(model=ModelConfig(name_or_path=q.hhh_reward_model, freeze_embeddings=True),
+                           data=DataConfig(train="builtin:hhh", eval="builtin:hhh", max_length=384,
+                                           max_prompt_length=256),
+                           train=_train_cfg(q, out / "rm_hhh", q.hhh_lr, q.hhh_epochs))
+        hhh_res = train("rm_hhh", reward_model.train, hhh_cfg)
+    else:  # optional: the rest of the pipeline does not use it
+        log(f"quickstart: WARNING: skipping the HHH reward model: {hhh_missing}")
+        hhh_res = {"skipped": hhh_missing}
 
     # 5. DPO from the SFT policy on the annotated pairs
     from alignkit.algorithms import dpo
@@ -485,11 +491,12 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
                                    "heldout_margin": (rm_res.get("eval") or {}).get("margin"),
                                    "n_train_pairs": ann["n_pairs"], "n_test_pairs": len(test_pairs)},
         "reward_model_hhh": {"test_accuracy": (hhh_res.get("eval") or {}).get("accuracy"),
-                             "test_margin": (hhh_res.get("eval") or {}).get("margin")},
+                             "test_margin": (hhh_res.get("eval") or {}).get("margin"),
+                             **({"skipped": hhh_res["skipped"]} if "skipped" in hhh_res else {})},
         "timings_s": timings, "total_s": total, "resumed": resume,
         "n_dpo_pairs": sum(1 for _ in open(dpo_file, encoding="utf-8")),
         "artifacts": {"sft_model": sft_dir, "dpo_model": dpo_dir, "ppo_model": ppo_dir, "reward_model": rm_res["model_dir"],
-                      "hhh_reward_model": hhh_res["model_dir"], "preferences": str(pref_file),
+                      "hhh_reward_model": hhh_res.get("model_dir"), "preferences": str(pref_file),
                       "heldout_gold_pairs": str(test_pair_file), "evaluations": str(out / "eval")},
         "best_of_n_curve": bon_curve_rows,
         "samples": {k: _first_per_prompt(v, q.show_samples) for k, v in ev.items()},
@@ -532,7 +539,9 @@ def render_summary(s: dict, q: QuickstartConfig) -> str:
               f"{a['agreement_with_gold']:.1%} of the time, the majority label {a['majority_agreement_with_gold']:.1%}.",
               f"Sentiment reward model: held-out accuracy vs gold {_pct(s['reward_model_sentiment']['heldout_accuracy_vs_gold'])}"
               f" on {s['reward_model_sentiment']['n_test_pairs']} pairs.",
-              f"HHH reward model (BIG-bench hhh_alignment): test accuracy {_pct(s['reward_model_hhh']['test_accuracy'])}.",
+              f"HHH reward model (BIG-bench hhh_alignment): test accuracy {_pct(s['reward_model_hhh']['test_accuracy'])}."
+              if "skipped" not in s["reward_model_hhh"] else
+              f"HHH reward model: not trained ({s['reward_model_hhh']['skipped']}).",
               "", "## Samples (first held-out prompts)"]
     names = list(s["samples"])
     for i in range(min(len(v) for v in s["samples"].values())):

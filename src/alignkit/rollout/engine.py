@@ -230,8 +230,63 @@ class HFGenerateBackend:
             out = out.sequences
         return out[:, prompt_ids.shape[1] :]  # [B, R]
 
+    def generate_with_logprobs(
+        self, prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams, row_seeds: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`generate`, plus log π(y_t) and the entropy of every new token's step, read from the logits the
+        decoding loop computes anyway (:class:`StepRecorder`): ``(raw [B, R], logprobs [B, R], entropy [B, R])``
+        of the full softmax at ``params.temperature`` — what :func:`response_logprobs` recomputes with a second
+        forward pass, equal up to float rounding (KV-cached vs. full-sequence matmuls)."""
+        recorder = StepRecorder(params.temperature)
+        handle = _generating_module(unwrap_for_generation(self.model)).register_forward_hook(recorder, with_kwargs=True)
+        try:
+            raw = self.generate(prompt_ids, prompt_mask, params, row_seeds)  # [B, R]
+        finally:
+            handle.remove()
+        logprobs, entropy = recorder.result(raw)
+        return raw, logprobs, entropy
+
     def update_weights(self, model) -> None:
         """Nothing to sync: ``generate`` runs the live training model."""
+
+
+def _generating_module(model):
+    """The ``transformers`` model whose ``forward`` the decoding loop calls (inside a peft wrapper)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class StepRecorder:
+    """A forward hook on the model during ``generate``: the log-prob of each sampled token and the entropy of
+    each step's distribution, softmax(logits / T) (untruncated, like :func:`response_logprobs`).
+
+    Forward call k returns the logits of new token k [B, V]; the token chosen from them is the input of call
+    k + 1 (``input_ids[:, -1]``), and the last one is read from the returned ids by :meth:`result`. Only a
+    [B, V] row of log-probs is held between calls."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: Tensor | None = None  # [B, V] log-probs of the step whose token is not known yet
+        self.logprobs: list[Tensor] = []  # R x [B]
+        self.entropy: list[Tensor] = []  # R x [B]
+
+    def __call__(self, module, args, kwargs, output) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.pending is not None:
+            self.logprobs.append(self.pending.gather(-1, ids[:, -1:]).squeeze(-1))  # [B]
+        logits = output.logits if hasattr(output, "logits") else output[0]
+        logp = torch.log_softmax(logits[:, -1].float() / self.temperature, dim=-1)  # [B, V]
+        self.entropy.append(-(logp.exp() * logp).sum(-1))  # [B]
+        self.pending = logp
+
+    def result(self, raw: Tensor) -> tuple[Tensor, Tensor]:
+        """(logprobs [B, R], entropy [B, R]) of the R tokens of ``raw`` [B, R]."""
+        if self.pending is not None:
+            self.logprobs.append(self.pending.gather(-1, raw[:, -1:].to(self.pending.device)).squeeze(-1))
+            self.pending = None
+        r = raw.shape[1]
+        if len(self.logprobs) != r or len(self.entropy) != r:
+            raise RuntimeError(f"StepRecorder saw {len(self.entropy)} decoding steps for {r} new tokens")
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1)  # [B, R] each
 
 
 # ---------------------------------------------------------------- rollout batch
@@ -247,6 +302,11 @@ class Rollout:
     prompt_texts: list[str]
     response_texts: list[str]
     extras: list[dict] = field(default_factory=list)
+    logprobs: Tensor | None = None
+    """[B, R] log π(y_t) at the sampling temperature, recorded while sampling (``record_logprobs``), 0 outside
+    ``response_mask``; None when not recorded."""
+    entropy: Tensor | None = None
+    """[B, R] entropy of each step's distribution, recorded with ``logprobs``."""
 
     @property
     def input_ids(self) -> Tensor:
@@ -277,6 +337,8 @@ class Rollout:
             has_eos=self.has_eos[inds], prompt_texts=[self.prompt_texts[i] for i in idx],
             response_texts=[self.response_texts[i] for i in idx],
             extras=[self.extras[i] for i in idx] if self.extras else [],
+            logprobs=None if self.logprobs is None else self.logprobs[inds],
+            entropy=None if self.entropy is None else self.entropy[inds],
         )
 
     def response_slice(self, token_values_full: Tensor) -> Tensor:
@@ -325,6 +387,7 @@ def generate_rollouts(
     extras: list[dict] | None = None,
     batch_size: int | None = None,
     prompt_seeds: list[int] | None = None,
+    record_logprobs: bool = False,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt.
 
@@ -336,6 +399,8 @@ def generate_rollouts(
     that are padding in every row are dropped, so R = the longest response.
     ``prompt_seeds`` [N]: sample j of prompt i is drawn with row seed ``derive_seed(prompt_seeds[i], j)``
     (independent of batching); None samples from torch's global generator.
+    ``record_logprobs``: fill ``Rollout.logprobs`` / ``Rollout.entropy`` from the decoding loop's own logits when
+    the backend can (``generate_with_logprobs``; they stay None otherwise, and callers recompute them).
     """
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(
@@ -377,14 +442,20 @@ def generate_rollouts(
     # chunks of similar prompt length waste less on padding; stable, so a prompt's samples stay together,
     # and with row seeds the samples do not depend on which chunk a row lands in
     order = torch.argsort(prompt_mask.sum(1), stable=True) if step < b else torch.arange(b)  # [B]
-    raw_chunks = []
+    record = record_logprobs and hasattr(backend, "generate_with_logprobs")
+    raw_chunks, logp_chunks, ent_chunks = [], [], []
     for start in range(0, b, step):
         rows = order[start : start + step]
         ids, mask = prompt_ids[rows], prompt_mask[rows]
         first_col = int(mask.any(dim=0).long().argmax())  # drop columns that are padding in every row
         seeds = None if row_seeds is None else row_seeds[rows]
-        raw = backend.generate(ids[:, first_col:], mask[:, first_col:], params, seeds) if seeds is not None \
-            else backend.generate(ids[:, first_col:], mask[:, first_col:], params)  # [b, r]
+        args = (ids[:, first_col:], mask[:, first_col:], params) + (() if seeds is None else (seeds,))
+        if record:
+            raw, logp, ent = backend.generate_with_logprobs(*args)  # [b, r] each
+            logp_chunks.append(logp.to(prompt_ids.device))
+            ent_chunks.append(ent.to(prompt_ids.device))
+        else:
+            raw = backend.generate(*args)  # [b, r]
         if raw.dim() != 2 or raw.shape[0] != ids.shape[0] or raw.shape[1] > params.max_new_tokens:
             raise ValueError(
                 f"backend {type(backend).__name__}.generate returned shape {tuple(raw.shape)}; expected "
@@ -401,6 +472,11 @@ def generate_rollouts(
     response_texts = tokenizer.batch_decode(
         [ids[m.bool()] for ids, m in zip(response_ids, response_mask)], skip_special_tokens=True
     )
+    recorded = {}
+    if record:
+        back, outside = torch.argsort(order), response_mask == 0
+        recorded = {k: _pad_right(chunks, 0)[back][:, :width].masked_fill(outside, 0.0)  # [B, R]
+                    for k, chunks in (("logprobs", logp_chunks), ("entropy", ent_chunks))}
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
@@ -410,6 +486,7 @@ def generate_rollouts(
         prompt_texts=rep_texts,
         response_texts=response_texts,
         extras=rep_extras,
+        **recorded,
     )
 
 
