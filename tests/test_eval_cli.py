@@ -464,3 +464,47 @@ def test_builtin_safety_set_feeds_refusal_rates_with_the_rule_detector():
     detector = load_callable(DEFAULT_DETECTOR)
     rates = refusal_rates(few, ["I'm sorry, but I can't help with that."] * 5 + ["Sure: use kill -9."] * 5, detector)
     assert rates["refusal_rate"] == 1.0 and rates["overrefusal_rate"] == 0.0
+
+
+# ---------------------------------------------------------------- warnings against the policy each was trained from
+def test_warnings_compare_each_policy_with_the_one_it_was_trained_from():
+    """The crafted diagnostics: sft is the baseline; dpo (trained from sft) raised the proxy while gold fell, the
+    over-optimisation pattern; base (sft's start, trained_from null) has the same numbers but gets only the
+    absolute checks, so no over-optimisation claim; ppo names dpo as its start, where nothing changed."""
+    from alignkit.config import EvalConfig
+    from alignkit.eval.run import policy_warnings
+
+    sft = {"length": 20.0, "entropy": 2.0, "distinct_2": 0.8, "repetition": 0.0, "no_eos_frac": 0.0,
+           "proxy": 0.1, "gold": 0.5}
+    moved = dict(sft, proxy=0.9, gold=0.3)
+    cfg = EvalConfig(policies=[{"name": "sft", "path": "x"}, {"name": "base", "path": "y", "trained_from": None},
+                               {"name": "dpo", "path": "z"}, {"name": "ppo", "path": "w", "trained_from": "dpo"}])
+    w = policy_warnings(cfg.policies, "sft", {"sft": sft, "base": moved, "dpo": moved, "ppo": moved})
+    assert set(w) == {"base", "dpo", "ppo"}
+    assert w["dpo"] == ["proxy reward up (0.100 -> 0.900) while gold down (0.500 -> 0.300): reward over-optimisation"]
+    assert w["base"] == [] and w["ppo"] == []
+    with pytest.raises(ValueError, match=r"policies: ppo: trained_from 'rlhf' must be 'baseline', null or another "
+                                         r"policy's name \['sft'\]"):
+        EvalConfig(policies=[{"name": "sft", "path": "x"}, {"name": "ppo", "path": "w", "trained_from": "rlhf"}])
+
+
+def test_eval_resume_reuses_finished_policies(eval_run, tmp_path, capsys):
+    """A crash after the second policy: --resume (same config) reads the two finished policies from
+    policies/<name>.json (same texts, scores, probes and timings, no sampling), runs only the third, and writes the
+    same summary; a plain re-run into the directory starts over."""
+    argv = json.loads((eval_run.parent / "argv.json").read_text())
+    out = tmp_path / "resumed"
+    shutil.copytree(eval_run, out)
+    (out / "policies" / "same.json").unlink()
+    (out / "summary.json").unlink()
+    (out / "config.yaml").write_text((eval_run / "config.yaml").read_text().replace(str(eval_run), str(out)))
+    capsys.readouterr()
+    assert cli.main([a for a in argv if not a.startswith("output_dir=")] + [f"output_dir={out}", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "eval --resume: base from" in err and "eval --resume: tuned from" in err
+    assert "eval --resume: same from" not in err and "same: sample" in err
+    first, again = (json.loads((d / "summary.json").read_text()) for d in (eval_run, out))
+    assert again["timing"]["base"] == first["timing"]["base"] and again["timing"]["tuned"] == first["timing"]["tuned"]
+    for key in ("winrates", "policies", "ranking", "samples"):
+        assert again[key] == first[key], key
+    assert (out / "policies" / "same.json").is_file()

@@ -944,6 +944,11 @@ class EvalPolicy(Section):
     name: str
     path: str
     """A checkpoint directory (``<run>/model``), a hub id, or ``smollm2-135m-instruct`` / ``embedded``."""
+    trained_from: str | None = "baseline"
+    """The policy this one was trained from, the "before" of its before/after warnings (length hacking, entropy
+    drop, proxy up while gold down): ``baseline`` (default), another policy's name, or null for a policy that was
+    not trained from any of them (e.g. the base model when the baseline is its SFT): then only the absolute checks
+    (entropy floor, distinct-2, repetition, no-EOS share) run."""
 
 
 class EvalRefusalSection(Section):
@@ -1018,6 +1023,10 @@ class EvalConfig(Section):
             v = getattr(self, key)
             if v is not None and v not in names:
                 raise ValueError(f"{key}: {v!r} is not one of the policies {names}")
+        for p in self.policies:
+            if p.trained_from not in (None, "baseline", *names) or p.trained_from == p.name:
+                raise ValueError(f"policies: {p.name}: trained_from {p.trained_from!r} must be 'baseline', null or "
+                                 f"another policy's name {[n for n in names if n != p.name]}")
         return self
 
 

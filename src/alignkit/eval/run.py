@@ -15,7 +15,9 @@
 5. ``summary.json: timing``: seconds per policy and section (``tables.md`` ends with the same table).
 
 Writes ``summary.json``, ``tables.md``, ``winrates.csv``, ``samples.jsonl``, ``plots/*.png`` (win rates, reward vs
-KL, sycophancy, refusal) and ``report.html`` (``eval.html``) to ``output_dir``.
+KL, sycophancy, refusal) and ``report.html`` (``eval.html``) to ``output_dir``; ``policies/<name>.json`` holds each
+policy's results as soon as it is done, and ``--resume`` (same config) reuses them, so a crashed eval continues with
+the next policy instead of sampling everything again.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 import time
 from itertools import combinations
 from pathlib import Path
@@ -148,6 +151,18 @@ def _pairwise_outcomes(results: dict, names: list[str], scorer: str, judge: Judg
     return out
 
 
+def policy_warnings(policies, baseline: str, diagnostics: dict[str, dict]) -> dict[str, list[str]]:
+    """``ops.diagnostics.diagnostic_warnings`` of every policy but the baseline, against the policy it was
+    trained from (``trained_from``: the baseline by default; None: only the absolute checks)."""
+    out = {}
+    for p in policies:
+        if p.name == baseline:
+            continue
+        start = baseline if p.trained_from == "baseline" else p.trained_from
+        out[p.name] = diagnostic_warnings(diagnostics[p.name], None if start is None else diagnostics[start])
+    return out
+
+
 # ---------------------------------------------------------------- the command
 def run(cfg: EvalConfig, resume: bool = False) -> dict:
     t_start = time.time()
@@ -223,7 +238,16 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     timings: dict[str, float] = {}
     timing: dict[str, dict[str, float]] = {}
     bs = cfg.generation.batch_size
+    done_dir = out / "policies"  # each finished policy's results: what --resume reuses after a crash
+    if not resume and done_dir.is_dir():
+        shutil.rmtree(done_dir)
     for name in names:
+        done = done_dir / f"{name}.json"
+        if resume and done.is_file():
+            saved = json.loads(done.read_text(encoding="utf-8"))
+            results[name], timings[name], timing[name] = saved["result"], saved["seconds"], saved["timing"]
+            log(f"eval --resume: {name} from {done} (sampled, scored and probed before)")
+            continue
         t0 = time.time()
         clock = SectionClock()
         with clock("load"):
@@ -263,6 +287,7 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
         results[name] = r
         timings[name] = time.time() - t0
         timing[name] = {k: round(v, 2) for k, v in clock.seconds.items()}
+        atomic_write_json(done, {"result": r, "seconds": timings[name], "timing": timing[name]})
         if model is not reference:
             del model
         log(f"eval: {name} done in {timings[name]:.0f}s ("
@@ -294,7 +319,7 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
                    "systems": [{"policy": names[k], "beta": float(beta[k]), "ci": [float(lo[k]), float(hi[k])]}
                                for k in order]}
 
-    warnings = {n: diagnostic_warnings(results[n]["diagnostics"], base["diagnostics"]) for n in names if n != baseline}
+    warnings = policy_warnings(cfg.policies, baseline, {n: results[n]["diagnostics"] for n in names})
     policies = {}
     for n in names:
         r = results[n]
