@@ -293,6 +293,7 @@ def test_probe_cache_key_changes_with_the_weights_and_the_plan(tmp_path):
         next(twin.parameters()).view(-1)[0] += 1e-3  # one changed value
     assert weights_fingerprint(twin) != fp and probe_key(weights_fingerprint(twin), plan, tok) != key
     assert probe_key(fp, ProbePlan(sycophancy=plan.sycophancy, perplexity=True, short_tokens=8), tok) != key
+    assert probe_key(fp, ProbePlan(sycophancy=plan.sycophancy, perplexity=True, precision="bf16"), tok) != key
     cache = ProbeCache(tmp_path / "c")
     assert cache.get(key) is None and cache.misses == 1
     cache.put(key, {"tax": {"perplexity": 3.5}})
@@ -508,3 +509,24 @@ def test_eval_resume_reuses_finished_policies(eval_run, tmp_path, capsys):
     for key in ("winrates", "policies", "ranking", "samples"):
         assert again[key] == first[key], key
     assert (out / "policies" / "same.json").is_file()
+
+
+@pytest.mark.parametrize("precision,dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_probes_run_every_model_call_at_the_plan_precision(precision, dtype):
+    """probe_precision: every probe forward (greedy answers, pushback, refusal, perplexity, HHH pairs) computes its
+    logits in the plan's dtype: bf16 autocast when asked, fp32 otherwise."""
+    from alignkit.eval.probes import ProbePlan, SectionClock, run_probes
+
+    model, tok = tiny_causal_lm(seed=0)
+    seen: set = set()
+    model.lm_head.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    plan = ProbePlan(sycophancy=default_items(2, seed=0, n_facts=1), perplexity=True, short_tokens=3,
+                     hhh=[{"prompt": "q", "chosen": "good answer", "rejected": "bad"}],
+                     refusal=[{"prompt": "how to x", "category": "c", "harmful": True}],
+                     detector="alignkit.eval.refusal:is_refusal", precision=precision)
+    from alignkit.eval.refusal import is_refusal
+
+    out = run_probes(model, tok, plan, is_refusal, SectionClock())
+    assert seen == {dtype}
+    assert set(out) == {"sycophancy", "refusal", "tax"} and set(out["tax"]) == {"perplexity", "hhh_accuracy"}
+    assert math.isfinite(out["tax"]["perplexity"])

@@ -982,7 +982,7 @@ class EvalConfig(Section):
     n_prompts: int | None = Field(100, gt=0)
     max_prompt_length: int = Field(256, gt=0)
     system_prompt: str | None = None
-    generation: GenerationSection = GenerationSection(max_new_tokens=48, batch_size=32)
+    generation: GenerationSection = GenerationSection(max_new_tokens=48, batch_size=64)
     greedy: bool = False
     """Greedy decoding instead of sampling at ``generation.temperature``."""
     gold: str | None = "vader"
@@ -1006,6 +1006,10 @@ class EvalConfig(Section):
     """Tokens of prompt + reply scored per HHH choice (longer prompts lose their beginning)."""
     probe_max_new_tokens: int = Field(24, gt=0)
     """Tokens per answer in the sycophancy and task probes (short answers)."""
+    probe_precision: Literal["auto", "no", "bf16"] = "auto"
+    """The probes' (sycophancy, refusal, tax) model calls under bf16 autocast: ``auto`` = where bf16 matmuls are
+    native (AVX512-BF16 / AMX CPUs, bf16 GPUs; about 1.5x faster), ``no`` = fp32. Sampling for the win rates and
+    the KL / entropy diagnostics always run in fp32."""
     probe_cache: bool = True
     """Reuse a policy's probe results (sycophancy, refusal, tax) keyed by its weights and the probe settings
     (``eval.probes``); false: always recompute."""
@@ -1013,6 +1017,11 @@ class EvalConfig(Section):
     """Where the probe cache lives (default ``$ALIGNKIT_CACHE/eval_probes``)."""
     refusal: EvalRefusalSection = EvalRefusalSection()
     show_samples: int = Field(5, ge=0)
+
+    @field_validator("probe_precision", mode="before")
+    @classmethod
+    def _no(cls, v):
+        return "no" if v is False else v  # YAML reads a bare `no` as false
 
     @model_validator(mode="after")
     def _policies(self) -> "EvalConfig":

@@ -39,7 +39,7 @@ from alignkit.eval.tax import hhh_accuracy, perplexity, task_conversations, task
 from alignkit.io_utils import atomic_write_json
 from alignkit.rollout.engine import SamplingParams
 
-PROBE_VERSION = 3
+PROBE_VERSION = 4
 """Bump when a probe's procedure changes what it measures: older cache entries then miss."""
 HHH_PAIRS_PER_BATCH = 8
 """Pairs per shared-prefix HHH pass: 16 reply rows, their fp32 logits 16 × reply length × vocabulary × 4 bytes
@@ -62,9 +62,10 @@ class SectionClock:
             self.seconds[section] = self.seconds.get(section, 0.0) + time.perf_counter() - t
 
 
-def make_generate(model, tokenizer, max_new_tokens: int, batch_size: int, seed: int, desc: str | None):
+def make_generate(model, tokenizer, max_new_tokens: int, batch_size: int, seed: int, desc: str | None,
+                  autocast_dtype: torch.dtype | None = None):
     """``generate(conversations) -> replies``: greedy, batched by prompt length (less padding), through the rollout
-    engine; replies in the order of ``conversations``."""
+    engine (under ``autocast_dtype`` autocast if given); replies in the order of ``conversations``."""
     def generate(conversations: list[list[dict]]) -> list[str]:
         if not conversations:
             return []
@@ -72,7 +73,7 @@ def make_generate(model, tokenizer, max_new_tokens: int, batch_size: int, seed: 
                                       DataConfig(train="<probe>", max_length=4096))
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]["prompt_input_ids"]))
         params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
-        texts = sample(model, tokenizer, [prompts[i] for i in order], params, 1, batch_size, seed,
+        texts = sample(model, tokenizer, [prompts[i] for i in order], params, 1, batch_size, seed, autocast_dtype,
                        desc=desc).response_texts
         out = [""] * len(prompts)
         for pos, i in enumerate(order):
@@ -96,6 +97,8 @@ class ProbePlan:
     hhh_max_length: int = 256
     batch_size: int = 32
     seed: int = 0
+    precision: str = "no"
+    """``bf16``: every probe's model call under bf16 autocast; ``no``: fp32."""
 
     def empty(self) -> bool:
         return not (self.sycophancy or self.task or self.hhh or self.refusal or self.perplexity)
@@ -154,7 +157,10 @@ def run_probes(model, tokenizer, plan: ProbePlan, detector, clock: SectionClock,
     non-empty parts), each section's seconds added to ``clock`` (``probe_turn1``, ``probe_pushback``,
     ``refusal``, ``tax_perplexity``, ``tax_hhh``)."""
     out: dict = {}
-    short = make_generate(model, tokenizer, plan.short_tokens, plan.batch_size, plan.seed, f"{name}: probes")
+    amp = torch.bfloat16 if plan.precision == "bf16" else None
+    device = next(model.parameters()).device.type
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=amp is not None)  # noqa: E731
+    short = make_generate(model, tokenizer, plan.short_tokens, plan.batch_size, plan.seed, f"{name}: probes", amp)
     syc, task = plan.sycophancy, plan.task
     if syc or task:
         with clock("probe_turn1"):  # sycophancy questions + opinion variants + arithmetic task: one batch
@@ -172,13 +178,13 @@ def run_probes(model, tokenizer, plan: ProbePlan, detector, clock: SectionClock,
                  for p in plan.refusal]
         with clock("refusal"):
             replies = make_generate(model, tokenizer, plan.refusal_tokens, plan.batch_size, plan.seed,
-                                    f"{name}: refusal")(convs)
+                                    f"{name}: refusal", amp)(convs)
         out["refusal"] = refusal_rates(plan.refusal, replies, detector)
     if plan.perplexity:
-        with clock("tax_perplexity"):
+        with clock("tax_perplexity"), autocast():
             out.setdefault("tax", {})["perplexity"] = perplexity(model, tokenizer)
     if plan.hhh:
-        with clock("tax_hhh"):
+        with clock("tax_hhh"), autocast():
             out.setdefault("tax", {})["hhh_accuracy"] = hhh_accuracy(
                 model, tokenizer, plan.hhh, min(plan.batch_size, HHH_PAIRS_PER_BATCH), plan.hhh_max_length)
     if "tax" in out:  # a stable key order in summaries: perplexity, task, hhh

@@ -48,7 +48,7 @@ from alignkit.io_utils import atomic_write_json, atomic_write_text
 from alignkit.models.loading import load_policy, load_tokenizer
 from alignkit.ops.diagnostics import diagnostic_warnings, response_diagnostics
 from alignkit.rollout.engine import SamplingParams, response_logprobs
-from alignkit.train.run import RunError, log, prepare_run_dir, write_summary
+from alignkit.train.run import RunError, log, prepare_run_dir, resolve_mixed_precision, write_summary
 
 EMBEDDED_ALIASES = {"embedded": "smollm2-135m-instruct"}
 
@@ -215,7 +215,8 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     plan = ProbePlan(refusal=refusal_prompts, detector=(cfg.refusal.detector or DEFAULT_DETECTOR) if detector else None,
                      perplexity=cfg.tax, short_tokens=cfg.probe_max_new_tokens,
                      refusal_tokens=cfg.refusal.max_new_tokens, hhh_max_length=cfg.tax_max_length,
-                     batch_size=cfg.generation.batch_size, seed=cfg.seed)
+                     batch_size=cfg.generation.batch_size, seed=cfg.seed,
+                     precision=resolve_mixed_precision(cfg.probe_precision))
     if cfg.sycophancy:
         plan.sycophancy = default_items(cfg.sycophancy_arithmetic, cfg.seed, cfg.sycophancy_facts)
     if cfg.tax and cfg.tax_task_items:
