@@ -357,6 +357,10 @@ def worker_main(args: argparse.Namespace, t_start: float) -> int:
     spec = {**json.loads(args.spec.read_text(encoding="utf-8")), "repeat": args.repeat}
     fn = alignkit_worker if args.worker == "alignkit" else trl_worker
     threads = C.set_threads(spec.get("threads"))
+    if args.worker != "trl":  # what every alignkit command does at start (ops.threads.configure_allocator)
+        from alignkit.ops.threads import configure_allocator
+
+        configure_allocator()
     try:
         result = fn(args.job, spec, t_start)
         result["threads"] = threads

@@ -413,3 +413,41 @@ def test_record_logprobs_is_ignored_by_backends_that_cannot():
     ids, mask = left_pad([[10, 11], [20]])
     ro = generate_rollouts(PlusOneBackend(), tok, ids, mask, SamplingParams(3), record_logprobs=True)
     assert ro.logprobs is None and ro.entropy is None
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 3, 1.0), (1.5, 0, 0.8)])
+def test_inverse_cdf_sampling_draws_the_filtered_tempered_softmax(temperature, top_k, top_p):
+    """InverseCdfSampling (the sampler behind generate(do_sample=True)): 200k draws of one row have the frequencies
+    of softmax(filter(logits / T)) to 0.005; tokens the filter removes (the first one included, the u = 0 edge) are
+    never drawn; the output is 0 at the drawn token and -inf elsewhere."""
+    from alignkit.rollout.engine import InverseCdfSampling, filter_logits
+
+    logits = torch.tensor([[-5.0, 2.0, 1.0, 0.5, 1.5, -1.0]])
+    params = SamplingParams(4, temperature=temperature, top_k=top_k, top_p=top_p)
+    want = torch.softmax(filter_logits(logits / temperature, top_k, top_p), -1)[0]
+    torch.manual_seed(0)
+    out = InverseCdfSampling(params)(torch.zeros(200_000, 1, dtype=torch.long), logits.expand(200_000, -1))
+    assert bool(((out == 0).sum(-1) == 1).all()) and bool(torch.isinf(out).sum(-1).eq(5).all())
+    freq = torch.bincount(out.argmax(-1), minlength=6).float() / 200_000
+    assert_close(freq, want, atol=5e-3, rtol=0)
+    assert bool((freq[want == 0] == 0).all())
+
+
+def test_unseeded_sampling_goes_through_the_inverse_cdf_sampler():
+    """generate(do_sample=True) without row seeds draws with InverseCdfSampling: the same torch seed gives the same
+    tokens as calling greedy decoding over that processor by hand."""
+    from transformers import LogitsProcessorList
+
+    from alignkit.rollout.engine import InverseCdfSampling
+
+    model, tok = varied_lm(11)
+    ids, mask = left_pad([[10, 11, 12], [20]])
+    params = SamplingParams(6, temperature=1.2)
+    torch.manual_seed(5)
+    got = HFGenerateBackend(model, tok).generate(ids, mask, params)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        manual = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                pad_token_id=PAD, eos_token_id=EOS, temperature=None, top_p=None, top_k=None,
+                                logits_processor=LogitsProcessorList([InverseCdfSampling(params)]))[:, ids.shape[1]:]
+    assert torch.equal(got, manual)

@@ -1,6 +1,7 @@
 """Thread-count rule (alignkit.ops.threads): never more busy threads than cores across a run's processes."""
 
 import pytest
+import torch
 
 from alignkit.ops.threads import choose_threads
 
@@ -31,3 +32,19 @@ def test_cli_reports_bad_thread_setting(tmp_path, monkeypatch, capsys):
                  f"train.output_dir={tmp_path / 'run'}"]) == 2
     assert "ALIGNKIT_NUM_THREADS='lots' is not a whole number" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_configure_allocator_applies_on_glibc_unless_opted_out():
+    """glibc: mallopt raises the mmap / trim thresholds (True); ALIGNKIT_MALLOC=default leaves glibc alone; the
+    process keeps working (a large tensor is allocated, freed and allocated again)."""
+    import platform
+
+    from alignkit.ops.threads import configure_allocator
+
+    assert configure_allocator({"ALIGNKIT_MALLOC": "default"}) is False
+    applied = configure_allocator({})
+    assert applied is (platform.libc_ver()[0] == "glibc")
+    for _ in range(2):
+        x = torch.ones(64, 49152)
+        assert float(x.sum()) == 64 * 49152
+        del x

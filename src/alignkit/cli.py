@@ -258,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.print_config:
         print(C.config_to_yaml(cfg), end="")
         return 0
-    from alignkit.ops.threads import configure_threads
+    from alignkit.ops.threads import configure_allocator, configure_threads
 
+    configure_allocator()
     try:
         configure_threads()
     except ValueError as e:
