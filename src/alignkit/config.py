@@ -948,7 +948,7 @@ class EvalPolicy(Section):
     """The policy this one was trained from, the "before" of its before/after warnings (length hacking, entropy
     drop, proxy up while gold down): ``baseline`` (default), another policy's name, or null for a policy that was
     not trained from any of them (e.g. the base model when the baseline is its SFT): then only the absolute checks
-    (entropy floor, distinct-2, repetition, no-EOS share) run."""
+    (entropy floor, distinct-2, repetition) run."""
 
 
 class EvalRefusalSection(Section):

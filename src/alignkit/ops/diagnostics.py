@@ -181,8 +181,8 @@ def diagnostic_warnings(now: dict[str, float], before: dict[str, float] | None =
     if _ok(r1) and r1 >= t["repetition"] and r1 - (r0 if _ok(r0) else 0.0) >= t["repetition_rise"]:
         out.append(f"repetition {r1:.0%} of 3-grams repeat within a response: degenerate loops")
     # EOS loss
-    n0, n1 = b.get("no_eos_frac", 0.0), now.get("no_eos_frac")
-    if _ok(n1) and n1 >= t["no_eos"] and n1 - (n0 if _ok(n0) else 0.0) >= t["no_eos_rise"]:
+    n0, n1 = b.get("no_eos_frac"), now.get("no_eos_frac")  # a change: needs the start (a cap cuts every policy)
+    if _ok(n0, n1) and n1 >= t["no_eos"] and n1 - n0 >= t["no_eos_rise"]:
         out.append(f"{n1:.0%} of responses end without EOS (start {n0:.0%}): the policy stopped ending its answers")
     # proxy up while gold down
     p0, p1, g0, g1 = b.get("proxy"), now.get("proxy"), b.get("gold"), now.get("gold")
