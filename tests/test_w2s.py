@@ -105,3 +105,20 @@ def test_features_of_a_middle_layer_equal_the_full_forward():
             last = features(model, tok, [t], 0, 64, 1)[1][0]
             assert_close(torch.from_numpy(last), hs[3][0].mean(0), atol=1e-5, rtol=0)
     assert not np.allclose(strong, features(model, tok, texts, 0, 64, 2, strong_layer=2)[1])
+
+
+def test_w2s_hhh_without_the_pairs_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    """task=hhh when the BIG-bench pairs cannot be had: exit 1 with the asset's reason and how to supply them, no
+    traceback."""
+    from alignkit.data import builtin
+    from alignkit.models.embedded import AssetError
+
+    def missing(split):
+        raise AssetError("could not download bigbench from https://x/: gone; set ALIGNKIT_BIGBENCH_TARBALL=...")
+
+    monkeypatch.setattr(builtin, "load_hhh", missing)
+    assert cli.main(["w2s", "task=hhh", "strong_model=tiny-random", "weak_layers=0", "strong_layer=1",
+                     f"output_dir={tmp_path / 'x'}"]) == 1
+    err = capsys.readouterr().err
+    assert "alignkit w2s: error: could not download bigbench from https://x/: gone; set ALIGNKIT_BIGBENCH_TARBALL" in err
+    assert "Traceback" not in err

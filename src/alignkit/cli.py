@@ -269,13 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     module, fn = cmd.target.split(":")
     train = getattr(importlib.import_module(module), fn)
     from alignkit.data.io import DataError
+    from alignkit.models.embedded import AssetError
     from alignkit.models.loading import ModelLoadError
     from alignkit.train.loop import NonFiniteLossError
     from alignkit.train.run import RunError
 
     try:
         train(cfg, resume=ns.resume)
-    except (DataError, ModelLoadError, RunError, NonFiniteLossError, C.ConfigError, ValueError) as e:
+    except (DataError, ModelLoadError, RunError, NonFiniteLossError, C.ConfigError, ValueError, AssetError) as e:
         print(f"alignkit {ns.command}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
