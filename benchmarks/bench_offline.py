@@ -101,15 +101,34 @@ def sft_records(n: int) -> list[dict[str, str]]:
     return demos[:n]
 
 
+def preference_source() -> tuple[str, list[dict[str, str]]]:
+    """(name, pairs): the BIG-bench HHH train pairs where this machine has them; otherwise pairs of real texts of
+    similar length that ship with every set-up: a HarmBench / Do-Not-Answer request as the prompt, two different
+    SFT demonstrations as the replies (timing depends on lengths, not on which reply is better). The name goes into
+    the results, so runs on different data are not compared unawares."""
+    from alignkit.data.builtin import hhh_unavailable, load_hhh, sft_demonstrations
+    from alignkit.data.safety import harmful_prompts
+
+    if hhh_unavailable() is None:
+        return "hhh", load_hhh("train")
+    print("bench: the BIG-bench HHH pairs are not available; preference jobs use red-team prompts with two SFT "
+          "demonstrations as replies", flush=True)
+    demos = [d["completion"] for d in sft_demonstrations()]
+    return "redteam+demos", [{"prompt": r["prompt"], "chosen": demos[i % len(demos)],
+                              "rejected": demos[(i + len(demos) // 2) % len(demos)]}
+                             for i, r in enumerate(harmful_prompts("train"))]
+
+
 def preference_records(n: int, max_chars: int, max_length: int, tokenizer) -> list[dict[str, str]]:
-    """First ``n`` HHH train pairs, texts cut to ``max_chars``, whose longer sequence fits ``max_length``."""
+    """First ``n`` pairs of :func:`preference_source`, texts cut to ``max_chars``, whose longer sequence fits
+    ``max_length``."""
     from alignkit.config import DataConfig
-    from alignkit.data.builtin import load_hhh
     from alignkit.data.tokenize import tokenize_preference
 
     data_cfg = DataConfig(train="x", max_length=10**6)
     out = []
-    for r in load_hhh("train"):
+    name, pairs = preference_source()
+    for r in pairs:
         rec = {"prompt": cut(r["prompt"], max_chars), "chosen": cut(r["chosen"], max_chars),
                "rejected": cut(r["rejected"], max_chars)}
         if rec["chosen"] == rec["rejected"]:
@@ -120,7 +139,7 @@ def preference_records(n: int, max_chars: int, max_length: int, tokenizer) -> li
             out.append(rec)
         if len(out) == n:
             return out
-    raise SystemExit(f"only {len(out)} HHH pairs fit max_length={max_length} with max_chars={max_chars}; need {n}")
+    raise SystemExit(f"only {len(out)} {name} pairs fit max_length={max_length} with max_chars={max_chars}; need {n}")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -473,7 +492,8 @@ def prepare_inputs(args: argparse.Namespace, jobs: list[str], workdir: Path) -> 
         data[job] = str(path)
     return {"layers": args.layers, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "trl_optim": args.trl_optim,
-            "workdir": str(workdir), "data": data, "n_examples": n, "threads": args.threads}
+            "workdir": str(workdir), "data": data, "n_examples": n, "threads": args.threads,
+            "preference_data": preference_source()[0] if any(j != "sft" for j in jobs) else None}
 
 
 def run_job(job: str, frameworks: list[str], repeats: int, spec_path: Path, workdir: Path, timeout: float,

@@ -281,3 +281,19 @@ def test_parent_main_with_mocked_workers_writes_json_tables_and_the_diff(tmp_pat
 def test_unknown_job_is_an_error_naming_the_option():
     with pytest.raises(SystemExit, match="--jobs: unknown \\['ppo'\\]"):
         bench.parent_main(bench.build_parser().parse_args(["--jobs", "ppo"]))
+
+
+def test_preference_data_without_the_hhh_pairs(monkeypatch, capsys):
+    """Where the HHH pairs cannot be had, the preference jobs run on red-team prompts with two different SFT
+    demonstrations as replies, say so, and name that data in the spec (so results on other data are not compared
+    unawares)."""
+    import bench_offline
+
+    from alignkit.data import builtin
+
+    assert bench_offline.preference_source()[0] == "hhh"  # the tests' session has pairs (real or stand-in)
+    monkeypatch.setattr(builtin, "hhh_unavailable", lambda: "gone")
+    name, pairs = bench_offline.preference_source()
+    assert name == "redteam+demos" and len(pairs) >= 600
+    assert all(p["chosen"] != p["rejected"] and p["prompt"] for p in pairs)
+    assert "preference jobs use red-team prompts" in capsys.readouterr().out
