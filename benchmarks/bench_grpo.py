@@ -292,11 +292,7 @@ def worker_main(args: argparse.Namespace, t_start: float) -> int:
     spec = {**json.loads(args.spec.read_text(encoding="utf-8")), "repeat": args.repeat}
     fn = {"alignkit": alignkit_grpo_worker, "trl": trl_grpo_worker, "ppo": alignkit_ppo_worker,
           "sft": sft_like_ppo_worker}[args.worker]
-    threads = C.set_threads(spec.get("threads"))
-    if args.worker != "trl":  # what every alignkit command does at start (ops.threads.configure_allocator)
-        from alignkit.ops.threads import configure_allocator
-
-        configure_allocator()
+    threads = C.set_threads(spec.get("threads"), allocator=args.worker != "trl")
     try:
         result = fn(spec, t_start)
         result["threads"] = threads

@@ -119,15 +119,16 @@ def preference_source() -> tuple[str, list[dict[str, str]]]:
                              for i, r in enumerate(harmful_prompts("train"))]
 
 
-def preference_records(n: int, max_chars: int, max_length: int, tokenizer) -> list[dict[str, str]]:
-    """First ``n`` pairs of :func:`preference_source`, texts cut to ``max_chars``, whose longer sequence fits
-    ``max_length``."""
+def preference_records(source: tuple[str, list[dict[str, str]]], n: int, max_chars: int, max_length: int,
+                       tokenizer) -> list[dict[str, str]]:
+    """First ``n`` pairs of ``source`` (:func:`preference_source`), texts cut to ``max_chars``, whose longer sequence
+    fits ``max_length``."""
     from alignkit.config import DataConfig
     from alignkit.data.tokenize import tokenize_preference
 
     data_cfg = DataConfig(train="x", max_length=10**6)
     out = []
-    name, pairs = preference_source()
+    name, pairs = source
     for r in pairs:
         rec = {"prompt": cut(r["prompt"], max_chars), "chosen": cut(r["chosen"], max_chars),
                "rejected": cut(r["rejected"], max_chars)}
@@ -375,11 +376,7 @@ def trl_worker(job: str, spec: dict, t_start: float) -> dict[str, Any]:
 def worker_main(args: argparse.Namespace, t_start: float) -> int:
     spec = {**json.loads(args.spec.read_text(encoding="utf-8")), "repeat": args.repeat}
     fn = alignkit_worker if args.worker == "alignkit" else trl_worker
-    threads = C.set_threads(spec.get("threads"))
-    if args.worker != "trl":  # what every alignkit command does at start (ops.threads.configure_allocator)
-        from alignkit.ops.threads import configure_allocator
-
-        configure_allocator()
+    threads = C.set_threads(spec.get("threads"), allocator=args.worker != "trl")
     try:
         result = fn(args.job, spec, t_start)
         result["threads"] = threads
@@ -485,15 +482,17 @@ def prepare_inputs(args: argparse.Namespace, jobs: list[str], workdir: Path) -> 
     n = args.steps * args.batch_size * args.grad_accum
     tokenizer = load_tokenizer(C.EMBEDDED_MODEL)
     data: dict[str, str] = {}
+    source = preference_source() if any(j != "sft" for j in jobs) else None
     for job in jobs:
-        rows = sft_records(n) if job == "sft" else preference_records(n, args.max_chars, args.max_length, tokenizer)
+        rows = sft_records(n) if job == "sft" else preference_records(source, n, args.max_chars, args.max_length,
+                                                                      tokenizer)
         path = workdir / f"{job}.jsonl"
         write_jsonl(path, rows)
         data[job] = str(path)
     return {"layers": args.layers, "steps": args.steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
             "max_length": args.max_length, "lr": args.lr, "seed": args.seed, "trl_optim": args.trl_optim,
             "workdir": str(workdir), "data": data, "n_examples": n, "threads": args.threads,
-            "preference_data": preference_source()[0] if any(j != "sft" for j in jobs) else None}
+            "preference_data": source and source[0]}
 
 
 def run_job(job: str, frameworks: list[str], repeats: int, spec_path: Path, workdir: Path, timeout: float,

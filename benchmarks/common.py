@@ -71,10 +71,16 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def set_threads(n: int | None) -> int:
-    """Use ``n`` intra-op threads in this process (None or 0: torch's default); returns the count in use."""
+def set_threads(n: int | None, allocator: bool = False) -> int:
+    """Use ``n`` intra-op threads in this process (None or 0: torch's default); returns the count in use.
+    ``allocator``: also tune glibc's allocator as every alignkit command does (``ops.threads.configure_allocator``):
+    the alignkit workers, not TRL's."""
     import torch
 
+    if allocator:
+        from alignkit.ops.threads import configure_allocator
+
+        configure_allocator()
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()

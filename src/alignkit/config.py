@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+
+
+def _yaml_no(v):
+    return "no" if v is False else v  # YAML reads a bare `no` as false
+
+
+_T = TypeVar("_T")
+YamlNo = Annotated[_T, BeforeValidator(_yaml_no)]
+"""A precision setting whose value ``no`` survives YAML (which reads a bare ``no`` as false)."""
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key."""
@@ -127,14 +136,10 @@ class TrainConfig(Section):
     """Online RL (PPO) under LoRA on the last layers: run the frozen leading layers once per rollout and keep their
     states ([B, T, hidden] per rollout batch) for the old/reference log-probs and every PPO epoch (``ops/prefix.py``).
     Same log-probs up to float rounding; turn off to save that memory on very large rollout batches."""
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    mixed_precision: YamlNo[Literal["no", "bf16", "fp16", "auto"]] = "no"
     """Autocast (accelerate's mixed precision). ``auto``: bf16 where the hardware computes it natively (a CUDA GPU with
     bf16, a CPU with AVX512-BF16/AMX), else ``no`` (CPUs without it emulate bf16 ~20x slower than fp32)."""
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _no(cls, v):
-        return "no" if v is False else v  # YAML reads a bare `no` as false
     eval_every: int = Field(0, ge=0)
     """Evaluate every N optimizer steps (0: only at the end)."""
     save_every: int = Field(0, ge=0)
@@ -838,12 +843,8 @@ class CAIConfig(Section):
     """Cap every training stage at this many optimizer steps (smoke runs)."""
     max_length: int = Field(384, gt=0)
     """Prompt + response tokens of the training stages."""
-    mixed_precision: Literal["auto", "no", "bf16"] = "no"
+    mixed_precision: YamlNo[Literal["auto", "no", "bf16"]] = "no"
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _no(cls, v):
-        return "no" if v is False else v  # YAML reads a bare `no` as false
 
     @field_validator("output_dir")
     @classmethod
@@ -1006,7 +1007,7 @@ class EvalConfig(Section):
     """Tokens of prompt + reply scored per HHH choice (longer prompts lose their beginning)."""
     probe_max_new_tokens: int = Field(24, gt=0)
     """Tokens per answer in the sycophancy and task probes (short answers)."""
-    probe_precision: Literal["auto", "no", "bf16"] = "auto"
+    probe_precision: YamlNo[Literal["auto", "no", "bf16"]] = "auto"
     """The probes' (sycophancy, refusal, tax) model calls under bf16 autocast: ``auto`` = where bf16 matmuls are
     native (AVX512-BF16 / AMX CPUs, bf16 GPUs; about 1.5x faster), ``no`` = fp32. Sampling for the win rates and
     the KL / entropy diagnostics always run in fp32."""
@@ -1018,10 +1019,6 @@ class EvalConfig(Section):
     refusal: EvalRefusalSection = EvalRefusalSection()
     show_samples: int = Field(5, ge=0)
 
-    @field_validator("probe_precision", mode="before")
-    @classmethod
-    def _no(cls, v):
-        return "no" if v is False else v  # YAML reads a bare `no` as false
 
     @model_validator(mode="after")
     def _policies(self) -> "EvalConfig":
@@ -1208,12 +1205,8 @@ class OverOptConfig(Section):
     batch_size: int = Field(8, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Cap every reward-model training at this many optimizer steps (smoke runs)."""
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: YamlNo[Literal["auto", "no", "bf16"]] = "auto"
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _no(cls, v):
-        return "no" if v is False else v
 
     @field_validator("output_dir")
     @classmethod
@@ -1298,15 +1291,11 @@ class QuickstartConfig(Section):
     value_layers: int = Field(4, gt=0)
     """PPO critic: the SFT backbone's first N layers + a value head."""
     value_lr: float = Field(3e-4, gt=0)
-    mixed_precision: Literal["auto", "no", "bf16"] = "auto"
+    mixed_precision: YamlNo[Literal["auto", "no", "bf16"]] = "auto"
     """Autocast for every training stage and for sampling. ``auto``: bf16 where the hardware computes it natively (a
     CUDA GPU with bf16, a CPU with AVX512-BF16/AMX: ~2-3x faster), else fp32 (a CPU without it emulates bf16 ~20x
     slower). The KL estimates of the report use fp32 log-probs."""
 
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _no(cls, v):
-        return "no" if v is False else v  # YAML reads a bare `no` as false
     batch_size: int = Field(8, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Cap every training stage at this many optimizer steps (for smoke runs)."""

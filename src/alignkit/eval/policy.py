@@ -102,17 +102,17 @@ class _ProgressBackend:
         if hasattr(backend, "generate_with_logprobs"):  # only where the engine can record them
             self.generate_with_logprobs = self._generate_with_logprobs
 
-    def generate(self, prompt_ids, prompt_mask, params, row_seeds=None):
+    def _call(self, method, prompt_ids, prompt_mask, params, row_seeds=None):
         args = (prompt_ids, prompt_mask, params) + (() if row_seeds is None else (row_seeds,))
-        out = self.backend.generate(*args)
+        out = method(*args)
         self.bar.update(prompt_ids.shape[0])
         return out
 
-    def _generate_with_logprobs(self, prompt_ids, prompt_mask, params, row_seeds=None):
-        args = (prompt_ids, prompt_mask, params) + (() if row_seeds is None else (row_seeds,))
-        out = self.backend.generate_with_logprobs(*args)
-        self.bar.update(prompt_ids.shape[0])
-        return out
+    def generate(self, *args):
+        return self._call(self.backend.generate, *args)
+
+    def _generate_with_logprobs(self, *args):
+        return self._call(self.backend.generate_with_logprobs, *args)
 
     def update_weights(self, model) -> None:
         self.backend.update_weights(model)
