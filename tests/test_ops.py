@@ -13,6 +13,7 @@ from alignkit.ops.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    kl_exact,
     kl_k1,
     kl_k2,
     kl_k3,
@@ -116,6 +117,28 @@ def test_k1_k3_unbiased_exact_expectation():
     assert_close((p * kl_k1(logp, logq)).sum(), kl)
     assert_close((p * kl_k3(logp, logq)).sum(), kl)
     assert not torch.allclose((p * kl_k2(logp, logq)).sum(), kl)
+
+
+def test_kl_exact_hand_computed_and_temperature():
+    """p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 log 2 + 1/2 log(2/3) = 0.143841; KL(p || p) = 0; the temperature
+    divides both logits: logits (2 log 2, 0) at T = 2 are p' = (2/3, 1/3)."""
+    p_logits = t(0.0, 0.0)
+    q_logits = torch.log(t(0.25, 0.75))
+    assert_close(kl_exact(p_logits, q_logits), torch.tensor(0.5 * LOG2 + 0.5 * math.log(2 / 3)))
+    assert_close(kl_exact(q_logits, q_logits), torch.tensor(0.0))
+    two = t(2 * LOG2, 0.0)  # at T = 2: (log 2, 0) -> (2/3, 1/3); vs uniform: 2/3 log(4/3) + 1/3 log(2/3)
+    assert_close(kl_exact(two, t(0.0, 0.0), temperature=2.0), torch.tensor(2 / 3 * math.log(4 / 3) + 1 / 3 * math.log(2 / 3)))
+    batch = torch.randn(2, 3, 5)  # [..., V] -> [...]
+    assert kl_exact(batch, batch.flip(-1)).shape == (2, 3)
+    assert (kl_exact(batch, batch.flip(-1)) >= 0).all()
+
+
+def test_kl_exact_is_the_expectation_of_k1():
+    """Rao-Blackwell: E_{y~p}[k1] over the support equals kl_exact of the same distributions."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(7, generator=g, dtype=torch.float64)
+    logp, logq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    assert_close(kl_exact(a, b).double(), (logp.exp() * kl_k1(logp, logq)).sum(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- KL controllers

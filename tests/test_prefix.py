@@ -97,10 +97,42 @@ def test_sequence_kl_with_a_shared_prefix_equals_the_plain_estimate():
     rollout = Rollout(prompt_ids=ids[:, :P], prompt_mask=mask[:, :P], response_ids=ids[:, P:],
                       response_mask=torch.ones(4, 4, dtype=torch.long), has_eos=torch.zeros(4, dtype=torch.bool),
                       prompt_texts=[""] * 4, response_texts=[""] * 4, extras=[{}] * 4)
-    shared = sequence_kl(policy, base, rollout, micro_batch_size=3)
-    plain = sequence_kl(policy, base, rollout, micro_batch_size=3, reference_ctx=torch.no_grad)  # a ctx: no reuse
+    shared = sequence_kl(policy, base, rollout, micro_batch_size=3, estimator="k1")
+    plain = sequence_kl(policy, base, rollout, micro_batch_size=3, reference_ctx=torch.no_grad,  # a ctx: no reuse
+                        estimator="k1")
     torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
     assert shared.abs().max() > 1e-4
+
+
+def test_exact_sequence_kl_sums_the_full_next_token_kl_over_response_tokens():
+    """sequence_kl(estimator='exact') == sum over unmasked response tokens of KL(pi(.|prefix) || pref(.|prefix)),
+    computed here from both models' whole logits; the same with and without the shared prefix; 0 against itself."""
+    base, _ = tiny_causal_lm(seed=0, num_layers=4)
+    disable_dropout(base)
+    policy = copy.deepcopy(base)
+    with torch.no_grad():
+        policy.model.layers[3].mlp.down_proj.weight.mul_(1.5)
+    ids, mask = _batch(B=4, T=10)
+    P = 6
+    resp_mask = torch.ones(4, 4, dtype=torch.long)
+    resp_mask[1, 2:] = 0  # a response that ended early: its padding must not count
+    rollout = Rollout(prompt_ids=ids[:, :P], prompt_mask=mask[:, :P], response_ids=ids[:, P:],
+                      response_mask=resp_mask, has_eos=torch.zeros(4, dtype=torch.bool),
+                      prompt_texts=[""] * 4, response_texts=[""] * 4, extras=[{}] * 4)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(input_ids=ids, attention_mask=mask, position_ids=pos).logits / 0.7, -1)
+        lq = torch.log_softmax(base(input_ids=ids, attention_mask=mask, position_ids=pos).logits / 0.7, -1)
+    per_token = (lp.exp() * (lp - lq)).sum(-1)[:, P - 1:-1]  # [B, R]: prefixes predicting the response tokens
+    expected = (per_token * resp_mask).sum(-1)
+    exact = sequence_kl(policy, base, rollout, temperature=0.7, micro_batch_size=3)
+    torch.testing.assert_close(exact, expected, rtol=1e-5, atol=1e-6)
+    no_reuse = sequence_kl(policy, base, rollout, temperature=0.7, micro_batch_size=3, reference_ctx=torch.no_grad)
+    torch.testing.assert_close(no_reuse, expected, rtol=1e-5, atol=1e-6)
+    assert (exact > 0).all()
+    torch.testing.assert_close(sequence_kl(base, base, rollout), torch.zeros(4))
+    with pytest.raises(ValueError, match="KL estimator must be 'exact' or 'k1', got 'k9'"):
+        sequence_kl(policy, base, rollout, estimator="k9")
 
 
 def test_unsupported_model_is_refused_with_a_clear_message():

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alignkit.config import GenerationSection
+from alignkit.ops.logprobs import final_states, head_kl_exact, plain_lm_head
 from alignkit.ops.prefix import prefix_states, shared_prefix_layers
 from alignkit.rollout.backends import make_backend
 from alignkit.rollout.engine import Rollout, SamplingParams, generate_rollouts, response_logprobs
@@ -84,6 +85,8 @@ class PolicyEval:
     kl_se: float | None = None
     kl_n: int | None = None
     """Sampled responses the KL estimate averages over (None: not estimated from samples, e.g. analytic)."""
+    kl_estimator: str | None = None
+    """``exact`` or ``k1`` (``sequence_kl``); None where the KL is not estimated from samples."""
     response_length: float = 0.0
     no_eos_frac: float = 0.0
     samples: list[dict] = field(default_factory=list)
@@ -156,17 +159,45 @@ def logprobs_with_reference(policy, reference, rows: Rollout, temperature: float
 
 @torch.no_grad()
 def sequence_kl(policy, reference, rollout: Rollout, temperature: float = 1.0, micro_batch_size: int = 16,
-                reference_ctx=None, desc: str | None = None) -> torch.Tensor:
-    """[B] summed log pi - log pi_ref over each sampled response (k1); a progress bar when ``desc`` is given."""
+                reference_ctx=None, desc: str | None = None, estimator: str = "exact") -> torch.Tensor:
+    """[B] KL(pi || pi_ref) of each sampled response, estimated on its tokens; a progress bar when ``desc`` is given.
+
+    ``estimator``: ``exact`` sums KL(pi(.|prefix) || pi_ref(.|prefix)) over the whole vocabulary at every response
+    prefix (``ops.kl.kl_exact``: same expectation as k1, lower variance, no extra forward); ``k1`` sums
+    log pi - log pi_ref of the sampled tokens. ``exact`` needs plain linear LM heads and uses k1 otherwise."""
+    exact = kl_estimator_for(policy, reference, estimator) == "exact"
     out = []
     with progress(len(rollout), desc) as bar:
         for start in range(0, len(rollout), micro_batch_size):
             rows = rollout.select(list(range(start, min(start + micro_batch_size, len(rollout)))))
-            logp, _, ref = logprobs_with_reference(policy, reference, rows, temperature, micro_batch_size,
-                                                   reference_ctx=reference_ctx)  # [b, R] each
-            out.append(((logp - ref) * rows.response_mask).sum(-1))  # [b]
+            if exact:
+                kl = _exact_token_kl(policy, reference, rows, temperature, reference_ctx)  # [b, R]
+            else:
+                logp, _, ref = logprobs_with_reference(policy, reference, rows, temperature, micro_batch_size,
+                                                       reference_ctx=reference_ctx)  # [b, R] each
+                kl = logp - ref
+            out.append((kl * rows.response_mask).sum(-1))  # [b]
             bar.update(len(rows))
     return torch.cat(out)  # [B]
+
+
+def kl_estimator_for(policy, reference, estimator: str) -> str:
+    """The estimator ``sequence_kl`` uses for ``estimator`` on these models: ``exact`` needs plain LM heads."""
+    if estimator not in ("exact", "k1"):
+        raise ValueError(f"KL estimator must be 'exact' or 'k1', got {estimator!r}")
+    plain = plain_lm_head(policy) is not None and plain_lm_head(reference) is not None
+    return "exact" if estimator == "exact" and plain else "k1"
+
+
+def _exact_token_kl(policy, reference, rows: Rollout, temperature: float, reference_ctx=None) -> torch.Tensor:
+    """[b, R]: KL(pi(.|prefix) || pi_ref(.|prefix)) at each response token's prefix (shared leading layers run once)."""
+    shared = shared_prefix_layers(policy, reference) if reference_ctx is None else 0
+    ids, mask, first = rows.input_ids, rows.attention_mask, rows.prompt_length
+    hidden = prefix_states(policy, ids, mask, shared) if shared else None
+    states = final_states(policy, ids, mask, first, hidden, shared)  # [b, R, d]
+    with reference_ctx() if reference_ctx is not None else contextlib.nullcontext():
+        ref_states = final_states(reference, ids, mask, first, hidden, shared)  # [b, R, d]
+    return head_kl_exact(states, plain_lm_head(policy), ref_states, plain_lm_head(reference), temperature)
 
 
 def evaluate_policy(
@@ -184,12 +215,14 @@ def evaluate_policy(
     rollout: Rollout | None = None,
     autocast_dtype: torch.dtype | None = None,
     kl_samples: int | None = None,
+    kl_estimator: str = "exact",
 ) -> tuple[PolicyEval, Rollout]:
     """Sample (unless ``rollout`` is given), then score with gold/proxy and estimate KL to ``reference``.
 
     ``autocast_dtype`` applies to sampling only; the KL is computed from fp32 log-probs of both models, on the
     first ``kl_samples`` samples of every prompt (all when None): two full forwards per row are the
-    evaluation's largest cost, and fewer rows only widen the KL's standard error."""
+    evaluation's largest cost, and fewer rows only widen the KL's standard error. ``kl_estimator``: see
+    ``sequence_kl`` (``exact``: the whole next-token distributions, the default)."""
     if rollout is None:
         rollout = sample(model, tokenizer, prompts, params, num_samples, batch_size, seed, autocast_dtype,
                          desc=f"{name}: sample")
@@ -209,7 +242,9 @@ def evaluate_policy(
         rows = rollout
         if kl_samples is not None and kl_samples < num_samples:  # rows are prompt-major: p0 x G, p1 x G, ...
             rows = rollout.select(torch.nonzero(torch.arange(len(rollout)) % num_samples < kl_samples).flatten())
-        kl = sequence_kl(model, reference, rows, params.temperature, desc=f"{name}: KL").tolist()
+        kl = sequence_kl(model, reference, rows, params.temperature, desc=f"{name}: KL", estimator=kl_estimator)
+        kl = kl.tolist()
+        result.kl_estimator = kl_estimator_for(model, reference, kl_estimator)
         result.kl_mean, result.kl_se = mean_se(kl)
         result.kl_n = len(kl)
     lengths, has_eos = rollout.response_lengths.tolist(), rollout.has_eos.tolist()

@@ -6,6 +6,11 @@ E_pi[k] ~= KL(pi || pref):
     k1 = -x                 (unbiased, can be negative)
     k2 = x^2 / 2            (biased, low variance)
     k3 = (e^x - 1) - x      (unbiased, always >= 0)
+
+For evaluation, where both models' full next-token distributions are at hand, ``kl_exact`` sums over the
+vocabulary instead of using the one sampled token: KL(pi(.|s_t) || pref(.|s_t)) at every sampled prefix s_t.
+By the chain rule sum_t of it has the same expectation as the sequence's summed k1 (KL(pi || pref) of whole
+responses) and lower variance, since the token choice at t is integrated out (a Rao-Blackwellised estimator).
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     """k3 = e^x - 1 - x with x = log pref - log pi (>= 0, 0 at equality)."""
     x = ref_logprobs - logprobs
     return torch.expm1(x) - x
+
+
+def kl_exact(logits: Tensor, ref_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """[..., V], [..., V] -> [...]: KL(softmax(logits / T) || softmax(ref_logits / T)) = sum_v p_v (log p_v - log q_v)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logq = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}

@@ -112,7 +112,7 @@ def _token_logprobs(model, input_ids, attention_mask, temperature, return_entrop
     first = max(int(first_index), 1)
     keep = T - first + 1  # logits at positions first-1 .. T-1 predict tokens first .. T
     budget = LOGITS_BUDGET_BYTES if logits_budget_bytes is None else logits_budget_bytes
-    head = _plain_lm_head(model)
+    head = plain_lm_head(model)
     if padding_free and input_ids.shape[0] > 1 and head is not None:
         return _token_logprobs_packed(model, head, input_ids, attention_mask, temperature, return_entropy,
                                       first, budget)
@@ -134,7 +134,7 @@ LOGITS_BUDGET_BYTES = 1 << 30
 """fp32 logits larger than this (1 GiB) are computed chunk by chunk and never held whole."""
 
 
-def _plain_lm_head(model) -> torch.nn.Linear | None:
+def plain_lm_head(model) -> torch.nn.Linear | None:
     """The model's output projection when it is a plain ``nn.Linear`` applied to the last hidden state
     (Llama, Qwen, Mistral, GPT-2 style), else None (soft-capped or scaled logits, LoRA on the head, ...)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel
@@ -276,6 +276,37 @@ def _token_logprobs_packed(model, head, input_ids, attention_mask, temperature, 
         return result
     flat_ent = torch.zeros_like(flat).index_put((target.nonzero().squeeze(-1) + 1,), ent)
     return result, torch.zeros_like(result).index_put(real.nonzero(as_tuple=True), flat_ent)
+
+
+def final_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int,
+                 hidden: torch.Tensor | None = None, hidden_layers: int = 0) -> torch.Tensor:
+    """[B, T] -> [B, T - first, d]: the last (normed) hidden states at the positions that predict tokens
+    ``first`` .. T-1, i.e. what the LM head reads. ``hidden`` / ``hidden_layers`` as in :func:`token_logprobs`."""
+    first = max(int(first), 1)
+    positions = position_ids_from_mask(attention_mask)
+    if hidden is not None and hidden_layers > 0:
+        from alignkit.ops.prefix import only_layers
+
+        with only_layers(model, hidden_layers) as dec:  # the inner decoder ends with the final norm
+            out = dec(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        return out.last_hidden_state[:, first - 1:-1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1][:, first - 1:-1]
+
+
+def head_kl_exact(states: torch.Tensor, head: torch.nn.Linear, ref_states: torch.Tensor, ref_head: torch.nn.Linear,
+                  temperature: float = 1.0, budget_bytes: int = LOGITS_BUDGET_BYTES) -> torch.Tensor:
+    """[..., d], [..., d] -> [...]: KL(softmax(head(states)) || softmax(ref_head(ref_states))) over the whole
+    vocabulary (``ops.kl.kl_exact``), token by token. Both heads run on chunks of about ``budget_bytes`` of fp32
+    logits, so the [N, V] logits are never held whole."""
+    from alignkit.ops.kl import kl_exact
+
+    flat, flat_ref = states.reshape(-1, states.shape[-1]), ref_states.reshape(-1, ref_states.shape[-1])
+    chunk = max(1, budget_bytes // (8 * head.out_features))  # two fp32 logit rows per token
+    kl = [kl_exact(head(flat[s:s + chunk]), ref_head(flat_ref[s:s + chunk]), temperature)
+          for s in range(0, flat.shape[0], chunk)]
+    return (torch.cat(kl) if kl else flat.new_zeros(0)).reshape(states.shape[:-1])
 
 
 def first_response_index(response_mask: torch.Tensor) -> int:

@@ -177,6 +177,27 @@ def gold_pairs(prompts: list[str], responses: list[list[str]], gold: list[list[f
     return out
 
 
+def ppo_config(q: QuickstartConfig, out: Path, sft_dir: str, reward_model_dir: str, train_file: Path,
+               lora: LoraConfig, precision: str) -> PPOConfig:
+    """The quickstart's PPO stage in ``out``: LoRA from the SFT policy with a KL penalty to it, the sentiment
+    reward model as the reward, and a critic made of the SFT backbone's first layers (the MiniLM reward model
+    has another tokenizer)."""
+    return PPOConfig(
+        model=ModelConfig(name_or_path=sft_dir, lora=lora),
+        data=RLDataConfig(train=str(train_file)),
+        train=TrainConfig(output_dir=str(out), seed=q.seed, lr=q.ppo_lr, scheduler="constant",
+                          mixed_precision=precision),
+        generation=GenerationSection(max_new_tokens=q.max_new_tokens, temperature=1.0,
+                                     batch_size=q.generation_batch_size),
+        ppo=PPOSection(reward_model=reward_model_dir, value_model=sft_dir, value_layers=q.value_layers,
+                       rollout_batch_size=q.ppo_rollout_batch_size, samples_per_prompt=q.ppo_samples_per_prompt,
+                       score_baseline="loo" if q.ppo_samples_per_prompt > 1 else "none",
+                       num_iterations=q.ppo_iterations, ppo_epochs=q.ppo_epochs, num_minibatches=2,
+                       micro_batch_size=q.batch_size, kl_coef=q.ppo_kl_coef, value_lr=q.value_lr,
+                       missing_eos_penalty=None),
+    )
+
+
 # ---------------------------------------------------------------- run dir, stages and resume
 def gold_function(spec: str):
     """The gold reward ``texts -> [float]``: VADER compound sentiment (``vader``), or a user function given as
@@ -439,20 +460,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
     ppo_dir = None
     if q.ppo_iterations > 0:
         from alignkit.algorithms import ppo
-        ppo_cfg = PPOConfig(
-            model=ModelConfig(name_or_path=sft_dir, lora=lora),
-            data=RLDataConfig(train=str(train_file)),
-            train=TrainConfig(output_dir=str(out / "ppo"), seed=q.seed, lr=q.ppo_lr, scheduler="constant",
-                              mixed_precision=precision),
-            generation=GenerationSection(max_new_tokens=q.max_new_tokens, temperature=1.0,
-                                         batch_size=q.generation_batch_size),
-            ppo=PPOSection(reward_model=rm_res["model_dir"], value_model=sft_dir, value_layers=q.value_layers,
-                           rollout_batch_size=q.ppo_rollout_batch_size, samples_per_prompt=q.ppo_samples_per_prompt,
-                           score_baseline="loo" if q.ppo_samples_per_prompt > 1 else "none",
-                           num_iterations=q.ppo_iterations, ppo_epochs=q.ppo_epochs, num_minibatches=2,
-                           micro_batch_size=q.batch_size, kl_coef=q.ppo_kl_coef, value_lr=q.value_lr,
-                           missing_eos_penalty=None),
-        )
+        ppo_cfg = ppo_config(q, out / "ppo", sft_dir, rm_res["model_dir"], train_file, lora, precision)
         ppo_dir = train("ppo", ppo.train, ppo_cfg)["model_dir"]
 
     # 7. evaluate DPO and PPO; proxy reward for every policy; best-of-n from the SFT samples by the proxy
@@ -526,7 +534,8 @@ def render_summary(s: dict, q: QuickstartConfig) -> str:
     lines = ["# alignkit quickstart", "",
              f"Held-out prompts: {q.n_eval_prompts}, {q.eval_samples} samples each (SFT: {max(q.eval_samples, q.bon_n)}), "
              "temperature 1. Gold = VADER compound sentiment in [-1, 1]; proxy = our reward model; "
-             f"KL = KL(policy || SFT) in nats (best-of-{q.bon_n}: analytic log n - (n-1)/n).", "",
+             "KL = KL(policy || SFT) in nats: the next-token KL over the whole vocabulary, summed over each sampled "
+             f"response, on {q.kl_samples} samples per prompt (best-of-{q.bon_n}: analytic log n - (n-1)/n).", "",
              "| policy | gold reward | proxy reward | KL to SFT | length | no EOS |",
              "|---|---|---|---|---|---|"]
     for name, r in s["policies"].items():
