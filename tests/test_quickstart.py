@@ -86,6 +86,11 @@ def test_quickstart_reduced_budget(tmp_path):
     for name in ("base", "sft", "dpo", "ppo"):
         assert policies[name]["kl_n"] == 4, name
     assert policies["sft"]["kl_mean"] == 0.0 and policies["sft"]["kl_se"] == 0.0
+    assert {policies[n]["kl_estimator"] for n in ("base", "sft", "dpo", "ppo")} == {"exact"}
+    # the reward model's held-out pairs: gold-labelled pairs among the first min(rm_test_samples=4, 3) SFT samples of
+    # each of the 2 prompts: at most 3 pairs per prompt
+    test_pairs = (out / "data/preferences_test_gold.jsonl").read_text().splitlines()
+    assert 0 < len(test_pairs) <= 2 * 3 and summary["reward_model_sentiment"]["n_test_pairs"] == len(test_pairs)
     assert math.isfinite(policies["base"]["kl_mean"]) and policies["base"]["kl_mean"] != 0.0
     # best-of-3 (bon_n=3 > eval_samples=2: SFT drew 3 samples per prompt): KL = log 3 - 2/3, by hand
     assert policies["bon"]["name"] == "best-of-3" and policies["bon"]["kl_n"] is None

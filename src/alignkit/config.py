@@ -1251,9 +1251,12 @@ class QuickstartConfig(Section):
     samples_per_prompt: int = Field(8, ge=2)
     """Responses per training prompt; the annotators compare all K-choose-2 pairs (the reward model trains on all)."""
     n_eval_prompts: int = Field(42, gt=0)
-    eval_samples: int = Field(8, gt=0)
-    """Samples per held-out prompt: the gains over SFT are paired by prompt and averaged over these (8: s.e. ~0.027
-    gold on the 42 prompts; 4 gave ~0.037, too wide to tell PPO from SFT reliably)."""
+    eval_samples: int = Field(16, gt=0)
+    """Samples per held-out prompt: the gains over SFT are paired by prompt and averaged over these (16: s.e. ~0.02
+    gold on the 42 prompts; 4 gave ~0.037, too wide to tell a gain of 0.08 from none)."""
+    rm_test_samples: int = Field(4, ge=2)
+    """The reward model's held-out pairs: all pairs among the first N SFT samples of each held-out prompt, labelled
+    by gold."""
     kl_samples: int = Field(2, gt=0)
     """KL to the SFT reference is estimated on this many of each held-out prompt's samples (fp32, 2 forwards each;
     the exact next-token KL per prefix, so 2 give a s.e. of ~0.015 nats)."""
@@ -1290,7 +1293,7 @@ class QuickstartConfig(Section):
     (``ppo.score_baseline: loo``)."""
     ppo_epochs: int = Field(2, gt=0)
     """Passes over each rollout batch. Within the CPU budget, fresh rollouts buy more than reuse: 9 iterations x 2
-    epochs beat 5 x 4 on gold at a lower KL (the numbers are in docs/quickstart_ppo.md)."""
+    epochs beat 5 x 4 on gold at a lower KL (README, "What made PPO work": benchmarks/quickstart_ppo.py)."""
     ppo_lr: float = Field(5e-4, gt=0)
     ppo_kl_coef: float = Field(0.5, ge=0)
     value_layers: int = Field(4, gt=0)

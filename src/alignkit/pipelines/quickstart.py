@@ -426,7 +426,8 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
         stage_done(f"eval_{name}", t)
     sft_gold = [[s["gold"] for s in ev["sft"].samples[i * n_sft:(i + 1) * n_sft]] for i in range(len(raw_eval))]
     sft_texts = [[s["response"] for s in ev["sft"].samples[i * n_sft:(i + 1) * n_sft]] for i in range(len(raw_eval))]
-    test_pairs = gold_pairs(raw_eval, [t_[:q.eval_samples] for t_ in sft_texts], [g[:q.eval_samples] for g in sft_gold])
+    n_test = min(q.rm_test_samples, n_sft)
+    test_pairs = gold_pairs(raw_eval, [t_[:n_test] for t_ in sft_texts], [g[:n_test] for g in sft_gold])
     test_pair_file = write_jsonl(out / "data/preferences_test_gold.jsonl", test_pairs)
     _sync()
 
