@@ -1235,7 +1235,7 @@ class OverOptConfig(Section):
 
 
 class QuickstartConfig(Section):
-    """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 9 minutes)."""
+    """The whole pipeline on the embedded model, sized for a 2-core laptop CPU (about 12 minutes)."""
 
     output_dir: str = "runs/quickstart"
     seed: int = 0
