@@ -48,7 +48,7 @@ def main() -> None:
     configure_threads()
 
     from alignkit.algorithms import ppo
-    from alignkit.config import LoraConfig, ModelConfig, QuickstartConfig, RLDataConfig
+    from alignkit.config import ModelConfig, QuickstartConfig, RLDataConfig
     from alignkit.eval.policy import PolicyEval, evaluate_policy, mean_se, paired_difference, sequence_kl
     from alignkit.models.loading import load_policy, load_tokenizer, resolve_path
     from alignkit.pipelines import quickstart as Q
@@ -61,8 +61,7 @@ def main() -> None:
     base = args.run.resolve()
     q = QuickstartConfig(**parse_pairs(args.overrides))
     n_layers = AutoConfig.from_pretrained(resolve_path(q.policy)).num_hidden_layers
-    lora = LoraConfig(enabled=True, r=q.lora_r, alpha=2 * q.lora_r, target_modules=Q.LLAMA_LINEAR,
-                      layers_to_transform=list(range(n_layers - q.lora_layers, n_layers)))
+    lora = Q.policy_lora(q, n_layers)
     out = base.parent / "ppo_sweep" / args.name
     shutil.rmtree(out, ignore_errors=True)
     sft_dir = str(base / "sft/model")

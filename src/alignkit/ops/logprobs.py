@@ -225,10 +225,7 @@ def chunked_head_logprobs(hidden: torch.Tensor, head: torch.nn.Linear, labels: t
 def _token_logprobs_chunked(model, head, input_ids, attention_mask, temperature, return_entropy, first, budget,
                             inputs_embeds=None):
     """:func:`token_logprobs` through the hidden states: the LM head runs chunk by chunk."""
-    out = model(**_inputs(input_ids, inputs_embeds), attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                output_hidden_states=True, logits_to_keep=1)
-    hidden = out.hidden_states[-1][:, first - 1:-1]  # [B, T-first, d]: positions predicting tokens first..T-1
+    hidden = _last_states(model, input_ids, attention_mask, first, inputs_embeds)  # [B, T-first, d]
     logps = F.pad(chunked_head_logprobs(hidden, head, input_ids[:, first:], temperature, budget), (first, 0))
     if not return_entropy:
         return logps
@@ -290,7 +287,13 @@ def final_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, f
         with only_layers(model, hidden_layers) as dec:  # the inner decoder ends with the final norm
             out = dec(inputs_embeds=hidden, attention_mask=attention_mask, position_ids=positions, use_cache=False)
         return out.last_hidden_state[:, first - 1:-1]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+    return _last_states(model, input_ids, attention_mask, first)
+
+
+def _last_states(model, input_ids, attention_mask, first: int, inputs_embeds=None) -> torch.Tensor:
+    """[B, T - first, d]: the model's last (normed) hidden states at the positions predicting tokens first..T-1."""
+    out = model(**_inputs(input_ids, inputs_embeds), attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                 output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1][:, first - 1:-1]
 

@@ -177,6 +177,12 @@ def gold_pairs(prompts: list[str], responses: list[list[str]], gold: list[list[f
     return out
 
 
+def policy_lora(q: QuickstartConfig, n_layers: int) -> LoraConfig:
+    """LoRA of rank ``q.lora_r`` on every linear layer of the policy's last ``q.lora_layers`` decoder layers."""
+    return LoraConfig(enabled=True, r=q.lora_r, alpha=2 * q.lora_r, target_modules=LLAMA_LINEAR,
+                      layers_to_transform=list(range(n_layers - q.lora_layers, n_layers)))
+
+
 def ppo_config(q: QuickstartConfig, out: Path, sft_dir: str, reward_model_dir: str, train_file: Path,
                lora: LoraConfig, precision: str) -> PPOConfig:
     """The quickstart's PPO stage in ``out``: LoRA from the SFT policy with a KL penalty to it, the sentiment
@@ -350,8 +356,7 @@ def run(q: QuickstartConfig, resume: bool = False) -> dict:
 
     torch.manual_seed(q.seed)
     n_layers = AutoConfig.from_pretrained(resolve_path(q.policy)).num_hidden_layers
-    lora = LoraConfig(enabled=True, r=q.lora_r, alpha=2 * q.lora_r, target_modules=LLAMA_LINEAR,
-                      layers_to_transform=list(range(n_layers - q.lora_layers, n_layers)))
+    lora = policy_lora(q, n_layers)
     params = SamplingParams(max_new_tokens=q.max_new_tokens, temperature=1.0)
     precision = resolve_mixed_precision(q.mixed_precision)
     log(f"quickstart: mixed precision {precision} ({q.mixed_precision}; native bf16: {native_bf16()})")
