@@ -132,6 +132,27 @@ def test_proxy_up_gold_down_warning():
     assert not diagnostic_warnings(_now(proxy=-0.1, gold=0.2), BEFORE)  # proxy fell too: no over-optimisation
 
 
+def test_proxy_up_gold_down_needs_changes_beyond_their_standard_errors():
+    """With standard errors on both sides, a gold drop of 0.1 warns only when it exceeds 2 s.e. of the difference:
+    s.e. 0.03 each -> 2 * 0.042 = 0.085 < 0.1 warns; s.e. 0.05 each -> 0.141 > 0.1 is noise; the same for the
+    proxy's rise."""
+    before = {**BEFORE, "gold_se": 0.03, "proxy_se": 0.03}
+    drop = {"proxy": 0.5, "gold": 0.20}
+    assert any("over-optimisation" in m for m in diagnostic_warnings(
+        _now(**drop, gold_se=0.03, proxy_se=0.03), before))
+    assert not diagnostic_warnings(_now(**drop, gold_se=0.05, proxy_se=0.03), {**before, "gold_se": 0.05})
+    assert not diagnostic_warnings(_now(proxy=0.1, gold=0.20, gold_se=0.03, proxy_se=0.1), {**before, "proxy_se": 0.1})
+    # one side without its s.e. (an older result): the fixed thresholds alone decide
+    assert any("over-optimisation" in m for m in diagnostic_warnings(_now(**drop, gold_se=0.05), BEFORE))
+
+
+def test_response_diagnostics_standard_errors_by_hand():
+    d = response_diagnostics([[1, 2], [3], [4, 5]], [1.0, 2.0, 6.0], [True, True, False], gold=[0.0, 1.0, 1.0])
+    # proxy: mean 3, sample var ((4 + 1 + 9) / 2) = 7, se = sqrt(7 / 3); gold: mean 2/3, var 1/3, se = 1/3
+    assert d["proxy_se"] == pytest.approx(math.sqrt(7 / 3)) and d["gold_se"] == pytest.approx(1 / 3)
+    assert math.isnan(response_diagnostics([[1]], [1.0], [True])["proxy_se"])  # one response: no s.e.
+
+
 # ---------------------------------------------------------------- logged at every evaluation of an online run
 REWARDS = '''
 def varied(prompts, completions, **extras):

@@ -206,6 +206,9 @@ def test_eval_e2e_writes_summary_tables_report(eval_run):
     assert s["policies"]["same"]["diagnostics"]["proxy_gold_gap"] == pytest.approx(
         s["policies"]["same"]["rm_mean"] - s["policies"]["same"]["gold_mean"])
     assert s["policies"]["same"]["diagnostics"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert {pol["kl_estimator"] for pol in s["policies"].values()} == {"exact"}
+    assert s["policies"]["tuned"]["diagnostics"]["kl"] > 0  # an exact KL sums non-negative terms
+    assert "KL to the reference per response (exact estimator" in (eval_run / "tables.md").read_text()
     assert {x["policy"] for x in s["ranking"]["systems"]} == {"base", "tuned", "same"}
     for pol in s["policies"].values():
         assert set(pol["diagnostics"]) >= {"length", "distinct_1", "distinct_2", "repetition", "entropy", "kl"}
@@ -530,3 +533,38 @@ def test_probes_run_every_model_call_at_the_plan_precision(precision, dtype):
     assert seen == {dtype}
     assert set(out) == {"sycophancy", "refusal", "tax"} and set(out["tax"]) == {"perplexity", "hhh_accuracy"}
     assert math.isfinite(out["tax"]["perplexity"])
+
+
+def test_eval_token_stats_kl_is_the_chosen_estimator():
+    """The eval's KL diagnostic: ``exact`` sums the whole-vocabulary KL at each response prefix (what
+    ``sequence_kl`` computes, tested by hand in test_prefix), ``k1`` the sampled tokens' log pi - log pi_ref;
+    the entropy is the same either way, and both agree with their own hand-computed sums."""
+    from alignkit.eval.policy import sample, sequence_kl
+    from alignkit.eval.run import _token_stats
+    from alignkit.models.loading import disable_dropout
+    from alignkit.models.tiny import tiny_tokenizer
+    from alignkit.rollout.engine import SamplingParams
+
+    tok = tiny_tokenizer()
+    base, _ = tiny_causal_lm(seed=0, num_layers=2)
+    policy, _ = tiny_causal_lm(seed=1, num_layers=2)
+    disable_dropout(base), disable_dropout(policy)
+    prompts = [{"prompt_input_ids": tok(t)["input_ids"], "prompt_text": t, "extras": {}}
+               for t in ["say a", "write aaa", "hello"]]
+    roll = sample(policy, tok, prompts, SamplingParams(max_new_tokens=5), 2, 4, seed=0, record_logprobs=True)
+    mask = roll.response_mask.float()
+    ent_x, ntok_x, kl_x = _token_stats(policy, roll, 1.0, 4, base, "exact")
+    ent_1, ntok_1, kl_1 = _token_stats(policy, roll, 1.0, 4, base, "k1")
+    assert ent_x == pytest.approx(ent_1) and ntok_x == ntok_1 == mask.sum(-1).long().tolist()
+    assert kl_x == pytest.approx(sequence_kl(policy, base, roll, estimator="exact").tolist(), rel=1e-5)
+    assert all(k > 0 for k in kl_x)
+    with torch.no_grad():
+        ids, am = roll.input_ids, roll.attention_mask
+        pos = (am.cumsum(-1) - 1).clamp(min=0)
+        P = roll.prompt_ids.shape[1]
+        lp = torch.log_softmax(policy(input_ids=ids, attention_mask=am, position_ids=pos).logits, -1)[:, P - 1:-1]
+        lq = torch.log_softmax(base(input_ids=ids, attention_mask=am, position_ids=pos).logits, -1)[:, P - 1:-1]
+        y = roll.response_ids.unsqueeze(-1)
+        k1 = ((lp.gather(-1, y) - lq.gather(-1, y)).squeeze(-1) * mask).sum(-1)  # [B]
+    assert kl_1 == pytest.approx(k1.tolist(), rel=1e-4, abs=1e-5)
+    assert _token_stats(policy, roll, 1.0, 4, None, "exact")[2] is None  # no reference: no KL

@@ -986,6 +986,10 @@ class EvalConfig(Section):
     generation: GenerationSection = GenerationSection(max_new_tokens=48, batch_size=64)
     greedy: bool = False
     """Greedy decoding instead of sampling at ``generation.temperature``."""
+    kl_estimator: Literal["exact", "k1"] = "exact"
+    """The KL diagnostic per response: ``exact`` sums KL(pi || pi_ref) over the whole vocabulary at each response
+    prefix (about 5x smaller standard error; needs plain linear LM heads, else k1), ``k1`` sums the sampled
+    tokens' log pi - log pi_ref (``eval.policy.sequence_kl``)."""
     gold: str | None = "vader"
     """``vader``, or ``file.py:function`` / ``module:function`` mapping response texts -> [float]; none: no gold."""
     reward_model: str | None = None

@@ -39,7 +39,7 @@ from alignkit.data.builtin import BUILTIN_PREFIX, load_builtin
 from alignkit.data.formats import load_examples
 from alignkit.data.tokenize import tokenize_prompts
 from alignkit.eval.overrefusal import DEFAULT_DETECTOR, check_records, subsample
-from alignkit.eval.policy import logprobs_with_reference, sample
+from alignkit.eval.policy import kl_estimator_for, logprobs_with_reference, sample, sequence_kl
 from alignkit.eval.probes import (ProbeCache, ProbePlan, SectionClock, default_cache_dir, probe_key, run_probes,
                                   weights_fingerprint)
 from alignkit.eval.sycophancy import default_items
@@ -107,23 +107,27 @@ def _load_model(path: str, tokenizer):
 
 
 @torch.no_grad()
-def _token_stats(model, rollout, temperature: float, batch_size: int, reference=None):
-    """Per response: summed entropy, token count, summed log-ratio to ``reference`` (None without one).
+def _token_stats(model, rollout, temperature: float, batch_size: int, reference=None, kl_estimator: str = "exact"):
+    """Per response: summed entropy, token count, KL to ``reference`` (None without one; ``sequence_kl`` with
+    ``kl_estimator``).
 
     The policy's log-probs and entropies come from the sampling loop when it recorded them
-    (``Rollout.logprobs``); then only the reference runs a forward pass."""
+    (``Rollout.logprobs``); the k1 KL then needs only the reference's forward pass."""
     mask = rollout.response_mask.float()  # [B, R]
     ratio = None
+    exact = reference is not None and kl_estimator_for(model, reference, kl_estimator) == "exact"
     if rollout.logprobs is not None:
         logp, ent = rollout.logprobs, rollout.entropy
-        if reference is not None:
+        if reference is not None and not exact:
             ref = response_logprobs(reference, rollout, temperature, micro_batch_size=batch_size)
             ratio = ((logp - ref) * mask).sum(-1).tolist()  # [B]
-    elif reference is None:
+    elif reference is None or exact:
         logp, ent = response_logprobs(model, rollout, temperature, return_entropy=True, micro_batch_size=batch_size)
     else:  # layers the two share run once
         logp, ent, ref = logprobs_with_reference(model, reference, rollout, temperature, batch_size, entropy=True)
         ratio = ((logp - ref) * mask).sum(-1).tolist()  # [B]
+    if exact:
+        ratio = sequence_kl(model, reference, rollout, temperature, batch_size, estimator="exact").tolist()  # [B]
     return (ent * mask).sum(-1).tolist(), mask.sum(-1).long().tolist(), ratio
 
 
@@ -258,11 +262,12 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
                           backend=cfg.generation.backend, record_logprobs=True)
         with clock("token_stats"):
             ent, ntok, ratio = _token_stats(model, roll, cfg.generation.temperature, bs,
-                                            None if model is reference else reference)
+                                            None if model is reference else reference, cfg.kl_estimator)
         if model is reference:
             ratio = [0.0] * len(roll)
         texts = roll.response_texts
-        r = {"texts": texts, "lengths": roll.response_lengths.tolist(), "eos": roll.has_eos.tolist()}
+        r = {"texts": texts, "lengths": roll.response_lengths.tolist(), "eos": roll.has_eos.tolist(),
+             "kl_estimator": "exact" if model is reference else kl_estimator_for(model, reference, cfg.kl_estimator)}
         with clock("score"):
             if gold_fn is not None:
                 r["gold"] = [float(x) for x in gold_fn(texts)]
@@ -324,7 +329,7 @@ def run(cfg: EvalConfig, resume: bool = False) -> dict:
     policies = {}
     for n in names:
         r = results[n]
-        row = {"diagnostics": r["diagnostics"]}
+        row = {"diagnostics": r["diagnostics"], "kl_estimator": r.get("kl_estimator", "k1")}
         for s in ("gold", "rm"):
             if s in r:
                 row[f"{s}_mean"] = float(np.mean(r[s]))
@@ -430,7 +435,9 @@ def render_tables(s: dict) -> str:
             lines.append(f"| {k} | {r['policy']} | {_f(r['beta'], 2)} | [{_f(r['ci'][0], 2)}, {_f(r['ci'][1], 2)}] |")
     keys = ["length", "length_reward_corr", "distinct_1", "distinct_2", "repetition", "entropy", "kl",
             "proxy_gold_gap", "no_eos_frac"]
-    lines += ["", "## Diagnostics", "", "| policy | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += ["", "## Diagnostics", "", "KL to the reference per response (" + ", ".join(
+        sorted({r.get("kl_estimator", "k1") for r in s["policies"].values()})) + " estimator; docs/eval.md).", "",
+              "| policy | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for n, row in s["policies"].items():
         d = row["diagnostics"]
         lines.append(f"| {n} | " + " | ".join(_f(d.get(k)) for k in keys) + " |")

@@ -13,6 +13,7 @@ Metrics (``response_diagnostics``), each over the evaluated responses:
 - ``entropy``: mean per-token entropy (nats) of the policy's next-token distribution along the responses;
 - ``kl``: mean over responses of the summed log-ratio Σ_t log π(y_t|.) − log π_ref(y_t|.) (k1, Schulman 2020);
 - ``proxy_gold_gap``: mean proxy reward − mean gold score (both as given; only meaningful as a trend);
+- ``proxy_se`` / ``gold_se``: standard errors of the two means (sample sd / √N);
 - ``no_eos_frac``: share of responses that never emitted EOS;
 - ``share/<name>``: mean |w_k r_k| / Σ_j mean |w_j r_j|, each reward component's share of the reward.
 
@@ -23,7 +24,9 @@ Warnings (``diagnostic_warnings(now, before)``), thresholds in :data:`THRESHOLDS
 - mode collapse: entropy below 30% of its start, or below 0.05 nats/token; distinct-2 below 0.2;
 - repetition: repetition ≥ 0.3 and ≥ 0.1 above its start;
 - EOS loss: no-EOS share ≥ 0.5 and ≥ 0.25 above its start;
-- proxy up, gold down: proxy rose by more than ``proxy_rise`` while gold fell by more than ``gold_drop``.
+- proxy up, gold down: proxy rose by more than ``proxy_rise`` while gold fell by more than ``gold_drop``, each
+  change also beyond ``change_z`` standard errors of a difference of two independent means when both sides carry
+  ``proxy_se`` / ``gold_se`` (so sampling noise alone does not raise it).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ THRESHOLDS: dict[str, float] = {
     "no_eos_rise": 0.25,
     "proxy_rise": 0.0,
     "gold_drop": 0.02,
+    "change_z": 2.0,  # a proxy rise / gold drop must exceed this many standard errors of the difference
 }
 
 
@@ -100,6 +104,15 @@ def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if len(values) else float("nan")
 
 
+def _se(values: Sequence[float]) -> float:
+    """Standard error of the mean: sample sd (n - 1) / sqrt(n); NaN below two values."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
 def response_diagnostics(
     tokens: Sequence[Sequence[int]],
     rewards: Sequence[float],
@@ -131,6 +144,7 @@ def response_diagnostics(
         "repetition": repetition_rate(tokens, 3),
         "no_eos_frac": _mean([0.0 if e else 1.0 for e in has_eos]),
         "proxy": _mean([float(r) for r in rewards]),
+        "proxy_se": _se([float(r) for r in rewards]),
     }
     if entropy is not None:
         count = sum(entropy_tokens) if entropy_tokens is not None else n
@@ -139,6 +153,7 @@ def response_diagnostics(
         out["kl"] = _mean([float(x) for x in logratio])
     if gold is not None:
         out["gold"] = _mean([float(g) for g in gold])
+        out["gold_se"] = _se([float(g) for g in gold])
         out["proxy_gold_gap"] = out["proxy"] - out["gold"]
     if parts:
         out.update({f"share/{k.removeprefix('rewards/')}": v for k, v in component_shares(parts, weights).items()})
@@ -147,6 +162,12 @@ def response_diagnostics(
 
 def _ok(*xs) -> bool:
     return all(x is not None and isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
+
+
+def _diff_se(before: dict[str, float], now: dict[str, float], key: str) -> float:
+    """Standard error of now - before of two independent means (0 when either side lacks its ``key``)."""
+    a, b = before.get(key), now.get(key)
+    return math.sqrt(a * a + b * b) if _ok(a, b) else 0.0
 
 
 def diagnostic_warnings(now: dict[str, float], before: dict[str, float] | None = None,
@@ -186,7 +207,8 @@ def diagnostic_warnings(now: dict[str, float], before: dict[str, float] | None =
         out.append(f"{n1:.0%} of responses end without EOS (start {n0:.0%}): the policy stopped ending its answers")
     # proxy up while gold down
     p0, p1, g0, g1 = b.get("proxy"), now.get("proxy"), b.get("gold"), now.get("gold")
-    if _ok(p0, p1, g0, g1) and p1 - p0 > t["proxy_rise"] and g0 - g1 > t["gold_drop"]:
+    if _ok(p0, p1, g0, g1) and p1 - p0 > max(t["proxy_rise"], t["change_z"] * _diff_se(b, now, "proxy_se")) \
+            and g0 - g1 > max(t["gold_drop"], t["change_z"] * _diff_se(b, now, "gold_se")):
         out.append(f"proxy reward up ({p0:.3f} -> {p1:.3f}) while gold down ({g0:.3f} -> {g1:.3f}): "
                    "reward over-optimisation")
     return out
