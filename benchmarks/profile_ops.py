@@ -3,12 +3,15 @@ or below the machine's bound:
 
 - ``rm``: a reward-model step on the 4-layer cut (8 x 128 tokens);
 - ``decode``: batch-1 greedy decoding with the full model (24 tokens);
+- ``gemv``: what batch-1 decoding could reach: each weight shape as bare ``F.linear`` GEMVs at 1 and 2 threads (GB/s),
+  all 211 weight matrices in a row (ms/token, no other op), a read-only ``sum`` of 256 MiB, and ``generate`` with the
+  weights in fp32 and in bf16 (ms/token, share of greedy tokens that agree);
 - ``lora``: a full-model LoRA SFT step (LoRA r=16 on every linear, as `make bench`; 4 x 128 tokens), in fp32 and
   under bf16 autocast;
 - ``grpo``: one GRPO iteration with the same LoRA (2 prompts x G=4 samples of 32 tokens: sampling, old log-probs,
   one update), split into its phases.
 
-Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/profile_ops.py [rm] [decode] [lora] [grpo]   (default: all)
+Run: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/profile_ops.py [rm] [decode] [gemv] [lora] [grpo]   (default: all)
 """
 import sys
 import time
@@ -150,7 +153,54 @@ def grpo_profile() -> None:
     table(p, "GRPO iteration with LoRA (2 prompts x 4 samples x 32 tokens)", 12)
 
 
-SECTIONS = {"rm": rm_step_profile, "decode": decode_profile, "lora": lora_sft_profile, "grpo": grpo_profile}
+def _median_s(fn, n: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def gemv_profile() -> None:
+    import copy
+
+    import torch.nn.functional as F
+
+    lm = AutoModelForCausalLM.from_pretrained(PATH).eval()
+    weights = [m.weight for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(w.numel() * 4 for w in weights)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        for t in sorted({1, threads}):
+            torch.set_num_threads(t)
+            for shape in sorted({tuple(w.shape) for w in weights}):
+                ws = [w for w in weights if tuple(w.shape) == shape]
+                x = torch.randn(1, shape[1])
+                s = _median_s(lambda: [F.linear(x, w) for w in ws])
+                print(f"{t} thread(s): F.linear [1, {shape[1]}] x {list(shape)} (x{len(ws)}): "
+                      f"{sum(w.numel() * 4 for w in ws) / s / 1e9:.1f} GB/s")
+        torch.set_num_threads(threads)
+        xs = {d: torch.randn(1, d) for d in {w.shape[1] for w in weights}}
+        s = _median_s(lambda: [F.linear(xs[w.shape[1]], w) for w in weights])
+        print(f"all {len(weights)} weight matrices as bare GEMVs: {s * 1e3:.1f} ms/token ({nbytes / s / 1e9:.1f} GB/s)")
+        big = torch.randn(64 * 2**20)
+        print(f"read-only sum of 256 MiB: {big.numel() * 4 / _median_s(big.sum) / 1e9:.1f} GB/s")
+        x = TOK("Write a happy review of a movie.", return_tensors="pt")
+        kw = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=TOK.pad_token_id)
+        bf16 = copy.deepcopy(lm).to(torch.bfloat16)
+        out = {}
+        for name, model in (("fp32", lm), ("bf16 weights", bf16)):
+            full = _median_s(lambda: model.generate(**x, **kw), 3)  # noqa: B023 (called at once)
+            prefill = _median_s(lambda: model.generate(**x, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1}), 3)  # noqa: B023
+            out[name] = model.generate(**x, **kw)
+            print(f"generate, {name}: {(full - prefill) / 31 * 1e3:.1f} ms/token decode")
+        agree = (out["fp32"] == out["bf16 weights"])[:, x["input_ids"].shape[1]:].float().mean().item()
+        print(f"greedy tokens of bf16 weights equal to fp32's at {agree:.0%} of the 32 positions")
+
+
+SECTIONS = {"rm": rm_step_profile, "decode": decode_profile, "gemv": gemv_profile, "lora": lora_sft_profile, "grpo": grpo_profile}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(SECTIONS):
